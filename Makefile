@@ -1,0 +1,33 @@
+# Every pip call pins torch: unpinned, pip picks a CUDA build and dozens of packages.
+# GPU users override, e.g.  make install TORCH="torch==2.14.1 torchvision==0.29.1" PIP_EXTRA="--index-url ..."
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PIP_EXTRA ?=
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vitpipe-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q $(PIP_EXTRA) $(TORCH) -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/vitpipe demo --out runs/demo
+
+bench: install
+	$(BIN)/python bench/model.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,236 @@
+"""Conversions between our state dict and timm's / transformers' formats.
+
+Our parameter names are timm's, so the timm direction only drops what timm has no slot for;
+transformers splits the fused qkv projection and renames everything.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vit.model import ViTConfig
+
+TIMM_SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def _has_pretrain_head(state: dict) -> bool:
+    return any(k.startswith("pre_logits.") for k in state)
+
+
+def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]:
+    """timm and transformers have no slot for the pretraining head's tanh layer.
+
+    Its output layer is meaningless without it, so the whole head goes and the export is a
+    feature extractor (num_classes 0); the returned note says so.
+    """
+    if cfg.head == "pretrain" and cfg.num_classes:
+        kept = {k: v for k, v in state.items() if not k.startswith(("pre_logits.", "head."))}
+        return 0, kept, "the pretraining head (tanh MLP) has no slot in this format: exported without a head (num_classes=0)"
+    return (cfg.num_classes if cfg.head != "none" else 0), state, None
+
+
+def to_timm(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dict, dict, str | None]:
+    num_classes, state, note = exportable_head(cfg, state)
+    size = TIMM_SIZE_NAMES.get(cfg.embed_dim, "base")
+    architecture = f"vit_{size}_patch{cfg.patch_size}_224"
+    model_args = {
+        "img_size": list(cfg.image_size),
+        "patch_size": cfg.patch_size,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_dim / cfg.embed_dim,
+        "global_pool": cfg.global_pool,
+    }
+    meta = {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "num_features": cfg.embed_dim,
+        "global_pool": cfg.global_pool,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "tag": "vitpipe",
+            "custom_load": False,
+            "input_size": [cfg.in_chans, *cfg.image_size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": num_classes,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    if labels and num_classes:
+        meta["label_names"] = list(labels)
+    return meta, dict(state), note
+
+
+def from_timm(meta: dict, state: dict):
+    args = dict(meta.get("model_args") or {})
+    pretrained = meta.get("pretrained_cfg") or {}
+    arch = meta["architecture"]
+    m = re.match(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)", arch)
+    if not m and not {"embed_dim", "depth", "num_heads", "patch_size"} <= set(args):
+        raise ValueError(f"timm architecture {arch!r} is not a plain ViT this loader knows")
+    embed_dim = args.get("embed_dim") or state["cls_token"].shape[-1]
+    patch = args.get("patch_size") or state["patch_embed.proj.weight"].shape[-1]
+    img = args.get("img_size") or pretrained.get("input_size", [3, 224, 224])[1:]
+    depth = args.get("depth") or 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if "num_heads" not in args:
+        raise ValueError("timm config lacks model_args.num_heads (cannot infer it from the weights)")
+    unsupported = {k: v for k, v in args.items() if k in ("class_token", "no_embed_class", "reg_tokens", "pre_norm") and v}
+    if args.get("class_token") is False or unsupported.get("no_embed_class") or unsupported.get("reg_tokens") or unsupported.get("pre_norm"):
+        raise ValueError(f"timm model_args {unsupported} describe a ViT variant vitpipe does not build")
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    cfg = ViTConfig(
+        image_size=img if isinstance(img, int) else tuple(img),
+        patch_size=int(patch),
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(args["num_heads"]),
+        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+        num_classes=num_classes,
+        head="linear" if num_classes else "none",
+        global_pool=args.get("global_pool", meta.get("global_pool", "token")) or "token",
+    )
+    state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
+    labels = meta.get("label_names")
+    mean = tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
+    return cfg, state, labels, mean, std
+
+
+_HF_RENAMES = [
+    (r"cls_token", "vit.embeddings.cls_token"),
+    (r"pos_embed", "vit.embeddings.position_embeddings"),
+    (r"patch_embed\.proj\.(weight|bias)", r"vit.embeddings.patch_embeddings.projection.\1"),
+    (r"blocks\.(\d+)\.norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
+    (r"blocks\.(\d+)\.norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
+    (r"blocks\.(\d+)\.attn\.proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+    (r"blocks\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+    (r"blocks\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+    (r"norm\.(weight|bias)", r"vit.layernorm.\1"),
+    (r"head\.(weight|bias)", r"classifier.\1"),
+]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(f"^{pattern}", repl, key)
+        if n:
+            return new
+    raise KeyError(f"no conversion for tensor {key}")
+
+
+def to_transformers(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dict, dict, dict, str | None]:
+    """Returns (config.json, state dict, preprocessor_config.json, note).
+
+    Tensor names are transformers 4.x's, which 4.x loads and 5.x converts on load.
+    """
+    if cfg.global_pool != "token":
+        raise ValueError("transformers' ViTForImageClassification classifies from the class token; "
+                         "a global-average-pooling model cannot be exported to it (use --format timm)")
+    num_classes, state, note = exportable_head(cfg, state)
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", k)
+        if m:
+            base = f"vit.encoder.layer.{m.group(1)}.attention.attention"
+            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"{base}.{name}.{m.group(2)}"] = part.contiguous()
+        else:
+            out[_rename(k, _HF_RENAMES)] = v
+    names = list(labels) if labels and num_classes else [f"LABEL_{i}" for i in range(num_classes)]
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": list(cfg.image_size) if cfg.image_size[0] != cfg.image_size[1] else cfg.image_size[0],
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": True,
+        "encoder_stride": cfg.patch_size,
+        "num_labels": num_classes,
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+        "torch_dtype": "float32",
+    }
+    processor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": cfg.image_size[0], "width": cfg.image_size[1]},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
+    return config, out, processor, note
+
+
+def from_transformers(meta: dict, state: dict, processor: dict | None = None):
+    if meta.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"hidden_act {meta['hidden_act']!r}: vitpipe's ViT uses exact gelu")
+    reverse = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        if k.startswith("vit.pooler.") or k == "vit.embeddings.mask_token":
+            continue
+        m = re.fullmatch(r"vit\.(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)", k)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)[0]] = v
+            continue
+        reverse[_rename(k, _OURS_FROM_HF)] = v
+    for (layer, kind), parts in qkv.items():
+        reverse[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
+    image_size = meta.get("image_size", 224)
+    cfg = ViTConfig(
+        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
+        patch_size=int(meta.get("patch_size", 16)),
+        in_chans=int(meta.get("num_channels", 3)),
+        embed_dim=int(meta["hidden_size"]),
+        depth=int(meta["num_hidden_layers"]),
+        num_heads=int(meta["num_attention_heads"]),
+        mlp_dim=int(meta["intermediate_size"]),
+        num_classes=num_classes,
+        head="linear" if num_classes else "none",
+        layer_norm_eps=float(meta.get("layer_norm_eps", 1e-12)),
+    )
+    id2label = meta.get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)] if id2label and num_classes else None
+    processor = processor or {}
+    mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
+    return cfg, reverse, labels, mean, std
+
+
+# both the transformers 4.x names (which 5.x still reads) and the 5.x names
+_LAYER = r"vit\.(?:encoder\.layer|layers)\.(\d+)"
+_OURS_FROM_HF = [
+    (r"vit\.embeddings\.cls_token", "cls_token"),
+    (r"vit\.embeddings\.position_embeddings", "pos_embed"),
+    (r"vit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (_LAYER + r"\.layernorm_before\.", r"blocks.\1.norm1."),
+    (_LAYER + r"\.layernorm_after\.", r"blocks.\1.norm2."),
+    (_LAYER + r"\.attention\.(?:output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
+    (_LAYER + r"\.(?:intermediate\.dense|mlp\.fc1)\.", r"blocks.\1.mlp.fc1."),
+    (_LAYER + r"\.(?:output\.dense|mlp\.fc2)\.", r"blocks.\1.mlp.fc2."),
+    (r"vit\.layernorm\.", "norm."),
+    (r"classifier\.", "head."),
+]

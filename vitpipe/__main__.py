@@ -1,0 +1,3 @@
+from vitpipe.cli import main
+
+raise SystemExit(main())
