@@ -34,6 +34,43 @@ def _export(args) -> None:
     print(f"wrote {args.out} ({args.format} format)")
 
 
+def _shard(args) -> None:
+    from data_tools.images import DEFAULT_MAX_PIXELS, EncodeOptions
+    from data_tools.shard import ShardOptions, parse_part, parse_size, shard
+
+    opts = ShardOptions(
+        samples_per_shard=args.samples_per_shard,
+        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+        prefix=args.prefix,
+        part=parse_part(args.part),
+        encode=EncodeOptions(resize_shorter=args.resize_shorter, max_side=args.max_side, quality=args.quality,
+                             validate=args.validate, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS),
+        path_column=args.path_column, label_column=args.label_column, split=args.split,
+    )
+    index = shard(args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite)
+    print(f"{args.out}: {index['total_samples']} samples in {len(index['shards'])} shards, "
+          f"{len(index['skipped'])} inputs skipped (listed with reasons in the index)")
+
+
+def _verify(args) -> int:
+    from data_tools.verify import verify
+
+    problems, notes = verify(args.out, decode=not args.no_decode)
+    for line in notes:
+        print(f"note: {line}")
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{args.out}: every shard matches index.json")
+    return 1 if problems else 0
+
+
+def _inspect(args) -> None:
+    from data_tools.verify import inspect
+
+    print(inspect(args.out, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -53,6 +90,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="folder to write")
     s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe")
     s.set_defaults(run=_export)
+
+    s = sub.add_parser("shard", help="write an image corpus as webdataset tars with index.json")
+    s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
+                               "or hf:SPEC (hf:imagefolder:DIR, hf:NAME)")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--max-shard-size", metavar="BYTES", help="e.g. 500M, 1G")
+    s.add_argument("--prefix", default="shard")
+    s.add_argument("--resize-shorter", type=int, metavar="N")
+    s.add_argument("--max-side", type=int, metavar="N")
+    s.add_argument("--quality", type=int, default=95)
+    s.add_argument("--validate", choices=["full", "header"], default="full")
+    s.add_argument("--max-pixels", type=int, help="larger images are skipped as decompression bombs")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--part", default="0/1", metavar="K/N", help="shard only part K of N (N machines, no coordination)")
+    s.add_argument("--path-column")
+    s.add_argument("--label-column")
+    s.add_argument("--split", help="split of a Hugging Face dataset")
+    s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
+    s.set_defaults(run=_shard)
+
+    s = sub.add_parser("verify", help="re-check every shard against index.json")
+    s.add_argument("out")
+    s.add_argument("--no-decode", action="store_true", help="check sha256 and counts only")
+    s.set_defaults(run=_verify)
+
+    s = sub.add_parser("inspect", help="samples, classes with counts, image-size distribution")
+    s.add_argument("out")
+    s.add_argument("--samples", type=int, default=5)
+    s.add_argument("--grid", metavar="FILE.png", help="write a contact sheet of random samples")
+    s.add_argument("--grid-size", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=_inspect)
     return p
 
 
@@ -61,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from vit import CheckpointError
 
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (UserError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"vitpipe {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -1,0 +1,1 @@
+"""Corpus readers, image checks, the shard writer and index, verify / inspect, the streaming loader."""

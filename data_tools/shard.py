@@ -1,0 +1,346 @@
+"""``vitpipe shard``: a corpus to webdataset tars plus ``index.json``, resumable and deterministic.
+
+Workers only encode; the main process writes samples in input order, so the shards do not
+depend on the number of workers. Each shard is written to ``.tmp`` and renamed when complete,
+then the index (which records where in the input list the next shard starts) is rewritten
+atomically: after a kill, a rerun continues from the last complete shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_tools.images import BadImage, EncodeOptions, encode
+from data_tools.sources import Corpus, Input, read_bytes, read_source, sample_key
+from vitpipe.io import fsync_dir, write_json
+
+INDEX = "index.json"
+INDEX_FORMAT = "vitpipe-shards"
+INDEX_VERSION = 1
+BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile pads archives to a multiple of this
+
+
+class ShardError(ValueError):
+    """Bad arguments or an output folder in a state we must not touch; one line for the user."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    samples_per_shard: int = 1000
+    max_shard_size: int | None = None
+    prefix: str = "shard"
+    part: tuple[int, int] = (0, 1)  # this machine's part K of N
+    encode: EncodeOptions = EncodeOptions()
+    path_column: str | None = None
+    label_column: str | None = None
+    split: str | None = None
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``1G``, ``2.5GB``, ``1024`` -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise ShardError(f"--max-shard-size: cannot read {text!r} as a size (e.g. 500M, 1G)") from None
+    if value <= 0:
+        raise ShardError(f"--max-shard-size: must be positive, got {text!r}")
+    return int(value)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ShardError(f"--part: expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise ShardError(f"--part: need 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def member_bytes(sizes) -> int:
+    return sum(BLOCK + -(-s // BLOCK) * BLOCK for s in sizes)
+
+
+def tar_bytes(payload: int) -> int:
+    """Size of a tar archive whose members take ``payload`` bytes (headers included)."""
+    return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
+
+
+class _HashingFile:
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+_WORKER_CORPUS: Corpus | None = None
+_WORKER_OPTS: EncodeOptions | None = None
+
+
+def _init_worker(corpus: Corpus, opts: EncodeOptions) -> None:
+    global _WORKER_CORPUS, _WORKER_OPTS
+    _WORKER_CORPUS, _WORKER_OPTS = corpus, opts
+
+
+def _encode_one(inp: Input):
+    """Returns the Encoded image or the reason it is skipped."""
+    if inp.skip:
+        return inp.skip
+    try:
+        data = read_bytes(inp, _WORKER_CORPUS)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    try:
+        return encode(data, _WORKER_OPTS)
+    except BadImage as e:
+        return str(e)
+
+
+def _shard_name(opts: ShardOptions, i: int) -> str:
+    k, n = opts.part
+    return f"{opts.prefix}-{i:06d}.tar" if n == 1 else f"{opts.prefix}-{k:03d}-{i:06d}.tar"
+
+
+def _index_name(opts: ShardOptions) -> str:
+    k, n = opts.part
+    return INDEX if n == 1 else f"index.part-{k:03d}-of-{n:03d}.json"
+
+
+def _identity(src: str, opts: ShardOptions) -> dict:
+    d = asdict(opts)
+    d["part"] = f"{opts.part[0]}/{opts.part[1]}"
+    return {"source": src, **d}
+
+
+def _fingerprint(inputs: list[Input]) -> str:
+    h = hashlib.sha256()
+    for inp in inputs:
+        h.update(f"{inp.source}\t{inp.label}\n".encode())
+    return h.hexdigest()
+
+
+def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Shard ``src`` into ``out``; returns the (part's) index."""
+    if opts.samples_per_shard < 1:
+        raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
+    out = Path(out)
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
+    k, n = opts.part
+    lo, hi = k * len(corpus.inputs) // n, (k + 1) * len(corpus.inputs) // n
+    inputs = corpus.inputs[lo:hi]
+    identity = _identity(src, opts)
+    fingerprint = _fingerprint(inputs)
+    index_path = out / _index_name(opts)
+    out.mkdir(parents=True, exist_ok=True)
+
+    index = json.loads(index_path.read_text()) if index_path.is_file() and not overwrite else None
+    if index is not None:
+        if index.get("args") != identity:
+            diff = sorted(key for key in set(identity) | set(index.get("args", {}))
+                          if identity.get(key) != index.get("args", {}).get(key))
+            raise ShardError(f"{index_path}: shards there were made with different arguments ({', '.join(diff)}); "
+                             "use --overwrite to start over or another OUT")
+        if index.get("input_fingerprint") != fingerprint:
+            raise ShardError(f"{index_path}: the source's list of inputs changed since these shards were made; "
+                             "use --overwrite to start over")
+    if index is None:
+        if overwrite:
+            for f in out.glob(f"{opts.prefix}-*.tar"):
+                f.unlink()
+            index_path.unlink(missing_ok=True)
+        index = {
+            "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "complete": False,
+            "args": identity, "input_fingerprint": fingerprint, "inputs": len(inputs),
+            "classes": corpus.classes, "total_samples": 0, "class_counts": {},
+            "shards": [], "skipped": [], "next_input": 0,
+        }
+    for f in out.glob(f"{opts.prefix}-*.tar.tmp"):
+        f.unlink()
+    if not index["complete"]:
+        _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress)
+    if n > 1:
+        merge_parts(out)
+    return index
+
+
+def _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress) -> None:
+    start = index["next_input"]
+    todo = inputs[start:]
+    bar = tqdm(total=len(inputs), initial=start, unit="img", desc=f"shard {out.name}", disable=not progress)
+    pool = None
+    if workers > 1:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(corpus, opts.encode))
+        results = _in_order(pool, todo, window=64 * workers)
+    else:
+        _init_worker(corpus, opts.encode)
+        results = map(_encode_one, todo)
+    writer = _ShardWriter(out, opts, index, index_path)
+    try:
+        for pos, (inp, result) in enumerate(zip(todo, results), start):
+            if isinstance(result, str):
+                writer.skip(pos, inp, result)
+            else:
+                writer.add(pos, inp, result, corpus.classes)
+            bar.update(1)
+        writer.finish(len(inputs))
+    finally:
+        writer.abort()
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def _in_order(pool, todo: list[Input], window: int):
+    """Encode in parallel, yield in input order; at most two windows of images are in memory."""
+    pending = None
+    for start in range(0, len(todo), window):
+        upcoming = pool.map_async(_encode_one, todo[start:start + window], chunksize=4)
+        if pending is not None:
+            yield from pending.get()
+        pending = upcoming
+    if pending is not None:
+        yield from pending.get()
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, opts: ShardOptions, index: dict, index_path: Path):
+        self.out, self.opts, self.index, self.index_path = out, opts, index, index_path
+        self.tar = self.file = self.hashing = None
+        self.count = self.payload = 0
+        self.first_input = index["next_input"]
+        self.pending_skips: list[dict] = []
+        self.classes: Counter = Counter()
+
+    def _open(self) -> None:
+        name = _shard_name(self.opts, len(self.index["shards"]))
+        self.tmp = self.out / (name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.hashing = _HashingFile(self.file)
+        self.tar = wds.TarWriter(self.hashing, encoder=False, mtime=0.0, user="vitpipe", group="vitpipe", mode=0o444)
+        self.count = self.payload = 0
+        self.classes = Counter()
+
+    def add(self, pos: int, inp: Input, enc, classes) -> None:
+        meta = {"source": inp.source, "width": enc.width, "height": enc.height}
+        sample = {"__key__": sample_key(inp.source), enc.ext: enc.data}
+        if inp.label is not None:
+            sample["cls"] = str(inp.label).encode()
+            meta["label"] = classes[inp.label] if classes and inp.label < len(classes) else str(inp.label)
+        sample["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+        size = member_bytes(len(v) for k, v in sample.items() if k != "__key__")
+        limit = self.opts.max_shard_size
+        if self.tar is not None and limit and tar_bytes(self.payload + size) > limit:
+            self._close(pos)
+        if self.tar is None:
+            self._open()
+        self.tar.write(sample)
+        self.count += 1
+        self.payload += size
+        if inp.label is not None:
+            self.classes[str(inp.label)] += 1
+        if self.count >= self.opts.samples_per_shard:
+            self._close(pos + 1)
+
+    def skip(self, pos: int, inp: Input, reason: str) -> None:
+        self.pending_skips.append({"input": pos, "source": inp.source, "reason": reason})
+
+    def _close(self, next_input: int) -> None:
+        """Complete the open shard: rename it into place, then record it (and the skips before it)."""
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        final = self.tmp.with_suffix("")
+        os.replace(self.tmp, final)
+        fsync_dir(self.out)
+        self.index["shards"].append({
+            "name": final.name, "count": self.count, "bytes": self.hashing.size,
+            "sha256": self.hashing.sha.hexdigest(), "inputs": [self.first_input, next_input],
+            "class_counts": {k: v for k, v in sorted(self.classes.items(), key=lambda kv: int(kv[0])) if v},
+        })
+        self.tar = None
+        self._commit(next_input)
+        self.first_input = next_input
+
+    def _commit(self, next_input: int) -> None:
+        idx = self.index
+        idx["skipped"] += [s for s in self.pending_skips if s["input"] < next_input]
+        self.pending_skips = [s for s in self.pending_skips if s["input"] >= next_input]
+        idx["next_input"] = next_input
+        idx["total_samples"] = sum(s["count"] for s in idx["shards"])
+        totals: Counter = Counter()
+        for s in idx["shards"]:
+            totals.update(s["class_counts"])
+        idx["class_counts"] = {k: totals[k] for k in sorted(totals, key=int)}
+        write_json(self.index_path, idx)
+
+    def finish(self, end: int) -> None:
+        if self.tar is not None:
+            self._close(end)
+        self.index["complete"] = True
+        self._commit(end)
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tar = None
+
+
+def merge_parts(out: Path) -> dict | None:
+    """When every ``--part K/N`` index in ``out`` is complete, write the combined ``index.json``."""
+    parts = sorted(out.glob("index.part-*-of-*.json"))
+    if not parts:
+        return None
+    loaded = [json.loads(p.read_text()) for p in parts]
+    n = int(parts[0].stem.rsplit("-", 1)[-1])
+    if len(loaded) != n or not all(p["complete"] for p in loaded):
+        return None
+    totals: Counter = Counter()
+    for p in loaded:
+        totals.update(p["class_counts"])
+    args = dict(loaded[0]["args"], part=f"all {n}")
+    merged = {
+        "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "complete": True, "args": args,
+        "inputs": sum(p["inputs"] for p in loaded), "classes": loaded[0]["classes"],
+        "total_samples": sum(p["total_samples"] for p in loaded),
+        "class_counts": {k: totals[k] for k in sorted(totals, key=int)},
+        "shards": [s for p in loaded for s in p["shards"]],
+        "skipped": [s for p in loaded for s in p["skipped"]],
+        "parts": [p.name for p in parts],
+    }
+    write_json(out / INDEX, merged)
+    return merged
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if index.get("format") != INDEX_FORMAT:
+        raise ShardError(f"{path}: not a vitpipe shard index")
+    return index

@@ -1,0 +1,160 @@
+"""``vitpipe verify`` (every shard against index.json) and ``vitpipe inspect`` (what is in them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from data_tools.images import decode_rgb
+from data_tools.shard import read_index
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def iter_samples(path: str | Path):
+    """Group a webdataset tar's members into samples: (key, {ext: bytes}), in order."""
+    key, sample = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            if k != key and sample:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield key, sample
+
+
+def image_of(sample: dict) -> bytes | None:
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(folder: Path, entry: dict, decode: bool = True) -> str | None:
+    """One line describing what is wrong with a shard, or None if it is sound."""
+    path = folder / entry["name"]
+    if not path.is_file():
+        return f"{entry['name']}: missing"
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"size {path.stat().st_size} != {entry['bytes']} in index")
+    if _sha256(path) != entry["sha256"]:
+        problems.append("sha256 differs from index")
+    count, bad = 0, []
+    try:
+        for key, sample in iter_samples(path):
+            count += 1
+            data = image_of(sample)
+            if data is None:
+                bad.append(f"{key} (no image)")
+            elif decode:
+                try:
+                    decode_rgb(data)
+                except Exception as e:  # any decoder failure means a damaged sample
+                    bad.append(f"{key} ({type(e).__name__})")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"unreadable tar after {count} samples ({e})")
+    if count != entry["count"] and not any(p.startswith("unreadable") for p in problems):
+        problems.append(f"{count} samples, index says {entry['count']}")
+    if bad:
+        problems.append(f"{len(bad)} sample(s) do not decode: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    return f"{entry['name']}: {'; '.join(problems)}" if problems else None
+
+
+def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str]]:
+    """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file."""
+    folder = Path(folder)
+    index = read_index(folder)
+    problems = [p for p in (check_shard(folder, e, decode) for e in index["shards"]) if p]
+    known = {e["name"] for e in index["shards"]}
+    notes = [f"{p.name}: a tar not listed in index.json" for p in sorted(folder.glob("*.tar")) if p.name not in known]
+    if not index.get("complete", False):
+        problems.append(f"{folder / 'index.json'}: sharding did not finish (rerun the same vitpipe shard command)")
+    return problems, notes
+
+
+def _quantiles(values: list[int]) -> str:
+    if not values:
+        return "-"
+    v = sorted(values)
+    pick = [v[min(len(v) - 1, int(q * len(v)))] for q in (0.0, 0.1, 0.5, 0.9)] + [v[-1]]
+    return "min {} / p10 {} / median {} / p90 {} / max {}".format(*pick)
+
+
+def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, grid_size: int = 25,
+            seed: int = 0) -> str:
+    """A human summary of a shard folder; with ``grid``, also a contact sheet PNG of random samples."""
+    folder = Path(folder)
+    index = read_index(folder)
+    classes = index.get("classes")
+    lines = [
+        f"{folder}: {index['total_samples']} samples in {len(index['shards'])} shards "
+        f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB), {len(index['skipped'])} inputs skipped",
+    ]
+    if index["class_counts"]:
+        lines.append(f"classes ({len(classes or index['class_counts'])}):")
+        for k, c in index["class_counts"].items():
+            name = classes[int(k)] if classes and int(k) < len(classes) else k
+            lines.append(f"  {int(k):4d} {name:30s} {c}")
+    reasons = Counter(s["reason"].split(" (")[0] for s in index["skipped"])
+    for reason, c in reasons.most_common():
+        lines.append(f"skipped: {c} x {reason}")
+    widths, heights, shown, formats = [], [], [], Counter()
+    rng = random.Random(seed)
+    picked: list[tuple[bytes, str]] = []
+    seen = 0
+    for entry in index["shards"]:
+        for key, sample in iter_samples(folder / entry["name"]):
+            meta = json.loads(sample.get("json", b"{}"))
+            widths.append(meta.get("width", 0))
+            heights.append(meta.get("height", 0))
+            formats.update(e for e in IMAGE_EXTS if e in sample)
+            label = meta.get("label", "")
+            if len(shown) < show:
+                shown.append(f"  {key}  label={label!r}  {meta.get('width')}x{meta.get('height')}  {meta.get('source')}")
+            if grid:
+                seen += 1  # reservoir sampling: a uniform pick in one pass
+                if len(picked) < grid_size:
+                    picked.append((image_of(sample), label))
+                elif (j := rng.randrange(seen)) < grid_size:
+                    picked[j] = (image_of(sample), label)
+    lines.append(f"original width:  {_quantiles(widths)}")
+    lines.append(f"original height: {_quantiles(heights)}")
+    lines.append("stored formats: " + ", ".join(f"{e} {c}" for e, c in formats.most_common()))
+    lines.append("first samples:")
+    lines += shown
+    if grid:
+        contact_sheet(picked, grid)
+        lines.append(f"wrote {grid}")
+    return "\n".join(lines)
+
+
+def contact_sheet(items: list[tuple[bytes, str]], path: str | Path, cell: int = 128) -> None:
+    cols = max(1, int(len(items) ** 0.5 + 0.999))
+    rows = max(1, -(-len(items) // cols))
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (data, label) in enumerate(items):
+        img = decode_rgb(data)
+        img.thumbnail((cell, cell))
+        x, y = (i % cols) * cell, (i // cols) * (cell + 14)
+        sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
+        draw.text((x + 2, y + cell), str(label)[:20], fill="black")
+    sheet.save(path)

@@ -1,0 +1,1 @@
+"""Fine-tuning: head swap, resolution change, evaluation."""

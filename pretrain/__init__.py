@@ -1,0 +1,1 @@
+"""Pretraining: objectives, the one training loop, schedules, checkpoint / resume, logging."""
