@@ -1,0 +1,246 @@
+"""The streaming loader: webdataset shards to batches, split by node then by worker.
+
+Training streams are deterministic functions of (seed, epoch, rank, worker): shard order, the
+shuffle buffer and every sample's augmentation. Every rank yields the same number of batches
+per epoch (a worker that runs out of shards goes round them again; resampled mode draws shards
+forever), so no rank waits on another at a collective. A resumed run skips the batches it has
+done before decoding them. Eval streams read every sample exactly once across ranks and workers.
+
+Do not hand these loaders to ``accelerator.prepare``: they split by rank themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_tools.images import decode_rgb
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
+
+
+class LoaderError(ValueError):
+    """The shards cannot feed this run; said before training starts."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]
+    num_samples: int
+    classes: list[str] | None = None
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
+    """A folder with index.json, a list of shards, a brace pattern, ``pipe:`` commands or URLs.
+
+    The epoch length comes from index.json (beside local shards) or from ``num_samples``.
+    """
+    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        index_path = Path(spec) / "index.json"
+        if not index_path.is_file():
+            raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
+        index = json.loads(index_path.read_text())
+        if not index.get("complete", False):
+            raise LoaderError(f"{index_path}: sharding did not finish")
+        if not index["shards"]:
+            raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
+        urls = [str(Path(spec) / s["name"]) for s in index["shards"]]
+        return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"))
+    urls = wds.shardlists.expand_urls(spec) if isinstance(spec, str) else [str(u) for u in spec]
+    if not urls:
+        raise LoaderError(f"{spec}: no shards")
+    local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
+    for p in local:
+        if not p.is_file():
+            raise LoaderError(f"{p}: shard does not exist")
+    classes = None
+    if num_samples is None and len(local) == len(urls):
+        parents = {p.parent for p in local}
+        index_path = parents.pop() / "index.json" if len(parents) == 1 else None
+        if index_path and index_path.is_file():
+            index = json.loads(index_path.read_text())
+            counts = {s["name"]: s["count"] for s in index["shards"]}
+            if all(p.name in counts for p in local):
+                num_samples = sum(counts[p.name] for p in local)
+                classes = index.get("classes")
+    if num_samples is None:
+        raise LoaderError(f"{spec}: epoch length unknown; give a folder with index.json or set num_samples")
+    return ShardSet(urls, num_samples, classes)
+
+
+class _SkipCounter:
+    """webdataset handler: a corrupt shard or member is logged, counted and skipped."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping unreadable data: %s", exn)
+        return True
+
+
+def _decode(sample: dict) -> tuple:
+    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    if data is None:
+        raise ValueError("no image member")
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return decode_rgb(data), label
+
+
+def shuffled(items, buffer: int, rng: random.Random):
+    """A shuffle buffer: memory bounded by ``buffer`` samples, order fixed by ``rng``."""
+    pool = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        j = rng.randrange(buffer)
+        pool[j], item = item, pool[j]
+        yield item
+    rng.shuffle(pool)
+    yield from pool
+
+
+class ShardStream(IterableDataset):
+    """One epoch of batches for one rank. Use ``train_loader`` / ``eval_loader`` to build it."""
+
+    def __init__(self, shards: ShardSet, transform, batch_size: int, *, train: bool, rank: int = 0,
+                 world_size: int = 1, workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
+                 shuffle_buffer: int = 1000, skip_batches: int = 0):
+        super().__init__()
+        self.shards, self.transform, self.batch_size, self.train = shards, transform, batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.workers = workers, max(1, workers)  # 0: load in the main process
+        self.seed, self.epoch, self.resampled, self.shuffle_buffer = seed, epoch, resampled, shuffle_buffer
+        self.skip_batches = skip_batches
+        global_batch = batch_size * world_size
+        if train and shards.num_samples < global_batch:
+            raise LoaderError(f"{shards.num_samples} samples cannot fill one global batch of {global_batch}")
+        self.batches_per_epoch = shards.num_samples // global_batch
+        if train and not resampled and len(shards.urls) < world_size * self.workers:
+            raise LoaderError(
+                f"{len(shards.urls)} shards for {world_size} ranks x {self.workers} workers: every worker needs a "
+                "shard; use resampled mode, fewer workers, or more (smaller) shards")
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.batches_per_epoch - self.skip_batches
+        per_rank = len(range(self.rank, self.shards.num_samples, self.world_size))  # approximate for shard splits
+        return -(-per_rank // self.batch_size)
+
+    def _worker(self) -> int:
+        info = get_worker_info()
+        return info.id if info is not None else 0
+
+    def __iter__(self):
+        return self._train_batches() if self.train else self._eval_batches()
+
+    def _train_batches(self):
+        # the DataLoader takes batches round-robin from workers starting at worker 0; after a resume at
+        # batch B the local worker w plays the part of worker (w + B) % W so the order is unchanged
+        logical = (self._worker() + self.skip_batches) % self.workers
+        total = len(range(logical, self.batches_per_epoch, self.workers))
+        done = len(range(logical, self.skip_batches, self.workers))
+        urls = self._train_urls(logical)
+        handler = _SkipCounter()
+        samples = wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
+        shuffle_rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical))
+        samples = shuffled(samples, self.shuffle_buffer, shuffle_rng)
+        samples = enumerate(samples)
+        if done:
+            samples = itertools.islice(samples, done * self.batch_size, None)
+        batch, reported = [], 0
+        for i, sample in samples:
+            try:
+                img, label = _decode(sample)
+            except Exception as exn:  # a corrupt sample inside a sound tar
+                handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
+                continue
+            rng = random.Random(_seed("augment", self.seed, self.epoch, self.rank, logical, i))
+            batch.append((self.transform(img, rng), label))
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, handler.count - reported)
+                reported, batch, done = handler.count, [], done + 1
+                if done >= total:
+                    return
+
+    def _train_urls(self, logical: int):
+        """Shards for this (rank, worker): resampled forever, or this worker's share, cycled."""
+        urls = self.shards.urls
+        if self.resampled:
+            rng = random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical))
+            while True:
+                yield urls[rng.randrange(len(urls))]
+        order = list(urls)
+        random.Random(_seed("shards", self.seed, self.epoch)).shuffle(order)  # the same on every rank
+        mine = order[self.rank::self.world_size][logical::self.workers]
+        yield from itertools.cycle(mine)
+
+    def _eval_batches(self):
+        w, workers = self._worker(), self.workers
+        urls = self.shards.urls
+        slot, slots = self.rank * workers + w, self.world_size * workers
+        by_shard = len(urls) >= slots
+        handler = _SkipCounter()
+        mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
+        samples = wds.tariterators.tarfile_samples(({"url": u} for u in mine), handler=handler)
+        batch, reported = [], 0
+        for i, sample in enumerate(samples):
+            if not by_shard and i % slots != slot:
+                continue
+            try:
+                img, label = _decode(sample)
+            except Exception as exn:
+                handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
+                continue
+            batch.append((self.transform(img), label))
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, handler.count - reported)
+                reported, batch = handler.count, []
+        if batch or handler.count > reported:
+            yield self._collate(batch, handler.count - reported)
+
+    def _collate(self, batch, skipped: int) -> dict:
+        if not batch:
+            return {"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long),
+                    "skipped": torch.tensor(skipped)}
+        images, labels = zip(*batch)
+        return {"pixel_values": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long),
+                "skipped": torch.tensor(skipped)}
+
+
+def make_loader(stream: ShardStream) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
+                 shuffle_buffer: int = 1000, skip_batches: int = 0) -> DataLoader:
+    """``batch_size`` is per rank; every rank yields ``num_samples // (batch_size * world_size)`` batches."""
+    stream = ShardStream(shards, transform, batch_size, train=True, rank=rank, world_size=world_size,
+                         workers=workers, seed=seed, epoch=epoch, resampled=resampled,
+                         shuffle_buffer=shuffle_buffer, skip_batches=skip_batches)
+    return make_loader(stream)
+
+
+def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                workers: int = 0) -> DataLoader:
+    """Every sample exactly once across ranks and workers; ranks may get different batch counts."""
+    return make_loader(ShardStream(shards, transform, batch_size, train=False, rank=rank,
+                                   world_size=world_size, workers=workers))
