@@ -236,7 +236,7 @@ class _ShardWriter:
         self.tmp = self.out / (name + ".tmp")
         self.file = open(self.tmp, "wb")
         self.hashing = _HashingFile(self.file)
-        self.tar = wds.TarWriter(self.hashing, encoder=False, mtime=0.0, user="vitpipe", group="vitpipe", mode=0o444)
+        self.tar = wds.TarWriter(self.hashing, encoder=False, mtime=0, user="vitpipe", group="vitpipe", mode=0o444)
         self.count = self.payload = 0
         self.classes = Counter()
 

@@ -1,0 +1,242 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.images import EncodeOptions, decode_rgb
+from data_tools.shard import ShardError, ShardOptions, parse_size, shard
+from data_tools.verify import inspect, iter_samples, verify
+
+from .corpus import awkward_images, bad_files, write_files, write_folder
+
+
+def read_all(out):
+    index = json.loads((out / "index.json").read_text())
+    samples = {}
+    for s in index["shards"]:
+        for key, sample in iter_samples(out / s["name"]):
+            assert key not in samples
+            samples[key] = sample
+    return index, samples
+
+
+def by_source(samples):
+    return {json.loads(s["json"])["source"]: s for s in samples.values()}
+
+
+@pytest.fixture
+def messy(tmp_path):
+    src = tmp_path / "src"
+    write_files(src / "good", awkward_images())
+    write_files(src / "bad", bad_files())
+    write_files(src / "good", {"readme.txt": b"not an image"})
+    write_files(src, {"stray.jpg": awkward_images()["UPPER.JPEG"]})
+    return src
+
+
+def test_awkward_images_kept_as_rgb_with_labels(messy, tmp_path):
+    index = shard(str(messy), tmp_path / "out", ShardOptions(samples_per_shard=5), progress=False)
+    _, samples = read_all(tmp_path / "out")
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", key) for key in samples)
+    kept = by_source(samples)
+    assert set(kept) == {f"good/{n}" for n in awkward_images()}
+    assert index["classes"] == ["bad", "good"] and index["class_counts"] == {"1": len(awkward_images())}
+    for source, sample in kept.items():
+        assert int(sample["cls"]) == 1 and json.loads(sample["json"])["label"] == "good"
+        img = decode_rgb(next(sample[e] for e in ("jpg", "png", "webp") if e in sample))
+        assert img.mode == "RGB", source
+    rotated = decode_rgb(kept["good/rotated.jpg"]["jpg"])
+    assert rotated.size == (20, 40)  # orientation applied: portrait now
+    top, bottom = np.asarray(rotated)[2, 10], np.asarray(rotated)[37, 10]
+    assert top[0] > 200 and bottom[2] > 200  # left half (red) went to the top, blue to the bottom
+    assert json.loads(kept["good/rotated.jpg"]["json"])[("width")] == 20
+    grey = np.asarray(decode_rgb(kept["good/sixteen bit.png"]["png"]))
+    assert 120 <= grey.mean() <= 136  # scaled from 16 bits, not clipped to white
+    pal = np.asarray(decode_rgb(kept["good/palette.with.transparency.png"]["png"]))
+    assert (pal[:, :8] == (255, 0, 0)).all() and (pal[:, 8:] == 255).all()  # transparent -> white background
+    assert (np.asarray(decode_rgb(kept["good/rgba.png"]["png"])) == 255).all()
+    gif = np.asarray(decode_rgb(kept["good/animated.gif"]["png"]))
+    assert gif[..., 0].min() > 200 and gif[..., 1].max() < 60  # the first (red) frame
+    assert kept["good/UPPER.JPEG"]["jpg"] == awkward_images()["UPPER.JPEG"]  # pass-through: original bytes
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(messy, tmp_path):
+    index = shard(str(messy), tmp_path / "out", progress=False)
+    reasons = {s["source"]: s["reason"] for s in index["skipped"]}
+    assert set(reasons) == {f"bad/{n}" for n in bad_files()} | {"good/readme.txt", "stray.jpg"}
+    assert reasons["bad/empty.jpg"] == "empty file"
+    assert reasons["bad/bomb.png"].startswith("decompression bomb")
+    assert reasons["bad/truncated.jpg"].startswith("corrupt or truncated")
+    assert reasons["bad/not_an_image.jpg"] == "not an image (unknown format)"
+    assert reasons["stray.jpg"] == "outside any class folder"
+    assert index["total_samples"] + len(index["skipped"]) == index["inputs"]
+
+
+def test_header_validation_passes_truncated_jpeg_through(tmp_path):
+    write_files(tmp_path / "src" / "a", {"t.jpg": bad_files()["truncated.jpg"]})
+    opts = ShardOptions(encode=EncodeOptions(validate="header"))
+    assert shard(str(tmp_path / "src"), tmp_path / "out", opts, progress=False)["total_samples"] == 1
+
+
+def test_output_is_the_same_whatever_the_workers(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 30, "b": 25})
+    write_files(src / "a", bad_files())
+    opts = ShardOptions(samples_per_shard=7, encode=EncodeOptions(resize_shorter=24))
+    shard(str(src), tmp_path / "one", opts, workers=1, progress=False)
+    shard(str(src), tmp_path / "two", opts, workers=2, progress=False)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for n in names:
+        assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
+
+
+def test_resize_options(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 3}, size=(60, 90))
+    shard(str(src), tmp_path / "out", ShardOptions(encode=EncodeOptions(resize_shorter=30, max_side=40)), progress=False)
+    for sample in read_all(tmp_path / "out")[1].values():
+        img = decode_rgb(sample["jpg"])
+        assert max(img.size) <= 40 and min(img.size) <= 30
+
+
+def test_max_shard_size(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 40})
+    index = shard(str(src), tmp_path / "out", ShardOptions(max_shard_size=parse_size("40K")), progress=False)
+    assert len(index["shards"]) > 1
+    for s in index["shards"]:
+        assert s["bytes"] == (tmp_path / "out" / s["name"]).stat().st_size
+        assert s["bytes"] <= 40 * 1024 or s["count"] == 1
+    assert parse_size("1G") == 2**30 and parse_size("2.5M") == int(2.5 * 2**20) and parse_size("1KiB") == 1024
+    with pytest.raises(ShardError, match="--max-shard-size"):
+        parse_size("lots")
+
+
+def test_different_arguments_on_existing_output_is_an_error(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 5})
+    shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=2), progress=False)
+    with pytest.raises(ShardError, match=r"different arguments \(samples_per_shard\).*--overwrite"):
+        shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=3), progress=False)
+    index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=3), overwrite=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [s["name"] for s in index["shards"]]
+
+
+def _shard_cmd(src, out, env):
+    return subprocess.Popen(["vitpipe", "shard", str(src), str(out), "--samples-per-shard", "10",
+                             "--resize-shorter", "40"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("kill_after_shards", [1, 3])
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cli_env, kill_after_shards):
+    src = write_folder(tmp_path / "src", {"a": 60, "b": 60}, size=(120, 200))
+    write_files(src / "b", bad_files())
+    assert _shard_cmd(src, tmp_path / "whole", cli_env).wait() == 0
+    proc = _shard_cmd(src, tmp_path / "killed", cli_env)
+    index_path = tmp_path / "killed" / "index.json"
+    while proc.poll() is None:
+        if index_path.is_file() and len(json.loads(index_path.read_text())["shards"]) >= kill_after_shards:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    first = tmp_path / "killed" / "shard-000000.tar"
+    stamp = first.stat().st_mtime_ns
+    assert _shard_cmd(src, tmp_path / "killed", cli_env).wait() == 0
+    assert first.stat().st_mtime_ns == stamp  # a completed shard is not redone
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())  # no .tmp left behind
+    for n in names:
+        assert (tmp_path / "whole" / n).read_bytes() == (tmp_path / "killed" / n).read_bytes(), n
+
+
+def test_manifests(tmp_path):
+    src = write_folder(tmp_path / "imgs", {"x": 3, "y": 2})
+    files = sorted(src.rglob("*.jpg"))
+    rows = [{"path": str(f.relative_to(tmp_path)), "label": f.parent.name} for f in files]
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in rows))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(dict(r, path=str(tmp_path / r["path"]))) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"file": r["path"], "target": 7 if r["label"] == "y" else 0} for r in rows]),
+                   tmp_path / "m.parquet")
+    for name in ("m.csv", "m.jsonl"):
+        index = shard(str(tmp_path / name), tmp_path / f"out-{name}", progress=False)
+        assert index["classes"] == ["x", "y"] and index["class_counts"] == {"0": 3, "1": 2}
+    index = shard(str(tmp_path / "m.parquet"), tmp_path / "out-pq", progress=False)
+    assert index["class_counts"] == {"0": 3, "7": 2} and len(index["classes"]) == 8
+    (tmp_path / "bad.csv").write_text("filename_typo,label\na.jpg,x\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: no path column"):
+        shard(str(tmp_path / "bad.csv"), tmp_path / "o", progress=False)
+
+
+def test_hf_datasets_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    src = write_folder(tmp_path / "imgs", {"cat": 3, "dog": 4})
+    ds = datasets.load_dataset("imagefolder", data_dir=str(src), split="train")
+    ds.save_to_disk(str(tmp_path / "saved"))
+    index = shard(str(tmp_path / "saved"), tmp_path / "out1", progress=False)
+    assert index["classes"] == ["cat", "dog"] and index["class_counts"] == {"0": 3, "1": 4}
+    index = shard(f"hf:imagefolder:{src}", tmp_path / "out2", progress=False)
+    assert index["total_samples"] == 7 and index["classes"] == ["cat", "dog"]
+
+
+def test_parts_are_disjoint_and_merge(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 11, "b": 10})
+    whole = shard(str(src), tmp_path / "whole", progress=False)
+    for k in range(3):
+        shard(str(src), tmp_path / "parts", ShardOptions(part=(k, 3), samples_per_shard=4), progress=False)
+    merged = json.loads((tmp_path / "parts" / "index.json").read_text())
+    assert merged["total_samples"] == whole["total_samples"] == 21
+    sources = [json.loads(s["json"])["source"] for s in read_all(tmp_path / "parts")[1].values()]
+    assert sorted(sources) == sorted(set(sources)) and len(sources) == 21
+
+
+def test_verify_and_inspect(tmp_path, cli_env):
+    src = write_folder(tmp_path / "src", {"a": 12, "b": 9})
+    out = tmp_path / "out"
+    shard(str(src), out, ShardOptions(samples_per_shard=5), progress=False)
+    assert verify(out) == ([], [])
+    text = inspect(out, grid=tmp_path / "grid.png", grid_size=9)
+    assert "21 samples in 5 shards" in text and "a" in text and "median" in text
+    assert Image.open(tmp_path / "grid.png").size[0] >= 3 * 128
+    damaged = out / "shard-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[2000] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (out / "shard-000003.tar").unlink()
+    run = subprocess.run(["vitpipe", "verify", str(out)], env=cli_env, capture_output=True, text=True)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("shard-000001.tar: ") and "sha256" in lines[0]
+    assert lines[1] == "shard-000003.tar: missing"
+
+
+def test_interop_with_hf_datasets_and_tar(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    src = write_folder(tmp_path / "src", {"a": 6, "b": 5})
+    out = tmp_path / "out"
+    index = shard(str(src), out, ShardOptions(samples_per_shard=4), progress=False)
+    files = [str(out / s["name"]) for s in index["shards"]]
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    assert len(ds) == 11 and sorted(ds["cls"]) == [0] * 6 + [1] * 5
+    assert ds[0]["jpg"].mode == "RGB"
+    listing = subprocess.run(["tar", "tf", files[0]], capture_output=True, text=True, check=True).stdout.split()
+    assert len(listing) == 12 and all(name.count(".") == 1 for name in listing)
+    with tarfile.open(files[0]) as t:
+        assert all(m.mtime == 0 for m in t.getmembers())
+
+
+def test_cli_shard_bad_arguments(tmp_path, cli_env):
+    run = subprocess.run(["vitpipe", "shard", str(tmp_path / "nope"), str(tmp_path / "out")], env=cli_env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "no such folder or manifest" in run.stderr
+    run = subprocess.run(["vitpipe", "shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"], env=cli_env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--part" in run.stderr
