@@ -1,0 +1,124 @@
+import io
+import random
+import tarfile
+
+import pytest
+import torch
+
+from data_tools.loader import LoaderError, eval_loader, resolve_shards, train_loader
+from data_tools.shard import ShardOptions, shard
+from data_tools.transforms import EvalTransform, TrainTransform, random_resized_crop_box
+
+from .corpus import write_folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """7 shards of uneven size (10,10,...,7): 67 labelled real-photo crops."""
+    root = tmp_path_factory.mktemp("loader")
+    src = write_folder(root / "src", {"a": 30, "b": 37})
+    shard(str(src), root / "out", ShardOptions(samples_per_shard=10), progress=False)
+    return root / "out"
+
+
+def labels_of(batches):
+    return [x for b in batches for x in b["labels"].tolist()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_yields_the_same_number_of_batches(shards, workers):
+    s = resolve_shards(shards)
+    assert s.num_samples == 67 and len(s.urls) == 7 and s.classes == ["a", "b"]
+    counts = []
+    for rank in range(3):
+        loader = train_loader(s, TrainTransform(16), 4, rank=rank, world_size=3, workers=workers)
+        batches = list(loader)
+        assert all(b["pixel_values"].shape == (4, 3, 16, 16) for b in batches)
+        counts.append(len(batches))
+        assert len(loader) == len(batches)
+    assert counts == [67 // 12] * 3
+
+
+def test_too_few_shards_is_an_error_before_training_unless_resampled(shards):
+    s = resolve_shards(shards)
+    with pytest.raises(LoaderError, match="7 shards for 4 ranks x 2 workers"):
+        train_loader(s, TrainTransform(16), 2, rank=0, world_size=4, workers=2)
+    counts = {len(list(train_loader(s, TrainTransform(16), 2, rank=r, world_size=4, workers=2, resampled=True)))
+              for r in range(4)}
+    assert counts == {67 // 8}
+
+
+def test_train_stream_is_deterministic_per_epoch_and_resumable(shards):
+    s = resolve_shards(shards)
+
+    def run(**kw):
+        return list(train_loader(s, TrainTransform(16), 4, world_size=2, rank=1, workers=2, seed=3, **kw))
+
+    a, b, other_epoch = run(epoch=1), run(epoch=1), run(epoch=2)
+    assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
+    assert not torch.equal(a[0]["pixel_values"], other_epoch[0]["pixel_values"])
+    resumed = run(epoch=1, skip_batches=3)
+    assert len(resumed) == len(a) - 3
+    for x, y in zip(a[3:], resumed):
+        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 3)])
+def test_eval_sees_every_sample_exactly_once(shards, world, workers):
+    s = resolve_shards(shards)
+    seen = []
+    for rank in range(world):
+        seen += labels_of(eval_loader(s, EvalTransform(16), 5, rank=rank, world_size=world, workers=workers))
+    assert sorted(seen) == [0] * 30 + [1] * 37
+
+
+def test_corrupt_sample_inside_a_shard_is_skipped_and_counted(shards, tmp_path):
+    first = shards / "shard-000000.tar"
+    damaged = tmp_path / "damaged.tar"
+    with tarfile.open(first) as src, tarfile.open(damaged, "w") as dst:
+        for i, m in enumerate(src.getmembers()):
+            data = src.extractfile(m).read()
+            if m.name.endswith(".jpg") and i < 9:
+                data = b"garbage" * 10
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    s = resolve_shards([str(damaged)], num_samples=10)
+    batches = list(eval_loader(s, EvalTransform(16), 4))
+    assert sum(len(b["labels"]) for b in batches) == 7
+    assert sum(int(b["skipped"]) for b in batches) == 3
+
+
+def test_shard_specs(shards):
+    names = sorted(str(p) for p in shards.glob("*.tar"))
+    assert resolve_shards(names[:2]).num_samples == 20  # counts from the index beside them
+    pattern = str(shards / "shard-{000000..000006}.tar")
+    assert resolve_shards(pattern).num_samples == 67
+    with pytest.raises(LoaderError, match="epoch length unknown"):
+        resolve_shards(f"pipe:cat {names[0]}")
+    piped = resolve_shards(f"pipe:cat {names[0]}", num_samples=10)
+    assert len(labels_of(eval_loader(piped, EvalTransform(16), 4))) == 10
+    with pytest.raises(LoaderError, match="does not exist"):
+        resolve_shards([str(shards / "nope.tar")])
+    with pytest.raises(LoaderError, match="no index.json"):
+        resolve_shards(shards.parent)
+    with pytest.raises(LoaderError, match="cannot fill one global batch"):
+        train_loader(resolve_shards(shards), TrainTransform(16), 64, world_size=2)
+
+
+def test_random_resized_crop_box_stays_inside_and_varies():
+    rng = random.Random(0)
+    boxes = [random_resized_crop_box(120, 100, rng) for _ in range(300)]
+    for left, top, w, h in boxes:
+        assert 0 <= left and left + w <= 120 and 0 <= top and top + h <= 100
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+    areas = [w * h / 12000 for _, _, w, h in boxes]
+    assert min(areas) < 0.2 and max(areas) > 0.8
+
+
+def test_eval_transform_centre_crops():
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (90, 0, 210, 100))  # white around the centre square
+    x = EvalTransform(32, mean=(0, 0, 0), std=(1, 1, 1))(img)
+    assert x.shape == (3, 32, 32) and x.min() > 0.95
