@@ -25,6 +25,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/data.py
 
 lint: install
 	$(BIN)/ruff check .

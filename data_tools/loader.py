@@ -12,18 +12,19 @@ Do not hand these loaders to ``accelerator.prepare``: they split by rank themsel
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from data_tools.images import decode_rgb
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
@@ -82,6 +83,58 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
     return ShardSet(urls, num_samples, classes)
 
 
+class _ForeignTar(Exception):
+    """A member type the fast reader leaves to webdataset (pax headers, long names, links)."""
+
+
+def local_tar_samples(path: str):
+    """Samples of an uncompressed local tar, grouped by key, in order.
+
+    About twice as fast as webdataset's streaming tarfile reader for local files (plain header
+    parsing and one read per member); tars it does not handle go through webdataset.
+    """
+    key, sample = None, {}
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            header = f.read(tarfile.BLOCKSIZE)
+            if len(header) < tarfile.BLOCKSIZE or header == bytes(tarfile.BLOCKSIZE):
+                break
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            if info.type not in tarfile.REGULAR_TYPES:
+                raise _ForeignTar(info.type)
+            data = f.read(info.size)
+            if len(data) < info.size:
+                raise tarfile.ReadError(f"{path}: truncated at {info.name}")
+            f.seek(-info.size % tarfile.BLOCKSIZE, 1)
+            k, _, ext = info.name.rpartition("/")[2].partition(".")
+            if k != key and sample:
+                yield sample
+                sample = {}
+            key = k
+            sample.update({"__key__": k, "__url__": path, ext: data})
+    if sample:
+        yield sample
+
+
+def read_samples(urls, handler):
+    """Samples from a stream of shard urls; a damaged shard goes to ``handler`` and is skipped."""
+    for url in urls:
+        yielded = 0
+        if "://" not in url and not url.startswith("pipe:") and url.endswith(".tar"):
+            try:
+                for sample in local_tar_samples(url):
+                    yielded += 1
+                    yield sample
+                continue
+            except (tarfile.TarError, OSError) as exn:
+                handler(exn)
+                continue
+            except _ForeignTar:
+                pass
+        samples = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=handler)
+        yield from itertools.islice(samples, yielded, None)
+
+
 class _SkipCounter:
     """webdataset handler: a corrupt shard or member is logged, counted and skipped."""
 
@@ -94,12 +147,13 @@ class _SkipCounter:
         return True
 
 
-def _decode(sample: dict) -> tuple:
+def _open(sample: dict) -> tuple:
+    """The image, opened but not decoded (the transform decodes only what it needs), and the label."""
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
         raise ValueError("no image member")
     label = int(sample["cls"]) if "cls" in sample else -1
-    return decode_rgb(data), label
+    return Image.open(io.BytesIO(data)), label
 
 
 def shuffled(items, buffer: int, rng: random.Random):
@@ -158,7 +212,7 @@ class ShardStream(IterableDataset):
         done = len(range(logical, self.skip_batches, self.workers))
         urls = self._train_urls(logical)
         handler = _SkipCounter()
-        samples = wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
+        samples = read_samples(urls, handler)
         shuffle_rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical))
         samples = shuffled(samples, self.shuffle_buffer, shuffle_rng)
         samples = enumerate(samples)
@@ -166,13 +220,13 @@ class ShardStream(IterableDataset):
             samples = itertools.islice(samples, done * self.batch_size, None)
         batch, reported = [], 0
         for i, sample in samples:
+            rng = random.Random(_seed("augment", self.seed, self.epoch, self.rank, logical, i))
             try:
-                img, label = _decode(sample)
+                img, label = _open(sample)
+                batch.append((self.transform(img, rng), label))
             except Exception as exn:  # a corrupt sample inside a sound tar
                 handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
                 continue
-            rng = random.Random(_seed("augment", self.seed, self.epoch, self.rank, logical, i))
-            batch.append((self.transform(img, rng), label))
             if len(batch) == self.batch_size:
                 yield self._collate(batch, handler.count - reported)
                 reported, batch, done = handler.count, [], done + 1
@@ -198,17 +252,17 @@ class ShardStream(IterableDataset):
         by_shard = len(urls) >= slots
         handler = _SkipCounter()
         mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
-        samples = wds.tariterators.tarfile_samples(({"url": u} for u in mine), handler=handler)
+        samples = read_samples(mine, handler)
         batch, reported = [], 0
         for i, sample in enumerate(samples):
             if not by_shard and i % slots != slot:
                 continue
             try:
-                img, label = _decode(sample)
+                img, label = _open(sample)
+                batch.append((self.transform(img), label))
             except Exception as exn:
                 handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
                 continue
-            batch.append((self.transform(img), label))
             if len(batch) == self.batch_size:
                 yield self._collate(batch, handler.count - reported)
                 reported, batch = handler.count, []

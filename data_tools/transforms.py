@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_tools.images import to_rgb
+
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -40,6 +42,23 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def decode_region(img: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int]):
+    """Decode (if not yet decoded) to RGB, cheaply, and return the box in the decoded image's pixels.
+
+    A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves
+    the box at least ``out_size``: the same crop, far less work when the crop is much larger than
+    the output. On an image already decoded, ``draft`` does nothing.
+    """
+    w, h = out_size
+    shrink = min((box[2] - box[0]) / w, (box[3] - box[1]) / h)
+    if getattr(img, "format", None) == "JPEG" and shrink >= 2:
+        full = img.size
+        img.draft("RGB", (math.ceil(full[0] / shrink), math.ceil(full[1] / shrink)))
+        sx, sy = img.size[0] / full[0], img.size[1] / full[1]
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return to_rgb(img), box
+
+
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     """HWC uint8 -> normalised CHW float32."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
@@ -62,7 +81,8 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         h, w = _pair(self.size)
         left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng, self.scale, (3 / 4 * w / h, 4 / 3 * w / h))
-        img = img.resize((w, h), RESAMPLE[self.interpolation], box=(left, top, left + cw, top + ch))
+        img, box = decode_region(img, (left, top, left + cw, top + ch), (w, h))
+        img = img.resize((w, h), RESAMPLE[self.interpolation], box=box)
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(img, self.mean, self.std)
@@ -84,5 +104,6 @@ class EvalTransform:
         # resize the shorter side and centre-crop in one resampling: the crop in source pixels
         cw, ch = min(img.width, w / scale), min(img.height, h / scale)
         box = ((img.width - cw) / 2, (img.height - ch) / 2, (img.width + cw) / 2, (img.height + ch) / 2)
+        img, box = decode_region(img, box, (w, h))
         img = img.resize((w, h), RESAMPLE[self.interpolation], box=box)
         return to_tensor(img, self.mean, self.std)

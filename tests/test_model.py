@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vit import ViTConfig, VisionTransformer, config_for, create_model
+from vit import VisionTransformer, ViTConfig, config_for, create_model
 from vit.model import drop_path
 
 from .conftest import randomize

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vit import convert
-from vit.model import ViTConfig, VisionTransformer
+from vit.model import VisionTransformer, ViTConfig
 from vitpipe.io import atomic_path, write_json
 
 FORMAT = "vitpipe"

@@ -224,7 +224,7 @@ class VisionTransformer(nn.Module):
         return self.cfg.embed_dim
 
     def _init_weights(self) -> None:
-        for name, m in self.named_modules():
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
