@@ -47,13 +47,17 @@ class ModelInfo:
 
 def save_checkpoint(model: VisionTransformer, folder: str | Path, info: ModelInfo | None = None) -> Path:
     """Write ``folder/config.json`` and ``folder/model.safetensors``, each atomically."""
+    return save_state_dict(model.cfg, model.state_dict(), folder, info)
+
+
+def save_state_dict(cfg: ViTConfig, state: dict, folder: str | Path, info: ModelInfo | None = None) -> Path:
+    """``save_checkpoint`` for weights held apart from a model (e.g. gathered from ZeRO-3 shards)."""
     info = info or ModelInfo()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
     if info.labels is not None and cfg.num_classes and len(info.labels) != cfg.num_classes:
         raise CheckpointError(f"{len(info.labels)} label names for a model with {cfg.num_classes} classes")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info.provenance}

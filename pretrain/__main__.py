@@ -1,0 +1,3 @@
+from pretrain.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""The one training loop (both stages): accelerate (CPU, DDP, DeepSpeed ZeRO), resumable exactly.
+
+Every source of randomness in a step is seeded from (seed, step, rank), and the data stream is
+a pure function of (seed, epoch, rank, worker), so a run resumed from a checkpoint repeats the
+uninterrupted run bit for bit (CPU, float32) without restoring any RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data_tools.loader import ShardSet, resolve_shards, train_loader
+from data_tools.transforms import TrainTransform
+from pretrain.config import Config, ConfigError
+from pretrain.objectives import Task
+from vit import ModelInfo, VisionTransformer
+from vit.checkpoint import save_state_dict
+from vitpipe.io import fsync_dir, write_json
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, ...); one line for the user."""
+
+
+def seed_for(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % (2**63)
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 over ``warmup`` steps, then linear or cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: not on biases, norms, embeddings or tokens."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        (no_decay if flat else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, module: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(module, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def train_flops_per_image(model: VisionTransformer) -> float:
+    """Forward + backward (3x forward) FLOPs of the encoder for one image: matmuls and attention."""
+    c = model.cfg
+    n, d = c.num_patches + 1, c.embed_dim
+    per_layer = 2 * n * (4 * d * d + 2 * d * c.mlp_dim) + 4 * n * n * d
+    embed = 2 * c.num_patches * d * c.in_chans * c.patch_size**2
+    return 3.0 * (c.depth * per_layer + embed)
+
+
+def measure_peak_flops(device: torch.device, n: int = 1024) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the next micro-batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def find_resume(cfg: Config) -> Path | None:
+    r = cfg.train.resume
+    if r == "none":
+        return None
+    if r != "auto":
+        path = Path(r)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        return path
+    return latest_checkpoint(cfg.train.output_dir)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: one still named ``.tmp`` was interrupted mid-write."""
+    folder = Path(output_dir) / CHECKPOINTS
+    done = sorted(p for p in folder.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name)
+                  and (p / TRAINER_STATE).is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def _accelerator(cfg: Config, per_rank_batch_of):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cuda = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
+        project_dir=cfg.train.output_dir, kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch_of(accelerator.num_processes)
+        plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
+    return accelerator
+
+
+def per_rank_batch(cfg: Config, world: int) -> int:
+    g, a = cfg.data.batch_size, cfg.train.grad_accum
+    if g % (world * a):
+        raise ConfigError(f"data.batch_size: global batch {g} is not divisible by {world} processes x "
+                          f"{a} accumulation steps")
+    return g // (world * a)
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metric lines the killed run logged past its checkpoint."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo, stage: str,
+          shards: ShardSet | None = None) -> Path:
+    """Run (or resume) the configured training; returns the final model folder."""
+    out = Path(cfg.train.output_dir)
+    shards = shards or resolve_shards(cfg.data.train, cfg.data.num_samples)
+    resume_from = find_resume(cfg)
+    accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = per_rank_batch(cfg, world)
+    transform = TrainTransform(model.cfg.image_size, tuple(cfg.data.mean), tuple(cfg.data.std),
+                               (cfg.data.crop_scale_min, 1.0))
+
+    def loader(epoch: int, skip: int):
+        return train_loader(shards, transform, micro, rank=rank, world_size=world, workers=cfg.data.workers,
+                            seed=cfg.train.seed, epoch=epoch, resampled=cfg.data.resampled,
+                            shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=skip)
+
+    batches_per_epoch = len(loader(0, 0))  # also checks shards vs ranks x workers before any work
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    torch.manual_seed(cfg.train.seed)
+    task = Task(model, objective)
+    optimizer = build_optimizer(cfg, task)
+    forward = torch.compile(task) if cfg.train.compile else task
+    task_p, optimizer = accelerator.prepare(forward, optimizer)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+
+    pos = Position()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "state"))
+        pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
+        accelerator.print(f"resumed from {resume_from} at step {pos.step}")
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _rewind_metrics(metrics_path, pos.step)
+        write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
+    accelerator.init_trackers(stage)
+    flops = train_flops_per_image(model)
+    peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
+    saved_at = pos.step if resume_from is not None else None
+
+    def micro_batches(p: Position):
+        epoch, skip = p.epoch, p.batch
+        while True:
+            for i, batch in enumerate(loader(epoch, skip), skip):
+                nxt = (epoch, i + 1) if i + 1 < batches_per_epoch else (epoch + 1, 0)
+                yield batch, nxt
+            epoch, skip = epoch + 1, 0
+
+    stream = micro_batches(pos)
+    bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=stage, disable=not accelerator.is_main_process)
+    window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0, "t": time.perf_counter()}
+    task_p.train()
+    try:
+        while pos.step < cfg.train.max_steps:
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.optim.lr * lr_factor(pos.step, cfg.schedule.warmup_steps, cfg.train.max_steps,
+                                                   cfg.schedule.decay, cfg.schedule.min_lr_ratio)
+            step_loss = torch.zeros(2, device=accelerator.device)
+            grad_norm = None
+            for k in range(cfg.train.grad_accum):
+                batch, (pos.epoch, pos.batch) = next(stream)
+                window["skipped"] += int(batch.pop("skipped"))
+                batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+                torch.manual_seed(seed_for(cfg.train.seed, "step", pos.step, k, rank))  # dropout, drop path
+                gen = torch.Generator(device=accelerator.device)
+                gen.manual_seed(seed_for(cfg.train.seed, "objective", pos.step, k, rank))
+                with accelerator.accumulate(task_p), accelerator.autocast():
+                    loss, extra = task_p(batch, gen)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and not deepspeed and cfg.optim.clip_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(task_p.parameters(), cfg.optim.clip_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += torch.stack([loss.detach().float(), extra["accuracy"].float()]) / cfg.train.grad_accum
+            if deepspeed:
+                grad_norm = task_p.get_global_grad_norm()
+            step_loss = accelerator.reduce(step_loss, "mean")
+            if not torch.isfinite(step_loss).all():
+                last = latest_checkpoint(out)
+                raise TrainingError(f"step {pos.step}: loss is {step_loss[0].item()}; stopping. Last good checkpoint: "
+                                    f"{last or 'none (no checkpoint written yet)'}")
+            pos.step += 1
+            window["loss"] += step_loss[0].item()
+            window["accuracy"] += step_loss[1].item()
+            window["steps"] += 1
+            bar.update(1)
+            if pos.step % cfg.train.log_every == 0 or pos.step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window["t"]
+                images_per_s = window["steps"] * cfg.data.batch_size / elapsed
+                record = {
+                    "step": pos.step, "epoch": pos.epoch, "loss": window["loss"] / window["steps"],
+                    "accuracy": window["accuracy"] / window["steps"], "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "images_per_s": images_per_s, "mfu": images_per_s * flops / (peak * world),
+                    "skipped_samples": window["skipped"],
+                }
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=pos.step)
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window.update(loss=0.0, accuracy=0.0, steps=0, skipped=0, t=time.perf_counter())
+            if pos.step % cfg.train.checkpoint_every == 0 or pos.step == cfg.train.max_steps:
+                save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
+                saved_at = pos.step
+    finally:
+        bar.close()
+        accelerator.end_training()
+    if saved_at != pos.step:  # max_steps reached on resume
+        save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
+    final = out / "final"
+    if accelerator.is_main_process:
+        src = Path(cfg.train.output_dir) / CHECKPOINTS / f"step_{pos.step:08d}" / "model"
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(out)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, info: ModelInfo, stage: str) -> Path:
+    """Full state (for resume) + a model folder, written to ``step_N.tmp`` and renamed when complete."""
+    root = Path(cfg.train.output_dir) / CHECKPOINTS
+    final = root / f"step_{pos.step:08d}"
+    tmp = root / f"step_{pos.step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+    state = accelerator.get_state_dict(task_p)  # gathers ZeRO-3 shards; every rank must call it
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(task_p).model
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        provenance = {"stage": stage, "objective": cfg.objective.name, "step": pos.step, "config": cfg.to_dict()}
+        save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
+                                                                      {**info.provenance, **provenance}))
+        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": stage})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        done = sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
+        for old in done[: -cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,176 @@
+"""Training objectives: supervised classification and the paper's masked patch prediction (MPP).
+
+MPP follows appendix B.1.2 of Dosovitskiy et al.: corrupt a fraction (50%) of the patch
+*embeddings*; of those, 80% become a learnable [mask] embedding, 10% the embedding of a random
+other patch, 10% stay as they are; predict each corrupted patch's 3-bit mean colour (512-way
+softmax), or its 4x4 downsized version in 3-bit colour (16 x 512-way), or regress its pixels.
+The math is kept in small pure functions below, each unit-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit import VisionTransformer
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), patches in row-major order, pixels as (row, col, channel)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def quantize_colors(rgb: torch.Tensor, bits: int = 3) -> torch.Tensor:
+    """(..., 3) colours in [0, 1] -> class ids in [0, 2^(3*bits)): ``bits`` bits per channel, r major."""
+    levels = 2**bits
+    q = (rgb.clamp(0, 1) * levels).floor().clamp(max=levels - 1).long()
+    return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+
+
+def mean_color_target(pixels: torch.Tensor, patch: int, bits: int = 3) -> torch.Tensor:
+    """Un-normalised images in [0, 1] (B, 3, H, W) -> (B, N) class of each patch's mean colour."""
+    b = pixels.shape[0]
+    means = patchify(pixels, patch).view(b, -1, patch * patch, 3).mean(dim=2)
+    return quantize_colors(means, bits)
+
+
+def downsampled_target(pixels: torch.Tensor, patch: int, bits: int = 3, cells: int = 4) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, N, cells*cells): each patch averaged to cells x cells, 3-bit colour."""
+    b, c, h, w = pixels.shape
+    small = F.adaptive_avg_pool2d(pixels, (h // patch * cells, w // patch * cells))
+    cellwise = patchify(small, cells).view(b, -1, cells * cells, c)
+    return quantize_colors(cellwise, bits)
+
+
+def corruption_plan(batch: int, num_patches: int, ratio: float, mask_prob: float, random_prob: float,
+                    generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, ...]:
+    """Which patches to corrupt and how: (corrupted, to_mask, to_random), boolean (B, N) each.
+
+    Exactly round(ratio * N) patches per image are corrupted (so every image, and every rank,
+    weighs the same); each corrupted patch independently goes to [mask] / random / unchanged.
+    """
+    k = max(1, round(ratio * num_patches))
+    scores = torch.rand(batch, num_patches, generator=generator, device=device)
+    chosen = scores.argsort(dim=1)[:, :k]
+    corrupted = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
+    corrupted.scatter_(1, chosen, True)
+    u = torch.rand(batch, num_patches, generator=generator, device=device)
+    to_mask = corrupted & (u < mask_prob)
+    to_random = corrupted & (u >= mask_prob) & (u < mask_prob + random_prob)
+    return corrupted, to_mask, to_random
+
+
+def corrupt(embeddings: torch.Tensor, to_mask: torch.Tensor, to_random: torch.Tensor, mask_token: torch.Tensor,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply a plan to patch embeddings (B, N, D): [mask] embedding, or a random *other* patch of the same image."""
+    b, n, _ = embeddings.shape
+    offset = torch.randint(1, n, (b, n), generator=generator, device=embeddings.device) if n > 1 else \
+        torch.zeros(b, n, dtype=torch.long, device=embeddings.device)
+    source = (torch.arange(n, device=embeddings.device) + offset) % n  # never the patch itself
+    shuffled = torch.gather(embeddings, 1, source.unsqueeze(-1).expand_as(embeddings))
+    out = torch.where(to_random.unsqueeze(-1), shuffled, embeddings)
+    return torch.where(to_mask.unsqueeze(-1), mask_token.to(out.dtype).expand_as(out), out)
+
+
+def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor, corrupted: torch.Tensor,
+                      kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (and accuracy, or -mse for regression) over the corrupted patches only."""
+    pred, tgt = predictions[corrupted], targets[corrupted]
+    if kind == "pixels":
+        loss = F.mse_loss(pred.float(), tgt.float())
+        return loss, -loss.detach()
+    if kind == "downsampled":
+        pred = pred.reshape(-1, pred.shape[-1] // tgt.shape[-1])
+        tgt = tgt.reshape(-1)
+    loss = F.cross_entropy(pred.float(), tgt)
+    return loss, (pred.argmax(-1) == tgt).float().mean().detach()
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return x * s + m
+
+
+class Supervised(nn.Module):
+    """Softmax cross-entropy (optional label smoothing) or sigmoid binary cross-entropy."""
+
+    def __init__(self, label_smoothing: float = 0.0, multilabel: bool = False):
+        super().__init__()
+        self.label_smoothing, self.multilabel = label_smoothing, multilabel
+
+    def forward(self, model: VisionTransformer, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
+        logits = model(batch["pixel_values"])
+        labels = batch["labels"]
+        if self.multilabel:
+            target = labels.float() if labels.ndim == 2 else F.one_hot(labels, logits.shape[-1]).float()
+            if self.label_smoothing:
+                target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+            hits = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0.5
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            hits = logits.argmax(-1) == labels
+        return loss, {"accuracy": hits.float().mean().detach()}
+
+
+class MaskedPatchPrediction(nn.Module):
+    """The paper's self-supervised objective; owns the [mask] embedding and the prediction head."""
+
+    def __init__(self, model: VisionTransformer, norm: Normalization, target: str = "mean_color",
+                 corrupt_ratio: float = 0.5, mask_prob: float = 0.8, random_prob: float = 0.1, color_bits: int = 3):
+        super().__init__()
+        cfg = model.cfg
+        self.patch, self.norm, self.target, self.bits = cfg.patch_size, norm, target, color_bits
+        self.ratio, self.mask_prob, self.random_prob = corrupt_ratio, mask_prob, random_prob
+        self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.embed_dim) * 0.02)
+        classes = 2 ** (3 * color_bits)
+        out = {"mean_color": classes, "downsampled": 16 * classes, "pixels": cfg.patch_size**2 * cfg.in_chans}[target]
+        self.head = nn.Linear(cfg.embed_dim, out)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        if self.target == "pixels":
+            return patchify(images, self.patch)
+        pixels = self.norm.unnormalize(images.float())
+        if self.target == "mean_color":
+            return mean_color_target(pixels, self.patch, self.bits)
+        return downsampled_target(pixels, self.patch, self.bits)
+
+    def forward(self, model: VisionTransformer, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
+        images = batch["pixel_values"]
+        patches = model.embed(images)
+        b, n, _ = patches.shape
+        corrupted, to_mask, to_random = corruption_plan(b, n, self.ratio, self.mask_prob, self.random_prob,
+                                                        generator, patches.device)
+        tokens = model.forward_tokens(corrupt(patches, to_mask, to_random, self.mask_token, generator))
+        loss, accuracy = masked_patch_loss(self.head(tokens[:, 1:]), self.targets(images), corrupted, self.target)
+        return loss, {"accuracy": accuracy}
+
+
+class Task(nn.Module):
+    """Model + objective as one module, so DDP / DeepSpeed see (and shard) every trained parameter."""
+
+    def __init__(self, model: VisionTransformer, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None):
+        return self.objective(self.model, batch, generator)
+
+
+def build_objective(cfg, model: VisionTransformer) -> nn.Module:
+    o = cfg.objective
+    if o.name == "mpp":
+        return MaskedPatchPrediction(model, Normalization(tuple(cfg.data.mean), tuple(cfg.data.std)), o.mpp_target,
+                                     o.corrupt_ratio, o.mask_prob, o.random_prob, o.color_bits)
+    return Supervised(o.label_smoothing, o.multilabel)
