@@ -121,14 +121,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _accelerator(cfg: Config, per_rank_batch_of):
+def _accelerator(cfg: Config, per_rank_batch_of, hidden: int):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cuda = torch.cuda.is_available()
+    # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
     accelerator = Accelerator(
         cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
@@ -139,6 +140,13 @@ def _accelerator(cfg: Config, per_rank_batch_of):
         # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch_of(accelerator.num_processes)
         plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        # what accelerate derives from a transformers model's config.hidden_size, from ours
+        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden),
+                           ("reduce_bucket_size", hidden * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
     return accelerator
 
 
@@ -166,7 +174,7 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     out = Path(cfg.train.output_dir)
     shards = shards or resolve_shards(cfg.data.train, cfg.data.num_samples)
     resume_from = find_resume(cfg)
-    accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world))
+    accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world), model.cfg.embed_dim)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = per_rank_batch(cfg, world)
     transform = TrainTransform(model.cfg.image_size, tuple(cfg.data.mean), tuple(cfg.data.std),
@@ -267,21 +275,20 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
             if pos.step % cfg.train.checkpoint_every == 0 or pos.step == cfg.train.max_steps:
                 save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
                 saved_at = pos.step
+        if saved_at != pos.step:  # max_steps already reached when resumed
+            save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
+        final = out / "final"
+        if accelerator.is_main_process:
+            tmp = out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(out / CHECKPOINTS / f"step_{pos.step:08d}" / "model", tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(out)
+        accelerator.wait_for_everyone()
     finally:
         bar.close()
-        accelerator.end_training()
-    if saved_at != pos.step:  # max_steps reached on resume
-        save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
-    final = out / "final"
-    if accelerator.is_main_process:
-        src = Path(cfg.train.output_dir) / CHECKPOINTS / f"step_{pos.step:08d}" / "model"
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(out)
-    accelerator.wait_for_everyone()
+        accelerator.end_training()  # also ends the process group
     return final
 
 
