@@ -210,12 +210,8 @@ class ShardStream(IterableDataset):
         logical = (self._worker() + self.skip_batches) % self.workers
         total = len(range(logical, self.batches_per_epoch, self.workers))
         done = len(range(logical, self.skip_batches, self.workers))
-        urls = self._train_urls(logical)
         handler = _SkipCounter()
-        samples = read_samples(urls, handler)
-        shuffle_rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical))
-        samples = shuffled(samples, self.shuffle_buffer, shuffle_rng)
-        samples = enumerate(samples)
+        samples = enumerate(self._train_samples(logical, handler))
         if done:
             samples = itertools.islice(samples, done * self.batch_size, None)
         batch, reported = [], 0
@@ -233,17 +229,27 @@ class ShardStream(IterableDataset):
                 if done >= total:
                     return
 
-    def _train_urls(self, logical: int):
-        """Shards for this (rank, worker): resampled forever, or this worker's share, cycled."""
+    def _train_samples(self, logical: int, handler: _SkipCounter):
+        """Shuffled samples for this (rank, worker), forever.
+
+        Resampled: shards drawn with replacement through one shuffle buffer. Otherwise: passes over
+        this worker's share of the (epoch-shuffled) shards, each pass shuffled and flushed on its own,
+        so a whole pass comes out before any repeat (repeats only fill up a short worker's quota).
+        """
         urls = self.shards.urls
+
         if self.resampled:
             rng = random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical))
-            while True:
-                yield urls[rng.randrange(len(urls))]
+            shard_stream = (urls[rng.randrange(len(urls))] for _ in itertools.count())
+            yield from shuffled(read_samples(shard_stream, handler), self.shuffle_buffer,
+                                random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical)))
+            return
         order = list(urls)
         random.Random(_seed("shards", self.seed, self.epoch)).shuffle(order)  # the same on every rank
         mine = order[self.rank::self.world_size][logical::self.workers]
-        yield from itertools.cycle(mine)
+        for n in itertools.count():
+            rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical, n))
+            yield from shuffled(read_samples(mine, handler), self.shuffle_buffer, rng)
 
     def _eval_batches(self):
         w, workers = self._worker(), self.workers

@@ -45,6 +45,7 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
+    augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
     crop_scale_min: float = 0.08
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -135,6 +136,11 @@ def _check(value, hint, key: str):
         return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or \
             hint is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_name(hint)}, got {value!r}")

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data_tools.loader import ShardSet, resolve_shards, train_loader
-from data_tools.transforms import TrainTransform
+from data_tools.transforms import EvalTransform, TrainTransform
 from pretrain.config import Config, ConfigError
 from pretrain.objectives import Task
 from vit import ModelInfo, VisionTransformer
@@ -177,8 +177,9 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world), model.cfg.embed_dim)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = per_rank_batch(cfg, world)
-    transform = TrainTransform(model.cfg.image_size, tuple(cfg.data.mean), tuple(cfg.data.std),
-                               (cfg.data.crop_scale_min, 1.0))
+    norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
+    transform = TrainTransform(model.cfg.image_size, *norm, (cfg.data.crop_scale_min, 1.0)) if cfg.data.augment \
+        else EvalTransform(model.cfg.image_size, *norm)
 
     def loader(epoch: int, skip: int):
         return train_loader(shards, transform, micro, rank=rank, world_size=world, workers=cfg.data.workers,

@@ -1,0 +1,144 @@
+"""The training loop in real processes: single CPU, 2 CPU ranks via accelerate, DeepSpeed ZeRO-2/3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data_tools.shard import ShardOptions, shard
+from vit import load_model
+from vit.checkpoint import read_weights
+
+from .conftest import ROOT
+from .corpus import write_folder
+
+TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
+    shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return e
+
+
+def pretrain_cmd(*overrides, launcher=None):
+    head = [sys.executable, "-m", "pretrain"] if launcher is None else \
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "configs" / "accelerate" / launcher), "-m", "pretrain"]
+    return [*head, "--config", TINY, *overrides]
+
+
+def run(cmd, env, **kw):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def metrics(out):
+    keep = ("step", "epoch", "loss", "accuracy", "lr", "grad_norm", "skipped_samples")
+    return [{k: r[k] for k in keep} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, env):
+    args = [f"data.train={shards}", "train.max_steps=24", "train.checkpoint_every=8", "train.log_every=2",
+            "data.workers=2", "model.drop_path_rate=0.1"]
+    whole = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"), env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(pretrain_cmd(*args, f"train.output_dir={out}"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "checkpoints" / "step_00000008" / "trainer.json"
+    while proc.poll() is None and not target.is_file():
+        time.sleep(0.01)
+    time.sleep(0.3)  # somewhere after the first checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+    resumed = run(pretrain_cmd(*args, f"train.output_dir={out}"), env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert metrics(out) == metrics(tmp_path / "whole")
+    a, b = read_weights(out / "final" / "model.safetensors"), read_weights(tmp_path / "whole" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((out / "checkpoints").glob("step_*"))) == 2  # keep_last
+
+
+def test_two_cpu_ranks_match_one_process(shards, tmp_path, env):
+    """Same global batch (all 64 samples, no augmentation): one SGD step gives the same weights."""
+    args = [f"data.train={shards}", "objective.name=supervised", "model.head=linear", "data.batch_size=64", "data.augment=false",
+            "train.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "optim.clip_grad_norm=null",
+            "schedule.warmup_steps=0", "schedule.decay=constant", "data.workers=0"]
+    one = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'one'}"), env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, _ = load_model(tmp_path / "one" / "final")
+    b, _ = load_model(tmp_path / "two" / "final")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+    assert a.head.weight.abs().max() > 0  # the zero-initialised head took a real step
+    assert metrics(tmp_path / "one")[0]["loss"] == pytest.approx(metrics(tmp_path / "two")[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, zero):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / f"zero{zero}"
+    args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3", "data.workers=0"]
+    first = run(pretrain_cmd(*args, "train.max_steps=3", launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(pretrain_cmd(*args, "train.max_steps=6", launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step_00000003" in second.stdout
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    model, _ = load_model(out / "final")  # gathered full weights, not ZeRO shards
+    assert model.cfg.embed_dim == 64 and torch.isfinite(model.pos_embed).all()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "optim.lrr: unknown config key"),
+    ("train.max_steps=ten", "train.max_steps: expected int"),
+    ("model.image_size=30", "not divisible by the patch size 4"),
+    ("data.batch_size=30", "global batch 30 is not divisible by 1 processes x 4 accumulation steps"),
+    ("train.resume=/no/such/ckpt", "train.resume: /no/such/ckpt does not exist"),
+])
+def test_bad_input_fails_before_training(shards, tmp_path, env, override, message):
+    out = tmp_path / "out"
+    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.grad_accum=4", override), env)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_missing_and_empty_shards(tmp_path, env):
+    res = run(pretrain_cmd(f"data.train={tmp_path / 'nothing'}"), env)
+    assert res.returncode == 2 and "shard does not exist" in res.stderr
+    empty = tmp_path / "empty"
+    (empty / "src" / "a").mkdir(parents=True)
+    (empty / "src" / "a" / "x.jpg").write_bytes(b"not a jpeg")
+    shard(str(empty / "src"), empty / "shards", progress=False)
+    res = run(pretrain_cmd(f"data.train={empty / 'shards'}"), env)
+    assert res.returncode == 2 and "no shards (every input was skipped?)" in res.stderr
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, env):
+    out = tmp_path / "nan"
+    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "optim.name=sgd", "optim.lr=1e12",
+                           "optim.clip_grad_norm=null", "schedule.warmup_steps=0", "train.checkpoint_every=1",
+                           "objective.mpp_target=pixels", "data.workers=0"), env)
+    assert res.returncode == 2 and "loss is" in res.stderr and "Last good checkpoint" in res.stderr, res.stderr[-1500:]
+    assert not (out / "final").exists()
