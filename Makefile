@@ -26,6 +26,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/train.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -71,6 +71,15 @@ def _inspect(args) -> None:
     print(inspect(args.out, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
 
 
+def _stage(module: str):
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(["--config", args.config, *args.overrides] if args.config
+                                                    else args.overrides)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", help="split of a Hugging Face dataset")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
     s.set_defaults(run=_shard)
+
+    for verb, module, what in (("pretrain", "pretrain.run", "pretrain a ViT (single process; use accelerate "
+                                                                     "launch -m pretrain for several)"),
+                               ("finetune", "finetune.run", "fine-tune a checkpoint (single process; use accelerate "
+                                                             "launch -m finetune for several)")):
+        s = sub.add_parser(verb, help=what)
+        s.add_argument("--config", help="YAML recipe")
+        s.add_argument("overrides", nargs="*", metavar="key=value")
+        s.set_defaults(run=_stage(module))
 
     s = sub.add_parser("verify", help="re-check every shard against index.json")
     s.add_argument("out")

@@ -1,0 +1,183 @@
+"""Pretraining throughput (MPP) through our loop vs a minimal hand-written torch loop.
+
+Both read the same shards through the same loader and train the same model with the same
+optimizer; the difference is the loop's own machinery (accelerate, schedules, logging,
+checkpoint-free steps, non-finite checks). Also MFU against a matmul peak measured in the same
+run, and peak memory with and without gradient checkpointing. Each variant runs in a fresh process.
+
+    python bench/train.py [--model vit_ti16] [--img-size 224] [--batch 16] [--steps 12] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class PeakRSS:
+    """Samples this process's RSS (or CUDA peak) while running."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self.done = device, 0.0, False
+
+    def rss(self) -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.base = self.rss()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.done:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.done = True
+        self.thread.join()
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+            self.base = 0.0
+
+
+def config(args, shards: str, out: str, checkpointing: bool):
+    from pretrain.config import load_config
+
+    return load_config(None, [
+        f"data.train={shards}", f"model.name={args.model}", f"model.image_size={args.img_size}", "model.head=none",
+        f"data.batch_size={args.batch}", "data.workers=1", "data.shuffle_buffer=64", "objective.name=mpp",
+        f"train.max_steps={args.warmup + args.steps}", f"train.checkpoint_every={10**9}", f"train.output_dir={out}",
+        f"train.log_every={args.warmup}", f"model.grad_checkpointing={str(checkpointing).lower()}",
+        "schedule.warmup_steps=0", "schedule.decay=constant", "train.resume=none",
+    ])
+
+
+def run_ours(args, shards: str, checkpointing: bool) -> dict:
+    from pretrain.objectives import build_objective
+    from pretrain.run import build_model
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = config(args, shards, out, checkpointing)
+        model = build_model(cfg, None)
+        from pretrain.loop import train
+
+        with PeakRSS(args.device) as mem:
+            train(cfg, model, build_objective(cfg, model), __import__("vit").ModelInfo(), "bench")
+        records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    timed = records[1:]  # the first window holds the warm-up steps
+    return {"images_per_s": sum(r["images_per_s"] for r in timed) / len(timed), "mfu": timed[-1]["mfu"],
+            "peak_mb": mem.peak, "base_mb": mem.base}
+
+
+def run_bare(args, shards: str) -> dict:
+    import torch
+
+    from data_tools.loader import resolve_shards, train_loader
+    from data_tools.transforms import TrainTransform
+    from pretrain.loop import build_optimizer
+    from pretrain.objectives import build_objective
+    from pretrain.run import build_model
+
+    cfg = config(args, shards, "unused", False)
+    torch.manual_seed(0)
+    model = build_model(cfg, None).to(args.device)
+    objective = build_objective(cfg, model).to(args.device)
+    params = list(model.parameters()) + list(objective.parameters())
+    opt = build_optimizer(cfg, torch.nn.ModuleList([model, objective]))
+    loader = train_loader(resolve_shards(shards), TrainTransform(args.img_size), args.batch, workers=1,
+                          shuffle_buffer=64)
+    done, t0 = 0, None
+    with PeakRSS(args.device) as mem:
+        while done < args.warmup + args.steps:
+            for batch in loader:
+                if done == args.warmup:
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                x = batch["pixel_values"].to(args.device)
+                loss, _ = objective(model, {"pixel_values": x})
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss.item()
+                done += 1
+                if done == args.warmup + args.steps:
+                    break
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    return {"images_per_s": args.steps * args.batch / (time.perf_counter() - t0), "peak_mb": mem.peak,
+            "base_mb": mem.base}
+
+
+def make_shards(root: Path, n: int, size: int) -> str:
+    from bench.data import make_corpus
+    from data_tools.images import EncodeOptions
+    from data_tools.shard import ShardOptions, shard
+
+    make_corpus(root / "src", n)
+    opts = ShardOptions(samples_per_shard=64, encode=EncodeOptions(resize_shorter=size + size // 7))
+    shard(str(root / "src"), root / "shards", opts, progress=False)
+    return str(root / "shards")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_ti16")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variant", choices=["ours", "ours_ckpt", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--shards", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        result = run_bare(args, args.shards) if args.variant == "bare" else \
+            run_ours(args, args.shards, args.variant == "ours_ckpt")
+        print(json.dumps(result))
+        return
+    import torch
+
+    from pretrain.loop import measure_peak_flops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp), 256, args.img_size)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        results = {}
+        for variant in ("bare", "ours", "ours_ckpt"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--shards", shards]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+    peak = measure_peak_flops(torch.device(args.device)) / 1e9
+    bare, ours, ckpt = results["bare"], results["ours"], results["ours_ckpt"]
+    print(f"{args.model} @ {args.img_size}, MPP, batch {args.batch}, AdamW fp32, {args.device}")
+    print(f"matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(f"  bare torch loop  {bare['images_per_s']:7.2f} img/s   peak memory {bare['peak_mb']:7.0f} MB")
+    print(f"  vitpipe loop     {ours['images_per_s']:7.2f} img/s   peak memory {ours['peak_mb']:7.0f} MB  "
+          f"MFU {ours['mfu']:.1%}")
+    print(f"  + grad ckpt      {ckpt['images_per_s']:7.2f} img/s   peak memory {ckpt['peak_mb']:7.0f} MB")
+    overhead = 1 - ours["images_per_s"] / bare["images_per_s"]
+    print(f"loop overhead vs bare loop: {overhead:+.1%} (target <= 5%); ratio {ours['images_per_s'] / bare['images_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
