@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "vit_ti16"  # vit_<ti|s|b|l|h><patch>
-    image_size: int | list[int] = 224
+    image_size: int | list[int] | None = 224  # fine-tuning: null keeps the checkpoint's
     num_classes: int | None = None  # default: the classes in the training shards' index
     head: Literal["pretrain", "linear", "none"] = "pretrain"
     global_pool: Literal["token", "avg"] = "token"

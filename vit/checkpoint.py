@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vit import convert
+from vit.card import model_card
 from vit.model import VisionTransformer, ViTConfig
 from vitpipe.io import atomic_path, write_json
 
@@ -167,18 +168,22 @@ def _interpret(folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, 
 EXPORT_FORMATS = ("vitpipe", "timm", "transformers")
 
 
-def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path, fmt: str) -> list[str]:
-    """Write ``out`` in the given format, loadable by that library's own code.
+def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path, fmt: str,
+                      metrics: dict | None = None, repo: str = "REPO_ID") -> list[str]:
+    """Write ``out`` in the given format, loadable by that library's own code, with a model card.
 
     Returns notes for the user (e.g. what a format could not hold).
     """
     if fmt not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = model_card(model.cfg, fmt, info.labels, info.provenance, metrics, repo)
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(card)
     if fmt == FORMAT:
         save_checkpoint(model, out, info)
         return []
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     args = (model.cfg, state, info.labels, info.mean, info.std)
     try:

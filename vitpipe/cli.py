@@ -26,12 +26,33 @@ def _init(args) -> None:
 
 
 def _export(args) -> None:
-    from vit import export_checkpoint, load_model
+    from finetune.share import export_with_card
+
+    for note in export_with_card(args.ckpt, args.out, args.format):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out} ({args.format} format, with a model card)")
+
+
+def _eval(args) -> None:
+    from finetune.evaluate import evaluate, summary
+    from vit import load_model
 
     model, info = load_model(args.ckpt)
-    for note in export_checkpoint(model, info, args.out, args.format):
-        print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {args.out} ({args.format} format)")
+    report = evaluate(model, info, args.data, args.out or args.ckpt, fewshot_train=args.fewshot_train,
+                      shots=tuple(args.shots), seeds=args.seeds, probe=args.linear_probe,
+                      batch_size=args.batch_size, workers=args.workers)
+    print(summary(report))
+    print(f"report: {args.out or args.ckpt}/eval.json")
+
+
+def _push(args) -> None:
+    from finetune.share import push
+
+    files = push(args.ckpt, args.repo_id, args.format, args.private, args.revision, args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    for name, size in files:
+        print(f"{verb} {name} ({size} bytes)")
+    print(f"{verb} {len(files)} files to {args.repo_id}" + (f" @ {args.revision}" if args.revision else ""))
 
 
 def _shard(args) -> None:
@@ -129,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(run=_stage(module))
 
+    s = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, confusion matrix; few-shot linear")
+    s.add_argument("ckpt")
+    s.add_argument("--data", required=True, help="eval shards (folder with index.json, list or pattern)")
+    s.add_argument("--out", help="where eval.json and confusion.png go (default: the checkpoint folder)")
+    s.add_argument("--fewshot-train", metavar="SHARDS", help="few-shot linear evaluation with examples from here")
+    s.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--linear-probe", action="store_true", help="also a logistic-regression probe on all examples")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=0)
+    s.set_defaults(run=_eval)
+
+    s = sub.add_parser("push", help="export and upload a checkpoint to the Hugging Face hub")
+    s.add_argument("ckpt")
+    s.add_argument("--repo-id", required=True)
+    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--revision")
+    s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
+    s.set_defaults(run=_push)
+
     s = sub.add_parser("verify", help="re-check every shard against index.json")
     s.add_argument("out")
     s.add_argument("--no-decode", action="store_true", help="check sha256 and counts only")
@@ -150,6 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args) or 0
-    except (UserError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vitpipe {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,3 @@
+from finetune.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Evaluation: top-1 / top-5 / per-class accuracy with a confusion matrix, and the paper's few-shot
+linear evaluation (closed-form regularised least squares on frozen features, as big_vision's
+``fewshot_lsr``), plus a logistic-regression linear probe.
+
+Every eval sample is counted exactly once: the eval loader splits samples across ranks and
+workers without padding, and the counts are summed across ranks at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
+from data_tools.transforms import EvalTransform
+from vit import ModelInfo, VisionTransformer
+from vitpipe.io import write_json
+
+
+def _dist():
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+@torch.no_grad()
+def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelInfo, batch_size: int = 64,
+                        workers: int = 0, logits: bool = False, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logits features (or logits) and labels of every sample this rank sees."""
+    rank, world = _dist()
+    transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
+    model.eval().to(device)
+    feats, labels = [], []
+    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
+        if len(batch["labels"]) == 0:
+            continue
+        tokens = model.forward_features(batch["pixel_values"].to(device))
+        out = model.forward_head(tokens) if logits else model.forward_head(tokens, pre_logits=True)
+        feats.append(out.float().cpu())
+        labels.append(batch["labels"])
+    if not feats:
+        return torch.empty(0, model.cfg.embed_dim), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    idx = target * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, names: list[str] | None) -> dict:
+    k = logits.shape[1]
+    cm = confusion_matrix(logits.argmax(1), labels, k)
+    top5 = (logits.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).float().sum().item()
+    rank, world = _dist()
+    counts = torch.tensor([top5], dtype=torch.float64)
+    if world > 1:  # one reduction per evaluation: every rank reaches it exactly once
+        torch.distributed.all_reduce(cm)
+        torch.distributed.all_reduce(counts)
+    total = int(cm.sum())
+    names = names or [str(i) for i in range(k)]
+    per_class = {names[i]: (cm[i, i].item() / cm[i].sum().item() if cm[i].sum() else None) for i in range(k)}
+    return {"samples": total, "top1": cm.diag().sum().item() / max(1, total),
+            "top5": counts.item() / max(1, total), "per_class": per_class, "confusion": cm.tolist(),
+            "classes": names}
+
+
+def plot_confusion(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(report["confusion"], dtype=float)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(report["classes"])
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), report["classes"], rotation=90)
+    ax.set_yticks(range(n), report["classes"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"top-1 {report['top1']:.1%} on {report['samples']} images")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fewshot_lsr(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                num_classes: int, l2: float = 2.0**10) -> float:
+    """Closed-form regularised least squares to {-1, 1}^K targets on standardised features; accuracy.
+
+    Standardisation uses the training features' mean and std (big_vision's fewshot_lsr).
+    """
+    x_train, x_test = x_train.double(), x_test.double()
+    mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True, unbiased=False) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    y = 2.0 * torch.nn.functional.one_hot(y_train, num_classes).double() - 1.0
+    d = x_train.shape[1]
+    w = torch.linalg.solve(x_train.T @ x_train + l2 * torch.eye(d, dtype=torch.float64), x_train.T @ y)
+    return ((x_test @ w).argmax(1) == y_test).double().mean().item()
+
+
+def sample_shots(labels: torch.Tensor, shots: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of ``shots`` examples per class (fewer if a class has fewer), chosen by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
+    return torch.cat(picked)
+
+
+def fewshot(train: tuple, test: tuple, num_classes: int, shots=(1, 5, 10, 25), seeds: int = 3,
+            l2: float = 2.0**10) -> dict:
+    (xtr, ytr), (xte, yte) = train, test
+    out = {}
+    for k in shots:
+        accs = [fewshot_lsr(xtr[i], ytr[i], xte, yte, num_classes, l2)
+                for i in (sample_shots(ytr, k, num_classes, s) for s in range(seeds))]
+        out[f"{k}-shot"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs}
+    return out
+
+
+def linear_probe(train: tuple, test: tuple, num_classes: int, weight_decay: float = 1e-4, steps: int = 200) -> float:
+    """Multinomial logistic regression on standardised frozen features (full-batch L-BFGS)."""
+    (xtr, ytr), (xte, yte) = train, test
+    mean, std = xtr.mean(0, keepdim=True), xtr.std(0, keepdim=True) + 1e-6
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    layer = torch.nn.Linear(xtr.shape[1], num_classes)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(layer(xtr), ytr) + weight_decay * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (layer(xte).argmax(1) == yte).float().mean().item()
+
+
+def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Path | None = None,
+             fewshot_train=None, shots=(1, 5, 10, 25), seeds: int = 3, probe: bool = False,
+             batch_size: int = 64, workers: int = 0, device="cpu") -> dict:
+    """Top-1 (if the model has a head) and few-shot / linear probe (if ``fewshot_train`` is given)."""
+    test = resolve_shards(data)
+    if not test.classes:
+        raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
+    report: dict = {"data": str(data)}
+    has_head = isinstance(model.head, torch.nn.Linear)
+    if has_head:
+        if model.cfg.num_classes != len(test.classes):
+            raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
+        t = time.perf_counter()
+        logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device)
+        report.update(classification_report(logits, labels, info.labels or test.classes))
+        report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
+    if fewshot_train is not None:
+        train = resolve_shards(fewshot_train)
+        xtr = features_and_labels(model, train, info, batch_size, workers, device=device)
+        xte = features_and_labels(model, test, info, batch_size, workers, device=device)
+        k = len(test.classes)
+        report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
+        if probe:
+            report["linear_probe_top1"] = linear_probe(xtr, xte, k)
+        report.setdefault("samples", len(xte[1]))
+    if out_dir is not None and _dist()[0] == 0:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "eval.json", report)
+        if has_head:
+            plot_confusion(report, out_dir / "confusion.png")
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = []
+    if "top1" in report:
+        lines.append(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  on {report['samples']} images "
+                     f"({report['images_per_s']:.0f} img/s incl. decoding)")
+    for k, v in report.get("fewshot", {}).items():
+        lines.append(f"{k:>8s} linear: {v['mean']:.2%} ± {v['std']:.2%} over {len(v['runs'])} seeds")
+    if "linear_probe_top1" in report:
+        lines.append(f"linear probe: {report['linear_probe_top1']:.2%}")
+    return "\n".join(lines)
+
+
+def load_report(folder: str | Path) -> dict | None:
+    path = Path(folder) / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None

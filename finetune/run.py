@@ -1,0 +1,73 @@
+"""The fine-tuning stage: load a checkpoint, swap the head, change resolution, train with the one loop.
+
+    accelerate launch [...] -m finetune --config configs/finetune/X.yaml init=CKPT [key=value ...]
+    vitpipe finetune --config configs/finetune/X.yaml init=CKPT [key=value ...]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from data_tools.loader import resolve_shards
+from finetune.prepare import prepare_for_finetune
+from pretrain.config import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig, \
+    TrainConfig, load_config
+from pretrain.loop import train
+from pretrain.objectives import build_objective
+from pretrain.run import USER_ERRORS, parse_args
+from vit import CheckpointError, ModelInfo, load_model, save_checkpoint
+
+
+def finetune_defaults() -> Config:
+    """The paper's fine-tuning choices: SGD momentum 0.9, no weight decay, clip 1, cosine with warmup."""
+    return Config(
+        model=ModelConfig(name="", image_size=None, head="linear"),
+        objective=ObjectiveConfig(name="supervised"),
+        optim=OptimConfig(name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, clip_grad_norm=1.0),
+        schedule=ScheduleConfig(warmup_steps=500, decay="cosine"),
+        train=TrainConfig(output_dir="runs/finetune"),
+    )
+
+
+def finetune(cfg: Config) -> Path:
+    if not cfg.init:
+        raise ConfigError("init: required (the checkpoint folder to fine-tune)")
+    model, info = load_model(cfg.init, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    m = model.cfg
+    if cfg.model.name:
+        asked = re.fullmatch(r"vit_(?:ti|s|b|l|h)(\d+)", cfg.model.name)
+        if asked and int(asked.group(1)) != m.patch_size:
+            raise ConfigError(f"model.name: {cfg.model.name} asks for patch size {asked.group(1)} but {cfg.init} "
+                              f"has patch size {m.patch_size}")
+    shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
+    num_classes = cfg.model.num_classes or (len(shards.classes) if shards.classes else None)
+    if not num_classes:
+        raise ConfigError("model.num_classes: not set and the training shards' index lists no classes")
+    size = cfg.model.image_size
+    size = None if size is None else (tuple(size) if isinstance(size, list) else (size, size))
+    try:
+        prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
+    info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                     provenance={"init": str(cfg.init), "pretraining": info.provenance.get("objective"),
+                                 "data": str(cfg.data.train)})
+    if cfg.train.max_steps == 0:
+        final = Path(cfg.train.output_dir) / "final"
+        save_checkpoint(model, final, info)
+        return final
+    return train(cfg, model, build_objective(cfg, model), info, "finetune", shards)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, "finetune", __doc__.splitlines()[0])
+    try:
+        final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
+    except (*USER_ERRORS, CheckpointError) as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"final model: {final}")
+    return 0
