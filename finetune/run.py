@@ -12,8 +12,16 @@ from pathlib import Path
 
 from data_tools.loader import resolve_shards
 from finetune.prepare import prepare_for_finetune
-from pretrain.config import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig, \
-    TrainConfig, load_config
+from pretrain.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_config,
+)
 from pretrain.loop import train
 from pretrain.objectives import build_objective
 from pretrain.run import USER_ERRORS, parse_args

@@ -20,7 +20,8 @@ def _init(args) -> None:
         import torch
 
         torch.manual_seed(args.seed)
-    model = create_model(args.model, image_size=size, num_classes=args.num_classes, head=args.head)
+    model = create_model(args.model, image_size=size, num_classes=args.num_classes, head=args.head,
+                         embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim)
     save_checkpoint(model, args.out, ModelInfo(labels=args.labels, provenance={"init": args.model, "seed": args.seed}))
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
 
@@ -92,6 +93,27 @@ def _inspect(args) -> None:
     print(inspect(args.out, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
 
 
+def _plot(args) -> None:
+    from pathlib import Path
+
+    from finetune.plots import plot_all
+    from vit import load_model
+
+    model, info = load_model(args.ckpt)
+    metrics = {}
+    for spec in args.metrics or []:
+        name, _, path = spec.rpartition("=")
+        metrics[name or Path(path).parent.name] = Path(path)
+    for path in plot_all(model, info, args.out, args.images, metrics):
+        print(f"wrote {path}")
+
+
+def _demo(args) -> None:
+    from vitpipe.demo import run_demo
+
+    run_demo(args.out, args.dataset, reduced=args.reduced, seed=args.seed)
+
+
 def _stage(module: str):
     def run(args) -> int:
         import importlib
@@ -113,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", choices=["linear", "pretrain", "none"], default="linear")
     s.add_argument("--labels", nargs="+", metavar="NAME", help="class names, one per class")
     s.add_argument("--seed", type=int)
+    for dim in ("embed-dim", "depth", "num-heads", "mlp-dim"):
+        s.add_argument(f"--{dim}", type=int, help=f"override the named size's {dim.replace('-', ' ')}")
     s.set_defaults(run=_init)
 
     s = sub.add_parser("export", help="write a checkpoint in vitpipe, timm or transformers format")
@@ -170,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
     s.set_defaults(run=_push)
+
+    s = sub.add_parser("plot", help="position-embedding similarity, attention distance, rollout, training curves")
+    s.add_argument("ckpt")
+    s.add_argument("--out", required=True, help="folder for the PNGs")
+    s.add_argument("--images", metavar="SHARDS", help="shards to draw sample images from (attention plots)")
+    s.add_argument("--metrics", nargs="+", metavar="[NAME=]metrics.jsonl", help="training curves of these runs")
+    s.set_defaults(run=_plot)
+
+    s = sub.add_parser("demo", help="the whole pipeline on real images that ship in a package, in minutes")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto")
+    s.add_argument("--reduced", action="store_true", help="a seconds-long version (the test suite runs it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=_demo)
 
     s = sub.add_parser("verify", help="re-check every shard against index.json")
     s.add_argument("out")
