@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Fashion-MNIST ships in a Debian package; where apt cannot install it the demo uses scikit-learn's digits.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
 demo: install
+	@test -f $(FASHION) || (command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist \
+		|| (apt-get update -q && apt-get install -y -q dataset-fashion-mnist))) >/dev/null 2>&1 \
+		|| echo "dataset-fashion-mnist not installable here: the demo falls back to scikit-learn's digits"
 	$(BIN)/vitpipe demo --out runs/demo
 
 bench: install

@@ -150,11 +150,12 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 
 def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8):
     """``n`` eval-transformed images from shards, and the same images as uint8 arrays for display."""
-    from data_tools.loader import eval_loader, resolve_shards
+    from data_tools.loader import resolve_shards, train_loader
     from data_tools.transforms import EvalTransform
 
+    # a shuffled stream (eval transform, no augmentation) so the samples span the classes
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
-    batch = next(iter(eval_loader(resolve_shards(shards), transform, n)))
+    batch = next(iter(train_loader(resolve_shards(shards), transform, n, shuffle_buffer=2000)))
     x = batch["pixel_values"]
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
     std = torch.tensor(info.std).view(1, 3, 1, 1)

@@ -43,7 +43,7 @@ class Budget:
 
 BUDGETS = {
     "fashion-mnist": Budget(24, 32, ["model.embed_dim=128", "model.depth=6", "model.num_heads=4",
-                                     "model.mlp_dim=512"], pretrain_steps=1200, finetune_steps=300),
+                                     "model.mlp_dim=512"], pretrain_steps=400, finetune_steps=200),
     "digits": Budget(16, 24, ["model.embed_dim=96", "model.depth=4", "model.num_heads=3", "model.mlp_dim=384"],
                      pretrain_steps=600, finetune_steps=300, labelled_fraction=0.1, fewshot_test=600),
 }
