@@ -126,3 +126,18 @@ def test_gap_model_refuses_transformers_export(tmp_path):
 
     with pytest.raises(CheckpointError, match="class token"):
         export_checkpoint(_ours("vit_ti16", 32, "avg"), ModelInfo(), tmp_path, "transformers")
+
+
+def test_timm_hub_config_with_only_the_architecture_name(tmp_path):
+    theirs = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4), seed=2)
+    timm.models.save_for_hf(theirs, str(tmp_path), safe_serialization=True)  # no model_args, as on the hub
+    ours, _ = load_model(tmp_path)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(meta, model_args={"reg_tokens": 4})))
+    from vit import CheckpointError
+
+    with pytest.raises(CheckpointError, match="variant vitpipe does not build"):
+        load_model(tmp_path)

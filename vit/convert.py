@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from vit.model import ViTConfig
+from vit.model import SIZES, ViTConfig
 
 TIMM_SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 
@@ -72,32 +72,35 @@ def to_timm(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dict, dict,
 
 
 def from_timm(meta: dict, state: dict):
-    args = dict(meta.get("model_args") or {})
     pretrained = meta.get("pretrained_cfg") or {}
     arch = meta["architecture"]
-    m = re.match(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)", arch)
-    if not m and not {"embed_dim", "depth", "num_heads", "patch_size"} <= set(args):
-        raise ValueError(f"timm architecture {arch!r} is not a plain ViT this loader knows")
-    embed_dim = args.get("embed_dim") or state["cls_token"].shape[-1]
-    patch = args.get("patch_size") or state["patch_embed.proj.weight"].shape[-1]
+    args = {}
+    m = re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(?:\..*)?", arch)
+    if m:  # hub configs often carry only the name: its sizes are timm's (and the paper's)
+        width, depth, heads, _ = SIZES[{"tiny": "ti", "small": "s", "base": "b", "large": "l", "huge": "h"}[m[1]]]
+        args = {"embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": int(m[2]), "img_size": int(m[3])}
+    args.update(meta.get("model_args") or {})
+    missing = {"embed_dim", "depth", "num_heads", "patch_size"} - set(args)
+    if missing:
+        raise ValueError(f"timm architecture {arch!r} is not a plain ViT this loader knows "
+                         f"(model_args lacks {', '.join(sorted(missing))})")
+    variant = {k: args[k] for k in ("no_embed_class", "reg_tokens", "pre_norm", "qk_norm", "init_values")
+               if args.get(k)}
+    if args.get("class_token") is False or variant or args.get("global_pool", "token") not in ("token", "avg"):
+        raise ValueError(f"timm model_args {dict(variant, global_pool=args.get('global_pool'))} describe a ViT "
+                         "variant vitpipe does not build")
     img = args.get("img_size") or pretrained.get("input_size", [3, 224, 224])[1:]
-    depth = args.get("depth") or 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    if "num_heads" not in args:
-        raise ValueError("timm config lacks model_args.num_heads (cannot infer it from the weights)")
-    unsupported = {k: v for k, v in args.items() if k in ("class_token", "no_embed_class", "reg_tokens", "pre_norm") and v}
-    if args.get("class_token") is False or unsupported.get("no_embed_class") or unsupported.get("reg_tokens") or unsupported.get("pre_norm"):
-        raise ValueError(f"timm model_args {unsupported} describe a ViT variant vitpipe does not build")
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     cfg = ViTConfig(
         image_size=img if isinstance(img, int) else tuple(img),
-        patch_size=int(patch),
-        embed_dim=int(embed_dim),
-        depth=int(depth),
+        patch_size=int(args["patch_size"]),
+        embed_dim=int(args["embed_dim"]),
+        depth=int(args["depth"]),
         num_heads=int(args["num_heads"]),
         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
         num_classes=num_classes,
         head="linear" if num_classes else "none",
-        global_pool=args.get("global_pool", meta.get("global_pool", "token")) or "token",
+        global_pool=args.get("global_pool", "token"),
     )
     state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
     labels = meta.get("label_names")

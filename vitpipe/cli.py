@@ -6,10 +6,6 @@ import argparse
 import sys
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
 def _init(args) -> None:
     from vit import ModelInfo, create_model, save_checkpoint
 
@@ -230,6 +226,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args) or 0
-    except (UserError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line
         print(f"vitpipe {args.verb}: error: {e}", file=sys.stderr)
         return 2
