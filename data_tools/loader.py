@@ -249,7 +249,12 @@ class ShardStream(IterableDataset):
         mine = order[self.rank::self.world_size][logical::self.workers]
         for n in itertools.count():
             rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical, n))
-            yield from shuffled(read_samples(mine, handler), self.shuffle_buffer, rng)
+            count = 0
+            for sample in shuffled(read_samples(mine, handler), self.shuffle_buffer, rng):
+                count += 1
+                yield sample
+            if not count:  # going round again would never end
+                raise LoaderError(f"no readable sample in {', '.join(mine)} (rank {self.rank}, worker {logical})")
 
     def _eval_batches(self):
         w, workers = self._worker(), self.workers

@@ -191,7 +191,6 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     batches_per_epoch = len(loader(0, 0))  # also checks shards vs ranks x workers before any work
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    torch.manual_seed(cfg.train.seed)
     task = Task(model, objective)
     optimizer = build_optimizer(cfg, task)
     forward = torch.compile(task) if cfg.train.compile else task

@@ -122,3 +122,11 @@ def test_eval_transform_centre_crops():
     img.paste((255, 255, 255), (90, 0, 210, 100))  # white around the centre square
     x = EvalTransform(32, mean=(0, 0, 0), std=(1, 1, 1))(img)
     assert x.shape == (3, 32, 32) and x.min() > 0.95
+
+
+def test_a_worker_whose_shards_are_all_unreadable_fails_instead_of_hanging(tmp_path):
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"x" * 5000)
+    s = resolve_shards([str(broken)], num_samples=10)
+    with pytest.raises(LoaderError, match="no readable sample"):
+        list(train_loader(s, TrainTransform(16), 2))
