@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="fresh processes per model, alternating")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -108,12 +109,15 @@ def main() -> None:
     if args.only:
         print(json.dumps(run_one(args.only, args)))
         return
-    child = [a for a in sys.argv[1:]]
+    child = list(sys.argv[1:])
     results = {}
-    for which in ("timm", "ours"):
-        out = subprocess.run([sys.executable, __file__, *child, "--threads", str(args.threads), "--only", which],
-                             check=True, capture_output=True, text=True).stdout
-        results[which] = json.loads(out.strip().splitlines()[-1])
+    for _ in range(args.repeats):  # alternate fresh processes, keep each one's best: the machine drifts
+        for which in ("timm", "ours"):
+            out = subprocess.run([sys.executable, __file__, *child, "--threads", str(args.threads), "--only", which],
+                                 check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            if which not in results or r["images_per_s"] > results[which]["images_per_s"]:
+                results[which] = r
     peak = matmul_peak_gflops(args.device)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} threads"
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, AdamW fp32, fwd+bwd+step, {device}")
