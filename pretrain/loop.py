@@ -307,7 +307,11 @@ def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, in
     state = accelerator.get_state_dict(task_p)  # gathers ZeRO-3 shards; every rank must call it
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(task_p).model
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's wrapper
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if weights.keys() != model.state_dict().keys():
+            raise TrainingError(f"gathered weights do not match the model ({len(weights)} of "
+                                f"{len(model.state_dict())} tensors); not writing {final.name}")
         provenance = {"stage": stage, "objective": cfg.objective.name, "step": pos.step, "config": cfg.to_dict()}
         save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
                                                                       {**info.provenance, **provenance}))

@@ -142,3 +142,12 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, e
                            "objective.mpp_target=pixels", "data.workers=0"), env)
     assert res.returncode == 2 and "loss is" in res.stderr and "Last good checkpoint" in res.stderr, res.stderr[-1500:]
     assert not (out / "final").exists()
+
+
+def test_torch_compile_run_writes_a_loadable_model(shards, tmp_path, env):
+    out = tmp_path / "compiled"
+    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.compile=true",
+                           "train.max_steps=2", "train.checkpoint_every=2", "data.workers=0"), env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model, _ = load_model(out / "final")
+    assert model.cfg.depth == 2
