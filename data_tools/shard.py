@@ -147,9 +147,11 @@ def _encode_one(inp: Input):
         return str(e)
 
 
-def _shard_name(opts: ShardOptions, i: int) -> str:
+def _shard_name(opts: ShardOptions, i: int | None) -> str:
+    """The i-th shard's name; with ``i=None`` a glob for this part's shards (never another part's)."""
     k, n = opts.part
-    return f"{opts.prefix}-{i:06d}.tar" if n == 1 else f"{opts.prefix}-{k:03d}-{i:06d}.tar"
+    number = "[0-9]" * 6 if i is None else f"{i:06d}"
+    return f"{opts.prefix}-{number}.tar" if n == 1 else f"{opts.prefix}-{k:03d}-{number}.tar"
 
 
 def _index_name(opts: ShardOptions) -> str:
@@ -197,7 +199,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
                              "use --overwrite to start over")
     if index is None:
         if overwrite:
-            for f in out.glob(f"{opts.prefix}-*.tar"):
+            for f in out.glob(_shard_name(opts, None)):
                 f.unlink()
             index_path.unlink(missing_ok=True)
         index = {
@@ -206,7 +208,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
             "classes": corpus.classes, "total_samples": 0, "class_counts": {},
             "shards": [], "skipped": [], "next_input": 0,
         }
-    for f in out.glob(f"{opts.prefix}-*.tar.tmp"):
+    for f in out.glob(_shard_name(opts, None) + ".tmp"):  # left by a killed run of this part
         f.unlink()
     if not index["complete"]:
         _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress)

@@ -191,6 +191,12 @@ def test_parts_are_disjoint_and_merge(tmp_path):
     whole = shard(str(src), tmp_path / "whole", progress=False)
     for k in range(3):
         shard(str(src), tmp_path / "parts", ShardOptions(part=(k, 3), samples_per_shard=4), progress=False)
+    stray = tmp_path / "parts" / "shard-000-000099.tar.tmp"  # as if part 0 were still writing elsewhere
+    stray.write_bytes(b"")
+    shard(str(src), tmp_path / "parts", ShardOptions(part=(1, 3), samples_per_shard=4), overwrite=True,
+          progress=False)
+    assert stray.exists() and len(list((tmp_path / "parts").glob("shard-000-*.tar"))) == 2
+    stray.unlink()
     merged = json.loads((tmp_path / "parts" / "index.json").read_text())
     assert merged["total_samples"] == whole["total_samples"] == 21
     sources = [json.loads(s["json"])["source"] for s in read_all(tmp_path / "parts")[1].values()]
