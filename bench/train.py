@@ -67,6 +67,7 @@ def config(args, shards: str, out: str, checkpointing: bool):
         f"train.max_steps={args.warmup + args.steps}", f"train.checkpoint_every={10**9}", f"train.output_dir={out}",
         f"train.log_every={args.warmup}", f"model.grad_checkpointing={str(checkpointing).lower()}",
         "schedule.warmup_steps=0", "schedule.decay=constant", "train.resume=none",
+        "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.5, 0.5, 0.5]",
     ])
 
 

@@ -44,6 +44,8 @@ def finetune(cfg: Config) -> Path:
         raise ConfigError("init: required (the checkpoint folder to fine-tune)")
     model, info = load_model(cfg.init, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     m = model.cfg
+    cfg.data.mean = cfg.data.mean or list(info.mean)  # the normalisation the checkpoint was trained with
+    cfg.data.std = cfg.data.std or list(info.std)
     if cfg.model.name:
         asked = re.fullmatch(r"vit_(?:ti|s|b|l|h)(\d+)", cfg.model.name)
         if asked and int(asked.group(1)) != m.patch_size:

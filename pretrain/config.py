@@ -47,8 +47,8 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
     augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
     crop_scale_min: float = 0.08
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] | None = None  # null: the checkpoint's when fine-tuning, else 0.5 (the paper's [-1, 1])
+    std: list[float] | None = None
 
 
 @dataclass

@@ -35,6 +35,8 @@ def build_model(cfg: Config, classes: list[str] | None):
 
 
 def pretrain(cfg: Config):
+    cfg.data.mean = cfg.data.mean or [0.5, 0.5, 0.5]
+    cfg.data.std = cfg.data.std or [0.5, 0.5, 0.5]
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
     import torch
 

@@ -53,7 +53,8 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     pre = randomize(create_model("vit_ti8", image_size=32, depth=2, embed_dim=48, num_heads=2, mlp_dim=96,
                                  num_classes=512, head="pretrain"))
-    save_checkpoint(pre, root / "pretrained", ModelInfo(provenance={"objective": "mpp"}))
+    save_checkpoint(pre, root / "pretrained", ModelInfo(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                                        provenance={"objective": "mpp"}))
     return root
 
 
@@ -72,6 +73,7 @@ def test_zero_steps_writes_the_prepared_model(data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     model, info = load_model(tmp_path / "final")
     assert model.cfg.image_size == (48, 40) and model.cfg.num_classes == 3 and info.labels == ["cat", "dog", "eel"]
+    assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)  # the checkpoint's
     assert torch.count_nonzero(model.head.weight) == 0
 
 
