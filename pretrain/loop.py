@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_tools.loader import ShardSet, resolve_shards, train_loader
+from data_tools.loader import ShardSet, eval_loader, resolve_shards, train_loader
 from data_tools.transforms import EvalTransform, TrainTransform
 from pretrain.config import Config, ConfigError
 from pretrain.objectives import Task
@@ -160,6 +160,33 @@ def per_rank_batch(cfg: Config, world: int) -> int:
     return g // (world * a)
 
 
+@torch.no_grad()
+def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
+    """The objective's loss and accuracy on held-out shards, every sample once across ranks.
+
+    Runs the unwrapped module, so ranks with different batch counts never meet in a collective
+    until the single reduction at the end.
+    """
+    task.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=workers)
+    for i, batch in enumerate(loader):
+        n = len(batch["labels"])
+        if not n:
+            continue
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
+        gen = torch.Generator(device=accelerator.device)
+        gen.manual_seed(seed_for(seed, "val", accelerator.process_index, i))
+        with accelerator.autocast():
+            loss, extra = task(batch, gen)
+        totals += torch.tensor([loss.item() * n, extra["accuracy"].item() * n, n], dtype=torch.float64)
+    task.train()
+    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    return {"val_loss": (totals[0] / totals[2]).item(), "val_accuracy": (totals[1] / totals[2]).item(),
+            "val_samples": int(totals[2])}
+
+
 def _rewind_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines the killed run logged past its checkpoint."""
     if not path.is_file():
@@ -189,6 +216,8 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
                             shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=skip)
 
     batches_per_epoch = len(loader(0, 0))  # also checks shards vs ranks x workers before any work
+    val_shards = resolve_shards(cfg.data.val) if cfg.data.val else None
+    val_transform = EvalTransform(model.cfg.image_size, *norm)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     task = Task(model, objective)
@@ -196,16 +225,20 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     forward = torch.compile(task) if cfg.train.compile else task
     task_p, optimizer = accelerator.prepare(forward, optimizer)
     deepspeed = accelerator.state.deepspeed_plugin is not None
+    if val_shards is not None and deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        accelerator.print("note: data.val is not evaluated under ZeRO-3 (its parameters are sharded across ranks)")
+        val_shards = None
 
     pos = Position()
     if resume_from is not None:
         accelerator.load_state(str(resume_from / "state"))
         pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
         accelerator.print(f"resumed from {resume_from} at step {pos.step}")
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, val_path = out / "metrics.jsonl", out / "val_metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _rewind_metrics(metrics_path, pos.step)
+        _rewind_metrics(val_path, pos.step)
         write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
     accelerator.init_trackers(stage)
     flops = train_flops_per_image(model)
@@ -275,6 +308,15 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window.update(loss=0.0, accuracy=0.0, steps=0, skipped=0, t=time.perf_counter())
             if pos.step % cfg.train.checkpoint_every == 0 or pos.step == cfg.train.max_steps:
+                if val_shards is not None:
+                    val = {"step": pos.step, **validate(accelerator, accelerator.unwrap_model(task_p), val_shards,
+                                                         val_transform, micro, cfg.data.workers, cfg.train.seed)}
+                    accelerator.log({k: v for k, v in val.items() if k != "step"}, step=pos.step)
+                    if accelerator.is_main_process:
+                        with open(val_path, "a") as f:
+                            f.write(json.dumps(val) + "\n")
+                        bar.write(f"step {pos.step}: val loss {val['val_loss']:.4f}, "
+                                  f"val accuracy {val['val_accuracy']:.2%} ({val['val_samples']} images)")
                 save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
                 saved_at = pos.step
         if saved_at != pos.step:  # max_steps already reached when resumed

@@ -80,7 +80,7 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env):
     """Same global batch (all 64 samples, no augmentation): one SGD step gives the same weights."""
     args = [f"data.train={shards}", "objective.name=supervised", "model.head=linear", "data.batch_size=64", "data.augment=false",
             "train.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "optim.clip_grad_norm=null",
-            "schedule.warmup_steps=0", "schedule.decay=constant", "data.workers=0"]
+            "schedule.warmup_steps=0", "schedule.decay=constant", "data.workers=0", f"data.val={shards}"]
     one = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'one'}"), env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
@@ -91,6 +91,10 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
     assert a.head.weight.abs().max() > 0  # the zero-initialised head took a real step
     assert metrics(tmp_path / "one")[0]["loss"] == pytest.approx(metrics(tmp_path / "two")[0]["loss"], rel=1e-5)
+    # validation after the step: every sample once across the two ranks, the same loss as one process
+    val = [json.loads((tmp_path / run_ / "val_metrics.jsonl").read_text()) for run_ in ("one", "two")]
+    assert val[0]["val_samples"] == val[1]["val_samples"] == 64
+    assert val[0]["val_loss"] == pytest.approx(val[1]["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("zero", [2, 3])
