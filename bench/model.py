@@ -41,18 +41,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_gflops(device: str, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-
 def train_flops(model, x, y) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -118,7 +106,9 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             if which not in results or r["images_per_s"] > results[which]["images_per_s"]:
                 results[which] = r
-    peak = matmul_peak_gflops(args.device)
+    from pretrain.loop import measure_peak_flops
+
+    peak = measure_peak_flops(torch.device(args.device)) / 1e9
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} threads"
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, AdamW fp32, fwd+bwd+step, {device}")
     print(f"matmul peak (fp32, measured now): {peak:.1f} GFLOP/s")

@@ -26,8 +26,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from data_tools.tars import ForeignTar, image_bytes, read_tar
+
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
 
 
 class LoaderError(ValueError):
@@ -83,54 +84,21 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
     return ShardSet(urls, num_samples, classes)
 
 
-class _ForeignTar(Exception):
-    """A member type the fast reader leaves to webdataset (pax headers, long names, links)."""
-
-
-def local_tar_samples(path: str):
-    """Samples of an uncompressed local tar, grouped by key, in order.
-
-    About twice as fast as webdataset's streaming tarfile reader for local files (plain header
-    parsing and one read per member); tars it does not handle go through webdataset.
-    """
-    key, sample = None, {}
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            header = f.read(tarfile.BLOCKSIZE)
-            if len(header) < tarfile.BLOCKSIZE or header == bytes(tarfile.BLOCKSIZE):
-                break
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            if info.type not in tarfile.REGULAR_TYPES:
-                raise _ForeignTar(info.type)
-            data = f.read(info.size)
-            if len(data) < info.size:
-                raise tarfile.ReadError(f"{path}: truncated at {info.name}")
-            f.seek(-info.size % tarfile.BLOCKSIZE, 1)
-            k, _, ext = info.name.rpartition("/")[2].partition(".")
-            if k != key and sample:
-                yield sample
-                sample = {}
-            key = k
-            sample.update({"__key__": k, "__url__": path, ext: data})
-    if sample:
-        yield sample
-
-
 def read_samples(urls, handler):
     """Samples from a stream of shard urls; a damaged shard goes to ``handler`` and is skipped."""
     for url in urls:
         yielded = 0
         if "://" not in url and not url.startswith("pipe:") and url.endswith(".tar"):
             try:
-                for sample in local_tar_samples(url):
+                for sample in read_tar(url):
                     yielded += 1
                     yield sample
                 continue
+            except ForeignTar:
+                pass
             except (tarfile.TarError, OSError) as exn:
                 handler(exn)
                 continue
-            except _ForeignTar:
-                pass
         samples = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=handler)
         yield from itertools.islice(samples, yielded, None)
 
@@ -149,7 +117,7 @@ class _SkipCounter:
 
 def _open(sample: dict) -> tuple:
     """The image, opened but not decoded (the transform decodes only what it needs), and the label."""
-    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    data = image_bytes(sample)
     if data is None:
         raise ValueError("no image member")
     label = int(sample["cls"]) if "cls" in sample else -1

@@ -20,13 +20,12 @@ from tqdm import tqdm
 
 from data_tools.images import BadImage, EncodeOptions, encode
 from data_tools.sources import Corpus, Input, read_bytes, read_source, sample_key
+from data_tools.tars import TarWriter, member_bytes, tar_bytes
 from vitpipe.io import fsync_dir, write_json
 
 INDEX = "index.json"
 INDEX_FORMAT = "vitpipe-shards"
 INDEX_VERSION = 1
-BLOCK = 512
-RECORD = 20 * BLOCK  # tarfile pads archives to a multiple of this
 
 
 class ShardError(ValueError):
@@ -66,62 +65,6 @@ def parse_part(text: str) -> tuple[int, int]:
     if not 0 <= k < n:
         raise ShardError(f"--part: need 0 <= K < N, got {text!r}")
     return k, n
-
-
-def member_bytes(sizes) -> int:
-    return sum(BLOCK + -(-s // BLOCK) * BLOCK for s in sizes)
-
-
-def tar_bytes(payload: int) -> int:
-    """Size of a tar archive whose members take ``payload`` bytes (headers included)."""
-    return -(-(payload + 2 * BLOCK) // RECORD) * RECORD
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header for a regular, read-only file with a fixed owner and mtime 0.
-
-    Written by hand: tarfile's TarInfo.tobuf took half the shard writer's time, for the same bytes.
-    """
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    h = bytearray(BLOCK)
-    h[0:len(encoded)] = encoded
-    h[100:108] = b"0000444\0"  # mode
-    h[108:116] = h[116:124] = b"0000000\0"  # uid, gid
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"  # mtime
-    h[148:156] = b" " * 8  # checksum placeholder
-    h[156:157] = b"0"  # regular file
-    h[257:265] = b"ustar\x0000"
-    h[265:272] = h[297:304] = b"vitpipe"  # owner and group names
-    h[329:337] = h[337:345] = b"0000000\0"  # device numbers
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
-class _TarWriter:
-    """Writes webdataset samples (members ``key.ext`` in sorted ext order) and hashes as it goes."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def _write(self, data: bytes) -> None:
-        self.sha.update(data)
-        self.size += len(data)
-        self.f.write(data)
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        for ext in sorted(members):
-            data = members[ext]
-            self._write(tar_header(f"{key}.{ext}", len(data)))
-            self._write(data)
-            if len(data) % BLOCK:
-                self._write(bytes(BLOCK - len(data) % BLOCK))
-
-    def close(self) -> None:
-        """End-of-archive blocks, padded to a whole record as tarfile does."""
-        self._write(bytes(tar_bytes(self.size) - self.size))
 
 
 _WORKER_CORPUS: Corpus | None = None
@@ -270,7 +213,7 @@ class _ShardWriter:
         name = _shard_name(self.opts, len(self.index["shards"]))
         self.tmp = self.out / (name + ".tmp")
         self.file = open(self.tmp, "wb")
-        self.tar = _TarWriter(self.file)
+        self.tar = TarWriter(self.file)
         self.count = self.payload = 0
         self.classes = Counter()
 

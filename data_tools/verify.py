@@ -13,30 +13,7 @@ from PIL import Image, ImageDraw
 
 from data_tools.images import decode_rgb
 from data_tools.shard import read_index
-
-IMAGE_EXTS = ("jpg", "png", "webp")
-
-
-def iter_samples(path: str | Path):
-    """Group a webdataset tar's members into samples: (key, {ext: bytes}), in order."""
-    key, sample = None, {}
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample
-
-
-def image_of(sample: dict) -> bytes | None:
-    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
 
 
 def _sha256(path: Path) -> str:
@@ -59,9 +36,10 @@ def check_shard(folder: Path, entry: dict, decode: bool = True) -> str | None:
         problems.append("sha256 differs from index")
     count, bad = 0, []
     try:
-        for key, sample in iter_samples(path):
+        for sample in read_tar(path):
             count += 1
-            data = image_of(sample)
+            key = sample["__key__"]
+            data = image_bytes(sample)
             if data is None:
                 bad.append(f"{key} (no image)")
             elif decode:
@@ -121,7 +99,8 @@ def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, g
     picked: list[tuple[bytes, str]] = []
     seen = 0
     for entry in index["shards"]:
-        for key, sample in iter_samples(folder / entry["name"]):
+        for sample in read_tar(folder / entry["name"]):
+            key = sample["__key__"]
             meta = json.loads(sample.get("json", b"{}"))
             widths.append(meta.get("width", 0))
             heights.append(meta.get("height", 0))
@@ -132,9 +111,9 @@ def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, g
             if grid:
                 seen += 1  # reservoir sampling: a uniform pick in one pass
                 if len(picked) < grid_size:
-                    picked.append((image_of(sample), label))
+                    picked.append((image_bytes(sample), label))
                 elif (j := rng.randrange(seen)) < grid_size:
-                    picked[j] = (image_of(sample), label)
+                    picked[j] = (image_bytes(sample), label)
     lines.append(f"original width:  {_quantiles(widths)}")
     lines.append(f"original height: {_quantiles(heights)}")
     lines.append("stored formats: " + ", ".join(f"{e} {c}" for e, c in formats.most_common()))

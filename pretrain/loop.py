@@ -115,11 +115,14 @@ def find_resume(cfg: Config) -> Path | None:
     return latest_checkpoint(cfg.train.output_dir)
 
 
+def step_folders(root: Path) -> list[Path]:
+    """Checkpoint folders that were renamed into place, oldest first (``step_N.tmp`` ones were not)."""
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: one still named ``.tmp`` was interrupted mid-write."""
-    folder = Path(output_dir) / CHECKPOINTS
-    done = sorted(p for p in folder.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name)
-                  and (p / TRAINER_STATE).is_file()) if folder.is_dir() else []
+    done = [p for p in step_folders(Path(output_dir) / CHECKPOINTS) if (p / TRAINER_STATE).is_file()]
     return done[-1] if done else None
 
 
@@ -361,8 +364,7 @@ def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, in
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
-        done = sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
-        for old in done[: -cfg.train.keep_last]:
+        for old in step_folders(root)[: -cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

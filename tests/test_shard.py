@@ -12,7 +12,8 @@ from PIL import Image
 
 from data_tools.images import EncodeOptions, decode_rgb
 from data_tools.shard import ShardError, ShardOptions, parse_size, shard
-from data_tools.verify import inspect, iter_samples, verify
+from data_tools.tars import read_tar
+from data_tools.verify import inspect, verify
 
 from .corpus import awkward_images, bad_files, write_files, write_folder
 
@@ -21,7 +22,9 @@ def read_all(out):
     index = json.loads((out / "index.json").read_text())
     samples = {}
     for s in index["shards"]:
-        for key, sample in iter_samples(out / s["name"]):
+        for sample in read_tar(out / s["name"]):
+            key = sample.pop("__key__")
+            sample.pop("__url__")
             assert key not in samples
             samples[key] = sample
     return index, samples

@@ -15,10 +15,6 @@ from vit.model import SIZES, ViTConfig
 TIMM_SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 
 
-def _has_pretrain_head(state: dict) -> bool:
-    return any(k.startswith("pre_logits.") for k in state)
-
-
 def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]:
     """timm and transformers have no slot for the pretraining head's tanh layer.
 
