@@ -2,8 +2,8 @@
 
 Training streams are deterministic functions of (seed, epoch, rank, worker): shard order, the
 shuffle buffer and every sample's augmentation. Every rank yields the same number of batches
-per epoch (a worker that runs out of shards goes round them again; resampled mode draws shards
-forever), so no rank waits on another at a collective. A resumed run skips the batches it has
+per epoch (a worker that runs out of shards goes round them again; resampled mode goes round
+all shards, in a fresh order each pass), so no rank waits on another at a collective. A resumed run skips the batches it has
 done before decoding them. Eval streams read every sample exactly once across ranks and workers.
 
 Do not hand these loaders to ``accelerator.prepare``: they split by rank themselves.
@@ -200,16 +200,28 @@ class ShardStream(IterableDataset):
     def _train_samples(self, logical: int, handler: _SkipCounter):
         """Shuffled samples for this (rank, worker), forever.
 
-        Resampled: shards drawn with replacement through one shuffle buffer. Otherwise: passes over
-        this worker's share of the (epoch-shuffled) shards, each pass shuffled and flushed on its own,
-        so a whole pass comes out before any repeat (repeats only fill up a short worker's quota).
+        Resampled: passes over *all* shards, each pass a fresh permutation (seeded by rank, worker and
+        pass), so every shard is read once before any shard repeats; one shuffle buffer runs across
+        the passes. Otherwise: passes over this worker's share of the (epoch-shuffled) shards, each
+        pass shuffled and flushed on its own, so a whole pass comes out before any repeat (repeats
+        only fill up a short worker's quota).
         """
         urls = self.shards.urls
 
         if self.resampled:
-            rng = random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical))
-            shard_stream = (urls[rng.randrange(len(urls))] for _ in itertools.count())
-            yield from shuffled(read_samples(shard_stream, handler), self.shuffle_buffer,
+            def passes():
+                for n in itertools.count():
+                    order = list(urls)
+                    random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical, n)).shuffle(order)
+                    count = 0
+                    for sample in read_samples(order, handler):
+                        count += 1
+                        yield sample
+                    if not count:  # going round again would never end
+                        raise LoaderError(f"no readable sample in any of the {len(urls)} shards "
+                                          f"({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})")
+
+            yield from shuffled(passes(), self.shuffle_buffer,
                                 random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical)))
             return
         order = list(urls)

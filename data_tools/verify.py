@@ -68,6 +68,36 @@ def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str
     return problems, notes
 
 
+SORTED_MIN_SHARD = 10  # a smaller shard's class mix says little
+SORTED_PURITY = 0.9
+
+
+def class_sorting(index: dict) -> str | None:
+    """A warning when a labelled shard set looks sorted by class, else None.
+
+    Purity is the share of a shard's labelled samples in its largest class, averaged over shards of
+    at least ``SORTED_MIN_SHARD`` (weighted by size). Shuffled shards mirror the corpus, so their
+    purity is near the corpus's largest class share L; class-sorted shards have purity near 1. The
+    set looks sorted when (purity - L) / (1 - L) >= 0.5, with at least two classes and two such shards.
+    """
+    totals = index.get("class_counts") or {}
+    if len(totals) < 2:
+        return None
+    counts = [s["class_counts"] for s in index["shards"]
+              if sum(s.get("class_counts", {}).values()) >= SORTED_MIN_SHARD]
+    if len(counts) < 2:
+        return None
+    largest = max(totals.values()) / sum(totals.values())
+    purity = sum(max(c.values()) for c in counts) / sum(sum(c.values()) for c in counts)
+    if (purity - largest) / (1 - largest) < 0.5:
+        return None
+    one_class = sum(max(c.values()) >= SORTED_PURITY * sum(c.values()) for c in counts)
+    return (f"the shards look sorted by class ({one_class} of {len(counts)} shards are >= {SORTED_PURITY:.0%} one "
+            f"class; on average {purity:.0%} of a shard is its largest class, against {largest:.0%} of the corpus "
+            "for its largest): training batches will be class-correlated; reshard without --no-shuffle "
+            "(vitpipe shard SRC OUT --overwrite)")
+
+
 def _quantiles(values: list[int]) -> str:
     if not values:
         return "-"
@@ -86,6 +116,8 @@ def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, g
         f"{folder}: {index['total_samples']} samples in {len(index['shards'])} shards "
         f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB), {len(index['skipped'])} inputs skipped",
     ]
+    if warning := class_sorting(index):
+        lines.append(f"warning: {warning}")
     if index["class_counts"]:
         lines.append(f"classes ({len(classes or index['class_counts'])}):")
         for k, c in index["class_counts"].items():

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 import torch
 
-from data_tools.loader import LoaderError, eval_loader, resolve_shards, train_loader
+from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards, train_loader
 from data_tools.shard import ShardOptions, shard
 from data_tools.transforms import EvalTransform, TrainTransform, random_resized_crop_box
 
@@ -48,11 +48,13 @@ def test_too_few_shards_is_an_error_before_training_unless_resampled(shards):
     assert counts == {67 // 8}
 
 
-def test_train_stream_is_deterministic_per_epoch_and_resumable(shards):
+@pytest.mark.parametrize("resampled", [False, True])
+def test_train_stream_is_deterministic_per_epoch_and_resumable(shards, resampled):
     s = resolve_shards(shards)
 
     def run(**kw):
-        return list(train_loader(s, TrainTransform(16), 4, world_size=2, rank=1, workers=2, seed=3, **kw))
+        return list(train_loader(s, TrainTransform(16), 4, world_size=2, rank=1, workers=2, seed=3,
+                                 resampled=resampled, **kw))
 
     a, b, other_epoch = run(epoch=1), run(epoch=1), run(epoch=2)
     assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
@@ -61,6 +63,42 @@ def test_train_stream_is_deterministic_per_epoch_and_resumable(shards):
     assert len(resumed) == len(a) - 3
     for x, y in zip(a[3:], resumed):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
+
+
+@pytest.fixture(scope="module")
+def one_class_per_shard(tmp_path_factory):
+    """5 shards of 2 samples, shard i holding class i only (sharded in source order)."""
+    root = tmp_path_factory.mktemp("perclass")
+    src = write_folder(root / "src", {c: 2 for c in "abcde"})
+    shard(str(src), root / "out", ShardOptions(samples_per_shard=2, shuffle=False), progress=False)
+    return root / "out"
+
+
+@pytest.mark.parametrize("rank,world,workers", [(0, 1, 0), (1, 2, 2)])
+def test_resampled_reads_every_shard_once_per_pass(one_class_per_shard, rank, world, workers):
+    urls = resolve_shards(one_class_per_shard).urls
+    s = ShardSet(urls, num_samples=4 * 10 * world * max(1, workers))  # 4 passes per worker
+    # a buffer of 1 keeps the read order, so a sample's label names the shard it came from
+    batches = list(train_loader(s, TrainTransform(16), 2, rank=rank, world_size=world, workers=workers,
+                                shuffle_buffer=1, resampled=True, seed=1))
+    per_worker = [labels_of(batches[w::max(1, workers)]) for w in range(max(1, workers))]
+    orders = []
+    for labels in per_worker:
+        assert len(labels) == 40
+        for start in range(0, 40, 10):
+            one_pass = labels[start:start + 10]
+            assert sorted(one_pass) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], labels
+            orders.append(one_pass[::2])
+    assert len({tuple(o) for o in orders}) > 1  # each pass (and worker) has its own order
+
+
+def test_resampled_over_unreadable_or_empty_shards_fails_instead_of_hanging(tmp_path):
+    broken, empty = tmp_path / "broken.tar", tmp_path / "empty.tar"
+    broken.write_bytes(b"x" * 5000)
+    empty.write_bytes(bytes(10240))
+    s = resolve_shards([str(broken), str(empty)], num_samples=10)
+    with pytest.raises(LoaderError, match="no readable sample in any of the 2 shards"):
+        list(train_loader(s, TrainTransform(16), 2, resampled=True))
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 3)])

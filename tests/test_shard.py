@@ -13,7 +13,8 @@ from PIL import Image
 from data_tools.images import EncodeOptions, decode_rgb
 from data_tools.shard import ShardError, ShardOptions, parse_size, shard
 from data_tools.tars import read_tar
-from data_tools.verify import inspect, verify
+from data_tools.verify import class_sorting, inspect, verify
+from vitpipe.cli import main
 
 from .corpus import awkward_images, bad_files, write_files, write_folder
 
@@ -100,6 +101,32 @@ def test_output_is_the_same_whatever_the_workers(tmp_path):
         assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
 
 
+def shard_classes(out):
+    """Per shard, in order: the labels of its samples, read from the tars."""
+    index = json.loads((out / "index.json").read_text())
+    return [[int(x["cls"]) for x in read_tar(out / s["name"])] for s in index["shards"]]
+
+
+def test_class_folders_shard_into_mixed_shards(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 20, "b": 20, "c": 20})
+    index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=10), progress=False)
+    labels = shard_classes(tmp_path / "out")
+    assert len(labels) == 6 and all(len(set(x)) >= 2 for x in labels), labels
+    assert [len(s["class_counts"]) for s in index["shards"]] == [len(set(x)) for x in labels]
+    assert sorted(x for shard_labels in labels for x in shard_labels) == [0] * 20 + [1] * 20 + [2] * 20
+    assert index["args"]["shuffle"] is True and index["args"]["shuffle_seed"] == 0
+    other = shard(str(src), tmp_path / "seed1", ShardOptions(samples_per_shard=10, shuffle_seed=1), progress=False)
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in index["shards"]]
+
+
+def test_no_shuffle_keeps_source_order(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 8, "b": 7})
+    index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=5, shuffle=False), progress=False)
+    sources = [json.loads(x["json"])["source"] for s in index["shards"] for x in read_tar(tmp_path / "out" / s["name"])]
+    assert sources == [f"a/{i:05d}.jpg" for i in range(8)] + [f"b/{i:05d}.jpg" for i in range(7)]
+    assert shard_classes(tmp_path / "out") == [[0] * 5, [0] * 3 + [1] * 2, [1] * 5]
+
+
 def test_resize_options(tmp_path):
     src = write_folder(tmp_path / "src", {"a": 3}, size=(60, 90))
     shard(str(src), tmp_path / "out", ShardOptions(encode=EncodeOptions(resize_shorter=30, max_side=40)), progress=False)
@@ -127,6 +154,11 @@ def test_different_arguments_on_existing_output_is_an_error(tmp_path):
         shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=3), progress=False)
     index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=3), overwrite=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [s["name"] for s in index["shards"]]
+    for changed, key in (({"shuffle_seed": 1}, "shuffle_seed"), ({"shuffle": False}, "shuffle, shuffle_seed")):
+        with pytest.raises(ShardError, match=rf"different arguments \({key}\)"):
+            shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=3, **changed), progress=False)
+    with pytest.raises(ShardError, match=r"--shuffle-seed"):
+        shard(str(src), tmp_path / "bad", ShardOptions(shuffle_seed=-1), progress=False)
 
 
 def _shard_cmd(src, out, env):
@@ -191,7 +223,7 @@ def test_hf_datasets_source(tmp_path):
 
 def test_parts_are_disjoint_and_merge(tmp_path):
     src = write_folder(tmp_path / "src", {"a": 11, "b": 10})
-    whole = shard(str(src), tmp_path / "whole", progress=False)
+    whole = shard(str(src), tmp_path / "whole", ShardOptions(samples_per_shard=4), progress=False)
     for k in range(3):
         shard(str(src), tmp_path / "parts", ShardOptions(part=(k, 3), samples_per_shard=4), progress=False)
     stray = tmp_path / "parts" / "shard-000-000099.tar.tmp"  # as if part 0 were still writing elsewhere
@@ -204,6 +236,9 @@ def test_parts_are_disjoint_and_merge(tmp_path):
     assert merged["total_samples"] == whole["total_samples"] == 21
     sources = [json.loads(s["json"])["source"] for s in read_all(tmp_path / "parts")[1].values()]
     assert sorted(sources) == sorted(set(sources)) and len(sources) == 21
+    # the parts split the shuffled order: read in order, they give the same sequence as one run
+    assert sources == [json.loads(s["json"])["source"] for s in read_all(tmp_path / "whole")[1].values()]
+    assert sources != sorted(sources)
 
 
 def test_verify_and_inspect(tmp_path, cli_env):
@@ -225,6 +260,40 @@ def test_verify_and_inspect(tmp_path, cli_env):
     assert len(lines) == 2
     assert lines[0].startswith("shard-000001.tar: ") and "sha256" in lines[0]
     assert lines[1] == "shard-000003.tar: missing"
+
+
+def test_verify_and_inspect_warn_on_class_sorted_shards(tmp_path, capsys):
+    src = write_folder(tmp_path / "src", {"a": 20, "b": 20, "c": 20})
+    sorted_out, mixed_out = tmp_path / "sorted", tmp_path / "mixed"
+    assert main(["shard", str(src), str(sorted_out), "--samples-per-shard", "10", "--no-shuffle"]) == 0
+    assert main(["shard", str(src), str(mixed_out), "--samples-per-shard", "10", "--shuffle-seed", "7"]) == 0
+    assert json.loads((mixed_out / "index.json").read_text())["args"]["shuffle_seed"] == 7
+    capsys.readouterr()
+    assert main(["verify", str(sorted_out)]) == 0
+    err = capsys.readouterr().err
+    assert "look sorted by class (6 of 6 shards are >= 90% one class" in err and "without --no-shuffle" in err
+    assert main(["inspect", str(sorted_out)]) == 0
+    assert "warning: the shards look sorted by class" in capsys.readouterr().out
+    assert main(["verify", str(mixed_out)]) == 0
+    assert main(["inspect", str(mixed_out)]) == 0
+    assert "sorted by class" not in str(capsys.readouterr())
+
+
+@pytest.mark.parametrize("shards,warned", [
+    ([{"0": 10}, {"0": 5, "1": 5}, {"1": 10}], True),  # 2 of 3 pure
+    ([{"0": 6, "1": 4}, {"0": 4, "1": 6}], False),  # mixed
+    ([{"0": 90}, {"0": 85, "1": 5}, {"0": 5, "1": 10}], False),  # one class is 90% of the corpus: shards mirror it
+    ([{"0": 4}, {"1": 4}, {"0": 4}], False),  # too small to tell
+    ([{"0": 30, "1": 10}], False),  # one shard
+    ([{}, {}], False),  # unlabelled
+])
+def test_class_sorting_criterion(shards, warned):
+    totals = {}
+    for counts in shards:
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    index = {"class_counts": totals, "shards": [{"class_counts": c} for c in shards]}
+    assert (class_sorting(index) is not None) == warned
 
 
 def test_interop_with_hf_datasets_and_tar(tmp_path):

@@ -64,6 +64,7 @@ def _shard(args) -> None:
         encode=EncodeOptions(resize_shorter=args.resize_shorter, max_side=args.max_side, quality=args.quality,
                              validate=args.validate, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS),
         path_column=args.path_column, label_column=args.label_column, split=args.split,
+        shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed,
     )
     index = shard(args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite)
     print(f"{args.out}: {index['total_samples']} samples in {len(index['shards'])} shards, "
@@ -71,11 +72,14 @@ def _shard(args) -> None:
 
 
 def _verify(args) -> int:
-    from data_tools.verify import verify
+    from data_tools.shard import read_index
+    from data_tools.verify import class_sorting, verify
 
     problems, notes = verify(args.out, decode=not args.no_decode)
     for line in notes:
         print(f"note: {line}")
+    if warning := class_sorting(read_index(args.out)):
+        print(f"warning: {args.out}: {warning}", file=sys.stderr)
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
@@ -154,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validate", choices=["full", "header"], default="full")
     s.add_argument("--max-pixels", type=int, help="larger images are skipped as decompression bombs")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--shuffle-seed", type=int, default=0, metavar="N",
+                   help="seed of the input order's shuffle (every shard mixes the classes)")
+    s.add_argument("--no-shuffle", action="store_true",
+                   help="keep the source's order (a class-folder corpus then gives one class per shard)")
     s.add_argument("--part", default="0/1", metavar="K/N", help="shard only part K of N (N machines, no coordination)")
     s.add_argument("--path-column")
     s.add_argument("--label-column")
