@@ -26,6 +26,13 @@ def _dist():
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 
+def representation(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The frozen features few-shot and the linear probe read: the pooled features the fine-tune
+    starts from (class token or average, as the checkpoint pools, after its final norm), then for
+    a pretraining head the pre-logits after its tanh layer (the paper's representation)."""
+    return model.pre_logits(model.pool(tokens))
+
+
 @torch.no_grad()
 def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelInfo, batch_size: int = 64,
                         workers: int = 0, logits: bool = False, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +45,7 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
         if len(batch["labels"]) == 0:
             continue
         tokens = model.forward_features(batch["pixel_values"].to(device))
-        out = model.forward_head(tokens) if logits else model.forward_head(tokens, pre_logits=True)
+        out = model.forward_head(tokens) if logits else representation(model, tokens)
         feats.append(out.float().cpu())
         labels.append(batch["labels"])
     if not feats:
@@ -96,15 +103,20 @@ def plot_confusion(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+BIAS_CONSTANT = 100.0
+
+
 def fewshot_lsr(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                 num_classes: int, l2: float = 2.0**10) -> float:
     """Closed-form regularised least squares to {-1, 1}^K targets on standardised features; accuracy.
 
-    Standardisation uses the training features' mean and std (big_vision's fewshot_lsr).
+    As big_vision's fewshot_lsr: standardise with the training features' mean and std, then append
+    a constant feature ``BIAS_CONSTANT`` for the bias, large so that the bias is almost unregularised.
     """
     x_train, x_test = x_train.double(), x_test.double()
     mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True, unbiased=False) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    x_train, x_test = (torch.nn.functional.pad((x - mean) / std, (0, 1), value=BIAS_CONSTANT)
+                       for x in (x_train, x_test))
     y = 2.0 * torch.nn.functional.one_hot(y_train, num_classes).double() - 1.0
     d = x_train.shape[1]
     w = torch.linalg.solve(x_train.T @ x_train + l2 * torch.eye(d, dtype=torch.float64), x_train.T @ y)

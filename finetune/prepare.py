@@ -1,4 +1,4 @@
-"""Turn a pretrained ViT into a fine-tuning model: new zero head, new resolution, resampled positions."""
+"""Turn a pretrained ViT into a fine-tuning model: new zero head, pooling, new resolution, resampled positions."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from vit import VisionTransformer, resample_abs_pos_embed
 
 
 def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size: tuple[int, int] | None = None,
-                         interpolation: str = "bicubic") -> VisionTransformer:
-    """Remove the whole pretraining head, add a zero-initialised linear head for ``num_classes``, and
-    move to ``image_size`` (same patch size) with the position embeddings 2D-interpolated from the
-    old grid to the new one; the class-token embedding is kept as it is. Changes ``model`` in place.
+                         interpolation: str = "bicubic", head: str = "linear",
+                         global_pool: str | None = None) -> VisionTransformer:
+    """Remove the whole pretraining head, add a zero-initialised ``head`` (``linear``, or ``pretrain``:
+    a fresh tanh layer before it) for ``num_classes``, switch to ``global_pool`` (None keeps the
+    checkpoint's; the final norm's weights move with it), and move to ``image_size`` (same patch
+    size) with the position embeddings 2D-interpolated from the old grid to the new one; the
+    class-token embedding is kept as it is. Changes ``model`` in place.
     """
     if num_classes < 1:
         raise ValueError(f"model.num_classes: need at least one class, got {num_classes}")
+    if head not in ("linear", "pretrain"):
+        raise ValueError(f"model.head: fine-tuning needs a classifier head (linear or pretrain), got {head!r}")
     cfg = model.cfg
     if image_size is not None and tuple(image_size) != cfg.image_size:
         h, w = image_size
@@ -26,5 +31,7 @@ def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size:
         with torch.no_grad():
             new = resample_abs_pos_embed(model.pos_embed.data, cfg.grid_size, old_grid, 1, interpolation)
         model.pos_embed = torch.nn.Parameter(new)
-    model.reset_head(num_classes=num_classes, head="linear")
+    if global_pool is not None:
+        model.set_global_pool(global_pool)
+    model.reset_head(num_classes=num_classes, head=head)
     return model

@@ -6,10 +6,14 @@ import sys
 import pytest
 import torch
 
+from data_tools.loader import resolve_shards
 from data_tools.shard import ShardOptions, shard
-from finetune.evaluate import evaluate, fewshot_lsr, sample_shots
+from finetune.evaluate import evaluate, features_and_labels, fewshot_lsr, representation, sample_shots
 from finetune.prepare import prepare_for_finetune
+from finetune.run import main as finetune_main
 from finetune.share import PushError, push
+from pretrain.config import Config, OptimConfig
+from pretrain.loop import build_optimizer, lr_factor, param_groups
 from vit import ModelInfo, create_model, load_model, resample_abs_pos_embed, save_checkpoint
 
 from .conftest import ROOT, randomize
@@ -58,8 +62,8 @@ def data(tmp_path_factory):
     return root
 
 
-def finetune_cmd(*overrides):
-    return [sys.executable, "-m", "finetune", "--config", str(ROOT / "configs" / "finetune" / "tiny.yaml"), *overrides]
+def finetune_cmd(*overrides, config="tiny.yaml"):
+    return [sys.executable, "-m", "finetune", "--config", str(ROOT / "configs" / "finetune" / config), *overrides]
 
 
 def run(cmd):
@@ -75,6 +79,116 @@ def test_zero_steps_writes_the_prepared_model(data, tmp_path):
     assert model.cfg.image_size == (48, 40) and model.cfg.num_classes == 3 and info.labels == ["cat", "dog", "eel"]
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)  # the checkpoint's
     assert torch.count_nonzero(model.head.weight) == 0
+
+
+def _encode_by_hand(model, x):
+    """The blocks' output tokens, before any final norm, computed without forward_tokens."""
+    h = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(len(x), -1, -1),
+                   model.patch_embed(x) + model.pos_embed[:, 1:]], dim=1)
+    for blk in model.blocks:
+        h = blk(h)
+    return h
+
+
+def test_token_checkpoint_finetuned_with_avg_pooling_carries_the_norm(data, tmp_path):
+    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=0",
+                           f"train.output_dir={tmp_path / 'avg'}", "model.global_pool=avg", "model.image_size=32"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    pre, _ = load_model(data / "pretrained")
+    ft, _ = load_model(tmp_path / "avg" / "final")  # a strict load
+    assert ft.cfg.global_pool == "avg" and isinstance(ft.norm, torch.nn.Identity)
+    assert torch.equal(ft.fc_norm.weight, pre.norm.weight) and torch.equal(ft.fc_norm.bias, pre.norm.bias)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        by_hand = torch.nn.functional.layer_norm(_encode_by_hand(pre, x)[:, 1:].mean(1), (48,), pre.norm.weight,
+                                                 pre.norm.bias, 1e-6)
+        torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True), by_hand,
+                                   rtol=0, atol=1e-5)
+    # fine-tuning the avg-pooled model again without model.global_pool keeps its pooling
+    res = run(finetune_cmd(f"init={tmp_path / 'avg' / 'final'}", f"data.train={data / 'train'}", "train.max_steps=0",
+                           f"train.output_dir={tmp_path / 'again'}", "model.image_size=null"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    again, _ = load_model(tmp_path / "again" / "final")
+    assert again.cfg.global_pool == "avg" and torch.equal(again.fc_norm.weight, pre.norm.weight)
+
+
+def test_avg_pooled_model_switched_to_token_pooling_carries_the_norm(tmp_path):
+    model = randomize(create_model("vit_ti8", image_size=16, depth=2, embed_dim=32, num_heads=2, mlp_dim=64,
+                                   num_classes=0, head="none", global_pool="avg"))
+    fc_norm = {k: v.clone() for k, v in model.fc_norm.state_dict().items()}
+    prepare_for_finetune(model, 4, global_pool="token")
+    assert isinstance(model.fc_norm, torch.nn.Identity) and model.cfg.global_pool == "token"
+    assert all(torch.equal(model.norm.state_dict()[k], v) for k, v in fc_norm.items())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        by_hand = torch.nn.functional.layer_norm(_encode_by_hand(model, x)[:, 0], (32,), fc_norm["weight"],
+                                                 fc_norm["bias"], 1e-6)
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), by_hand,
+                                   rtol=0, atol=1e-5)
+    save_checkpoint(model, tmp_path / "token")
+    loaded, _ = load_model(tmp_path / "token")
+    assert loaded.cfg.global_pool == "token" and torch.equal(loaded.norm.weight, fc_norm["weight"])
+
+
+def test_layer_decay_groups_follow_mae():
+    vit = create_model("vit_ti8", image_size=16, depth=3, embed_dim=16, num_heads=2, mlp_dim=32, num_classes=4)
+    task = torch.nn.Module()  # the loop's Task: the model beside an objective with its own parameters
+    task.model, task.objective = vit, torch.nn.Linear(16, 8)
+    groups = param_groups(task, 0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(scale) == len(list(task.parameters())) == sum(len(g["params"]) for g in groups)
+    # layer 0 (embeddings) 0.5^4, block i 0.5^(3-i), the rest (norms, head, the objective's) 1
+    for p, s in [(vit.patch_embed.proj.weight, 0.0625), (vit.patch_embed.proj.bias, 0.0625), (vit.cls_token, 0.0625),
+                 (vit.pos_embed, 0.0625), (vit.blocks[0].attn.qkv.weight, 0.125), (vit.blocks[1].norm1.weight, 0.25),
+                 (vit.blocks[2].mlp.fc2.bias, 0.5), (vit.norm.weight, 1.0), (vit.head.weight, 1.0),
+                 (task.objective.weight, 1.0)]:
+        assert scale[id(p)] == s
+    for name, p in task.named_parameters():
+        flat = p.ndim == 1 or name in ("model.pos_embed", "model.cls_token")
+        assert decay[id(p)] == (0.0 if flat else 0.05), name
+    assert groups[0]["lr_scale"] == 1.0 and len(groups) == 10  # 5 layers x (decay, no decay), top layer first
+    opt = build_optimizer(Config(optim=OptimConfig(lr=0.1, layer_decay=0.5)), task)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.00625, 0.0125, 0.025, 0.05, 0.1])
+    plain = param_groups(task, 0.05)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in plain] == [(1.0, 0.05), (1.0, 0.0)]
+
+
+def test_drop_path_rates_increase_linearly_and_apply(tmp_path):
+    save_checkpoint(randomize(create_model("vit_ti8", image_size=16, depth=4, embed_dim=32, num_heads=2, mlp_dim=64,
+                                           num_classes=3)), tmp_path / "ckpt")
+    model, _ = load_model(tmp_path / "ckpt", drop_path_rate=0.3)
+    assert [b.drop_path_rate for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    x = torch.randn(8, 3, 16, 16)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))  # residual branches dropped at random
+    plain, _ = load_model(tmp_path / "ckpt")
+    plain.train()
+    torch.testing.assert_close(plain(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(model.eval()(x), plain(x), rtol=0, atol=1e-6)
+
+
+def test_ssl_finetune_config_trains_with_avg_pooling_layer_decay_and_drop_path(data, tmp_path):
+    out = tmp_path / "ssl"
+    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=4",
+                           "train.checkpoint_every=4", "schedule.warmup_steps=1", f"train.output_dir={out}",
+                           "model.global_pool=avg", config="ssl_tiny.yaml"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    model, _ = load_model(out / "final")
+    assert model.cfg.global_pool == "avg" and model.head.weight.abs().sum() > 0
+    assert [b.drop_path_rate for b in model.blocks] == pytest.approx([0.0, 0.1])
+    run_cfg = json.loads((out / "config.json").read_text())
+    assert run_cfg["optim"]["layer_decay"] == 0.75 and run_cfg["model"]["global_pool"] == "avg"
+    # the loop set every group's lr to the scheduled lr times its layer's scale (depth 2: 4 layers)
+    state = torch.load(out / "checkpoints" / "step_00000004" / "state" / "optimizer.bin", weights_only=True)
+    groups = state["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.75**3, 0.75**2, 0.75, 1.0])
+    top = groups[0]["lr"]
+    assert top == pytest.approx(1e-3 * lr_factor(3, 1, 4, "cosine")) and top > 0
+    assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
 
 
 def test_finetuned_model_matches_timm_and_transformers_at_the_new_resolution(data, tmp_path):
@@ -111,8 +225,17 @@ def test_eval_counts_every_sample_once_and_draws_the_confusion_matrix(data, tmp_
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == report["top1"]
 
 
-def test_fewshot_lsr_matches_sklearn_ridge():
+def _ridge_accuracy(x_train, y_train, x_test, y_test, k, l2, intercept):
+    """scikit-learn's ridge regression on the training-standardised features: the reference."""
     sklearn = pytest.importorskip("sklearn.linear_model")
+    mean, std = x_train.double().mean(0), x_train.double().std(0, unbiased=False) + 1e-6
+    targets = (2.0 * torch.nn.functional.one_hot(y_train, k) - 1).numpy()
+    ridge = sklearn.Ridge(alpha=l2, fit_intercept=intercept).fit(((x_train.double() - mean) / std).numpy(), targets)
+    scores = torch.from_numpy(ridge.predict(((x_test.double() - mean) / std).numpy()))
+    return (scores.argmax(1) == y_test).double().mean().item()
+
+
+def test_fewshot_lsr_matches_sklearn_ridge():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 16, generator=g) * 3
     y = torch.arange(4).repeat_interleave(30)
@@ -120,11 +243,41 @@ def test_fewshot_lsr_matches_sklearn_ridge():
     idx = sample_shots(y, 5, 4, seed=1)
     assert torch.bincount(y[idx]).tolist() == [5, 5, 5, 5]
     acc = fewshot_lsr(x[idx], y[idx], x, y, 4, l2=2.0)
-    mean, std = x[idx].double().mean(0), x[idx].double().std(0, unbiased=False) + 1e-6
-    ridge = sklearn.Ridge(alpha=2.0, fit_intercept=False).fit(((x[idx] - mean) / std).numpy(),
-                                                                 (2.0 * torch.nn.functional.one_hot(y[idx], 4) - 1).numpy())
-    ref = (torch.from_numpy(ridge.predict(((x.double() - mean) / std).numpy())).argmax(1) == y).double().mean().item()
-    assert acc == pytest.approx(ref) and acc > 0.8
+    assert acc == pytest.approx(_ridge_accuracy(x[idx], y[idx], x, y, 4, 2.0, intercept=True)) and acc > 0.8
+
+
+def test_fewshot_lsr_has_an_almost_unregularised_bias():
+    """big_vision appends a constant feature (100) after standardisation: with classes of unequal
+    size the bias moves the decision, and the result is ridge regression with a free intercept."""
+    l2 = 4.0
+    for seed in (0, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        centers = torch.randn(3, 8, generator=g)
+        y_train = torch.tensor([0] * 20 + [1] * 3 + [2] * 3)
+        x_train = centers[y_train] + torch.randn(len(y_train), 8, generator=g)
+        y_test = torch.arange(3).repeat_interleave(200)
+        x_test = centers[y_test] + torch.randn(600, 8, generator=g)
+        acc = fewshot_lsr(x_train, y_train, x_test, y_test, 3, l2)
+        assert acc == pytest.approx(_ridge_accuracy(x_train, y_train, x_test, y_test, 3, l2, intercept=True))
+        assert acc != pytest.approx(_ridge_accuracy(x_train, y_train, x_test, y_test, 3, l2, intercept=False))
+
+
+def test_fewshot_features_are_the_pre_logits_after_tanh_or_the_pooled_features(data):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        sup = randomize(create_model("vit_ti8", image_size=32, depth=1, embed_dim=48, num_heads=2, mlp_dim=96,
+                                     num_classes=5, head="pretrain", representation_size=24))
+        tokens = sup.forward_features(x)
+        torch.testing.assert_close(representation(sup, tokens),
+                                   torch.tanh(sup.pre_logits.fc(tokens[:, 0])), rtol=0, atol=1e-6)
+        ssl = randomize(create_model("vit_ti8", image_size=32, depth=1, embed_dim=48, num_heads=2, mlp_dim=96,
+                                     num_classes=0, head="none", global_pool="avg"))
+        tokens = ssl.forward_features(x)
+        by_hand = torch.nn.functional.layer_norm(tokens[:, 1:].mean(1), (48,), ssl.fc_norm.weight, ssl.fc_norm.bias,
+                                                 1e-6)
+        torch.testing.assert_close(representation(ssl, tokens), by_hand, rtol=0, atol=1e-5)
+    feats, labels = features_and_labels(sup, resolve_shards(data / "val"), ModelInfo())
+    assert feats.shape == (18, 24) and len(labels) == 18 and feats.abs().max() < 1  # after the tanh
 
 
 def test_push_uploads_through_the_hub_api(data, tmp_path):
@@ -170,6 +323,19 @@ def test_bad_finetune_input(data, tmp_path, overrides, message):
                            f"train.output_dir={tmp_path}", *overrides))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.layer_decay=1.5", "optim.layer_decay: must be in (0, 1], got 1.5"),
+    ("model.global_pool=max", "model.global_pool: expected one of token, avg or null, got 'max'"),
+    ("model.head=none", "model.head: fine-tuning needs a classifier head (linear or pretrain), got 'none'"),
+])
+def test_bad_finetune_recipe(data, tmp_path, capsys, override, message):
+    argv = finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}",
+                        f"train.output_dir={tmp_path}", override, config="ssl_tiny.yaml")[3:]
+    assert finetune_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unlabelled_shards_and_corrupt_checkpoint(data, tmp_path):
