@@ -68,7 +68,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage("not an image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"not an image ({_short(e)})") from None
+        raise BadImage(f"not an image ({short_error(e)})") from None
     if w * h > max_pixels:
         raise BadImage(f"decompression bomb ({w}x{h} = {w * h} pixels > {max_pixels})")
     if w == 0 or h == 0:
@@ -76,7 +76,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
 
 
@@ -99,12 +99,13 @@ def encode(data: bytes, opts: EncodeOptions) -> Encoded:
     """
     img = _open(data, opts.max_pixels)
     fmt = img.format
-    orientation = img.getexif().get(ORIENTATION, 1) if fmt in ("JPEG", "WEBP", "PNG", "TIFF") else 1
-    w, h = img.size if orientation not in (5, 6, 7, 8) else img.size[::-1]
     resize = bool(opts.resize_shorter or opts.max_side)
-    passthrough = not resize and fmt in PASS_THROUGH and img.mode == "RGB" and orientation == 1 \
-        and not getattr(img, "is_animated", False)
     try:
+        # getexif reads a PNG's chunks up to the pixels: a truncated file fails here
+        orientation = img.getexif().get(ORIENTATION, 1) if fmt in ("JPEG", "WEBP", "PNG", "TIFF") else 1
+        w, h = img.size if orientation not in (5, 6, 7, 8) else img.size[::-1]
+        passthrough = not resize and fmt in PASS_THROUGH and img.mode == "RGB" and orientation == 1 \
+            and not getattr(img, "is_animated", False)
         if passthrough and opts.validate == "header":
             return Encoded(data, PASS_THROUGH[fmt], w, h)
         if resize and fmt == "JPEG":
@@ -115,7 +116,7 @@ def encode(data: bytes, opts: EncodeOptions) -> Encoded:
             return Encoded(data, PASS_THROUGH[fmt], w, h)
         img = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"corrupt or truncated image ({_short(e)})") from None
+        raise BadImage(f"corrupt or truncated image ({short_error(e)})") from None
     out = io.BytesIO()
     if resize:
         size = _resized_size(w, h, opts)

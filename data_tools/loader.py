@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import tarfile
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class ShardSet:
     urls: list[str]
     num_samples: int
     classes: list[str] | None = None
+    counts: dict[str, int] | None = None  # url -> samples index.json lists: what a damaged shard lost
 
 
 def _seed(*parts) -> int:
@@ -61,7 +63,8 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
         if not index["shards"]:
             raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
         urls = [str(Path(spec) / s["name"]) for s in index["shards"]]
-        return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"))
+        return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"),
+                        {u: s["count"] for u, s in zip(urls, index["shards"])})
     urls = wds.shardlists.expand_urls(spec) if isinstance(spec, str) else [str(u) for u in spec]
     if not urls:
         raise LoaderError(f"{spec}: no shards")
@@ -69,50 +72,78 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
     for p in local:
         if not p.is_file():
             raise LoaderError(f"{p}: shard does not exist")
-    classes = None
-    if num_samples is None and len(local) == len(urls):
+    classes = shard_counts = None
+    if len(local) == len(urls):
         parents = {p.parent for p in local}
         index_path = parents.pop() / "index.json" if len(parents) == 1 else None
         if index_path and index_path.is_file():
             index = json.loads(index_path.read_text())
             counts = {s["name"]: s["count"] for s in index["shards"]}
             if all(p.name in counts for p in local):
-                num_samples = sum(counts[p.name] for p in local)
+                shard_counts = {u: counts[p.name] for u, p in zip(urls, local)}
+                num_samples = sum(shard_counts.values()) if num_samples is None else num_samples
                 classes = index.get("classes")
     if num_samples is None:
         raise LoaderError(f"{spec}: epoch length unknown; give a folder with index.json or set num_samples")
-    return ShardSet(urls, num_samples, classes)
+    return ShardSet(urls, num_samples, classes, shard_counts)
 
 
-def read_samples(urls, handler):
-    """Samples from a stream of shard urls; a damaged shard goes to ``handler`` and is skipped."""
+def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = None):
+    """Samples from a stream of shard urls. A damaged shard is read as far as it goes, and what it
+    lost goes to ``handler``: the samples ``counts`` (index.json) lists beyond those read, else one
+    per error."""
     for url in urls:
+        errors: list[Exception] = []
         yielded = 0
-        if "://" not in url and not url.startswith("pipe:") and url.endswith(".tar"):
+        foreign = "://" in url or url.startswith("pipe:") or not url.endswith(".tar")
+        if not foreign:
             try:
                 for sample in read_tar(url):
                     yielded += 1
                     yield sample
-                continue
             except ForeignTar:
-                pass
+                foreign = True
             except (tarfile.TarError, OSError) as exn:
-                handler(exn)
-                continue
-        samples = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=handler)
-        yield from itertools.islice(samples, yielded, None)
+                errors.append(exn)
+        if foreign:
+            samples = wds.tariterators.tarfile_samples(iter([{"url": url}]),
+                                                       handler=lambda exn, errors=errors: errors.append(exn) or True)
+            for sample in itertools.islice(samples, yielded, None):
+                yielded += 1
+                yield sample
+        expected = counts.get(url) if counts else None
+        lost = len(errors) if expected is None else max(0, expected - yielded)
+        if lost or errors:
+            handler.shard(url, lost, f"{errors[0]}" if errors else f"index.json lists {expected}")
 
 
 class _SkipCounter:
-    """webdataset handler: a corrupt shard or member is logged, counted and skipped."""
+    """Counts what a stream loses and logs it without flooding: a damaged shard once, by name;
+    undecodable samples as a few examples, then a running count every ``every`` of them."""
 
-    def __init__(self):
+    examples, every = 5, 1000
+
+    def __init__(self, shards: bool = True):
         self.count = 0
+        self.undecodable = 0
+        self.shards = shards  # False: another stream reading the same shards accounts for their damage
+        self.named: set[str] = set()
 
-    def __call__(self, exn: Exception) -> bool:
+    def shard(self, url: str, lost: int, why: str) -> None:
+        if not self.shards:
+            return
+        self.count += lost
+        if url not in self.named:
+            self.named.add(url)
+            log.warning("%s: damaged shard, %d sample(s) lost (%s)", url, lost, why)
+
+    def sample(self, what: str) -> None:
         self.count += 1
-        log.warning("skipping unreadable data: %s", exn)
-        return True
+        self.undecodable += 1
+        if self.undecodable <= self.examples:
+            log.warning("skipping a sample that does not decode: %s", what)
+        elif self.undecodable % self.every == 0:
+            log.warning("%d samples that do not decode skipped so far (latest: %s)", self.undecodable, what)
 
 
 def _open(sample: dict) -> tuple:
@@ -150,6 +181,8 @@ class ShardStream(IterableDataset):
         self.num_workers, self.workers = workers, max(1, workers)  # 0: load in the main process
         self.seed, self.epoch, self.resampled, self.shuffle_buffer = seed, epoch, resampled, shuffle_buffer
         self.skip_batches = skip_batches
+        # a run of undecodable samples this long means the shards cannot feed training: say so, do not loop
+        self.give_up_after = max(1000, 10 * batch_size)
         global_batch = batch_size * world_size
         if train and shards.num_samples < global_batch:
             raise LoaderError(f"{shards.num_samples} samples cannot fill one global batch of {global_batch}")
@@ -180,22 +213,33 @@ class ShardStream(IterableDataset):
         done = len(range(logical, self.skip_batches, self.workers))
         handler = _SkipCounter()
         samples = enumerate(self._train_samples(logical, handler))
-        if done:
-            samples = itertools.islice(samples, done * self.batch_size, None)
-        batch, reported = [], 0
+        if done:  # what was lost before the resume point was reported with the batches before it
+            deque(itertools.islice(samples, done * self.batch_size), maxlen=0)
+        batch, reported = [], handler.count
+        failing: Counter = Counter()  # shard -> samples that did not decode since the last one that did
         for i, sample in samples:
             rng = random.Random(_seed("augment", self.seed, self.epoch, self.rank, logical, i))
             try:
                 img, label = _open(sample)
                 batch.append((self.transform(img, rng), label))
             except Exception as exn:  # a corrupt sample inside a sound tar
-                handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
+                handler.sample(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}")
+                failing[sample.get("__url__")] += 1
+                if failing.total() >= self.give_up_after:
+                    raise LoaderError(self._give_up(failing, exn, logical)) from None
                 continue
+            failing.clear()
             if len(batch) == self.batch_size:
                 yield self._collate(batch, handler.count - reported)
                 reported, batch, done = handler.count, [], done + 1
                 if done >= total:
                     return
+
+    def _give_up(self, failing: Counter, exn: Exception, logical: int) -> str:
+        names = [url for url, _ in failing.most_common(5)]
+        more = f" and {len(failing) - len(names)} more" if len(failing) > len(names) else ""
+        return (f"{failing.total()} samples in a row do not decode (rank {self.rank}, worker {logical}; last: {exn}) "
+                f"in {', '.join(names)}{more}: check them with vitpipe verify")
 
     def _train_samples(self, logical: int, handler: _SkipCounter):
         """Shuffled samples for this (rank, worker), forever.
@@ -214,7 +258,7 @@ class ShardStream(IterableDataset):
                     order = list(urls)
                     random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical, n)).shuffle(order)
                     count = 0
-                    for sample in read_samples(order, handler):
+                    for sample in read_samples(order, handler, self.shards.counts):
                         count += 1
                         yield sample
                     if not count:  # going round again would never end
@@ -230,7 +274,7 @@ class ShardStream(IterableDataset):
         for n in itertools.count():
             rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical, n))
             count = 0
-            for sample in shuffled(read_samples(mine, handler), self.shuffle_buffer, rng):
+            for sample in shuffled(read_samples(mine, handler, self.shards.counts), self.shuffle_buffer, rng):
                 count += 1
                 yield sample
             if not count:  # going round again would never end
@@ -241,9 +285,9 @@ class ShardStream(IterableDataset):
         urls = self.shards.urls
         slot, slots = self.rank * workers + w, self.world_size * workers
         by_shard = len(urls) >= slots
-        handler = _SkipCounter()
+        handler = _SkipCounter(shards=by_shard or slot == 0)  # every slot reads every shard when not by_shard
         mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
-        samples = read_samples(mine, handler)
+        samples = read_samples(mine, handler, self.shards.counts)
         batch, reported = [], 0
         for i, sample in enumerate(samples):
             if not by_shard and i % slots != slot:
@@ -252,7 +296,7 @@ class ShardStream(IterableDataset):
                 img, label = _open(sample)
                 batch.append((self.transform(img), label))
             except Exception as exn:
-                handler(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}"))
+                handler.sample(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}")
                 continue
             if len(batch) == self.batch_size:
                 yield self._collate(batch, handler.count - reported)

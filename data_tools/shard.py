@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.images import BadImage, EncodeOptions, encode
-from data_tools.sources import Corpus, Input, read_bytes, read_source, sample_key
+from data_tools.images import BadImage, EncodeOptions, encode, short_error
+from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
 from vitpipe.io import fsync_dir, write_json
 
@@ -86,13 +86,13 @@ def _encode_one(inp: Input):
     if inp.skip:
         return inp.skip
     try:
-        data = read_bytes(inp, _WORKER_CORPUS)
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    try:
-        return encode(data, _WORKER_OPTS)
-    except BadImage as e:
+        return encode(read_bytes(inp, _WORKER_CORPUS), _WORKER_OPTS)
+    except (BadImage, Unreadable) as e:
         return str(e)
+    except OSError as e:
+        return f"unreadable ({e.strerror or short_error(e)})"
+    except Exception as e:  # what one input's bytes make a reader or PIL plugin raise skips that input, not the run
+        return f"unreadable ({type(e).__name__}: {short_error(e)})"
 
 
 def _shard_name(opts: ShardOptions, i: int | None) -> str:

@@ -7,9 +7,12 @@ Each reader lists its inputs in a stable order (so every machine and every rerun
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,10 @@ LABEL_COLUMNS = ("label", "labels", "class", "cls", "target")
 
 class SourceError(ValueError):
     """A corpus that cannot be read; the message names the file, column or key."""
+
+
+class Unreadable(Exception):
+    """One input whose bytes cannot be read; the message is the reason recorded in the index."""
 
 
 @dataclass(frozen=True)
@@ -62,23 +69,67 @@ def read_source(src: str, path_column: str | None = None, label_column: str | No
 def read_image_folder(root: Path) -> Corpus:
     """Class subfolders (labels from their sorted names); images below a class folder belong to it.
 
-    Non-image files in the tree are listed (by the shard writer) as skipped, not ignored.
+    Whatever cannot be an input is listed too, with its reason, for the shard writer to record as
+    skipped: files outside a class folder, hidden files and folders, links that lead nowhere, FIFOs,
+    sockets. Non-image files are listed as inputs and skipped when they do not decode.
     """
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        files = sorted(f for f in root.rglob("*") if f.is_file() and not _hidden(f, root))
-        return Corpus([Input(str(f.relative_to(root)), None, str(f)) for f in files], None)
+        return Corpus([_input(p, root, None, reason) for p, reason in _listing(root)], None)
     inputs = []
     for label, name in enumerate(classes):
-        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and not _hidden(f, root))
-        inputs += [Input(str(f.relative_to(root)), label, str(f)) for f in files]
-    stray = sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith("."))
-    inputs += [Input(f.name, None, str(f), skip="outside any class folder") for f in stray]
+        inputs += [_input(p, root, label, reason) for p, reason in _listing(root / name)]
+    for p, reason in _listing(root, descend=False):
+        if p.name not in classes:
+            inputs.append(_input(p, root, None, reason or "outside any class folder"))
     return Corpus(inputs, classes)
 
 
-def _hidden(f: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in f.relative_to(root).parts)
+def _input(path: Path, root: Path, label: int | None, skip: str | None) -> Input:
+    return Input(str(path.relative_to(root)), label, str(path), skip=skip)
+
+
+def _listing(folder: Path, descend: bool = True) -> list[tuple[Path, str | None]]:
+    """Every entry below ``folder``, sorted as paths sort: (path, None) for a file to read, or
+    (path, why it is not an input). Hidden folders and links to folders are listed, not entered."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        return [(folder, f"unreadable folder ({e.strerror or e})")]
+    out = []
+    for e in entries:
+        path = Path(e.path)
+        is_dir = e.is_dir(follow_symlinks=False)
+        if e.name.startswith("."):
+            out.append((path, "hidden folder (not read)" if is_dir else "hidden file"))
+        elif is_dir:
+            if descend:
+                out += _listing(path)
+            else:
+                out.append((path, None))
+        else:
+            out.append((path, _file_problem(path)))
+    return out
+
+
+def _file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as one image file, or None for a regular file (or a link to one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return "broken symbolic link"
+        return f"unreadable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "link to a folder (not followed)"
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+    return f"not a regular file ({kind})"
 
 
 def _rows(path: Path) -> list[dict]:
@@ -187,10 +238,16 @@ def read_hf_dataset(spec: str, split: str | None, label_column: str | None) -> C
 
 def read_bytes(inp: Input, corpus: Corpus) -> bytes:
     if inp.path is not None:
-        with open(inp.path, "rb") as f:
-            return f.read()
+        return _read_file(inp.path)
     cell = corpus.hf_dataset[inp.row][corpus.image_column]
     if cell.get("bytes"):
         return cell["bytes"]
-    with open(cell["path"], "rb") as f:
+    return _read_file(cell["path"])
+
+
+def _read_file(path: str) -> bytes:
+    # a manifest may name a FIFO, whose open() would wait for a writer forever
+    if problem := _file_problem(path):
+        raise Unreadable(problem)
+    with open(path, "rb") as f:
         return f.read()

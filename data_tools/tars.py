@@ -85,20 +85,26 @@ def read_tar(path: str | Path):
     """Samples of an uncompressed local tar, grouped by key, in order (dicts with ``__key__``).
 
     About twice as fast as webdataset's streaming tarfile reader (plain header parsing and one
-    read per member); tars with other member types raise ForeignTar for webdataset to read.
+    read per member); tars with other member types raise ForeignTar for webdataset to read. A
+    file that ends before its end-of-archive block (empty, cut inside a header or a member)
+    raises ReadError after the complete samples before the cut.
     """
     key, sample = None, {}
     with open(path, "rb", buffering=1 << 20) as f:
         while True:
             header = f.read(tarfile.BLOCKSIZE)
-            if len(header) < tarfile.BLOCKSIZE or header == bytes(tarfile.BLOCKSIZE):
+            if header and not header.strip(b"\0"):  # end-of-archive (or a cut inside it: nothing is lost)
                 break
+            if len(header) < tarfile.BLOCKSIZE:
+                where = "empty file" if f.tell() == 0 else \
+                    "cut inside a tar header" if header else "no end-of-archive block (cut between members?)"
+                raise tarfile.ReadError(f"truncated: {where}")
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
             if info.type not in tarfile.REGULAR_TYPES:
                 raise ForeignTar(f"{path}: member type {info.type!r}")
             data = f.read(info.size)
             if len(data) < info.size:
-                raise tarfile.ReadError(f"{path}: truncated at {info.name}")
+                raise tarfile.ReadError(f"truncated inside member {info.name}")
             f.seek(-info.size % tarfile.BLOCKSIZE, 1)
             k, _, ext = info.name.rpartition("/")[2].partition(".")
             if k != key and sample:

@@ -35,19 +35,26 @@ def representation(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelInfo, batch_size: int = 64,
-                        workers: int = 0, logits: bool = False, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-logits features (or logits) and labels of every sample this rank sees."""
+                        workers: int = 0, logits: bool = False, device="cpu",
+                        stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logits features (or logits) and labels of every sample this rank sees.
+
+    ``stats``, if given, gets ``skipped``: the samples this rank lost (damaged shards, images that
+    do not decode)."""
     rank, world = _dist()
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     model.eval().to(device)
-    feats, labels = [], []
+    feats, labels, skipped = [], [], 0
     for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
+        skipped += int(batch["skipped"])
         if len(batch["labels"]) == 0:
             continue
         tokens = model.forward_features(batch["pixel_values"].to(device))
         out = model.forward_head(tokens) if logits else representation(model, tokens)
         feats.append(out.float().cpu())
         labels.append(batch["labels"])
+    if stats is not None:
+        stats["skipped"] = skipped
     if not feats:
         return torch.empty(0, model.cfg.embed_dim), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
@@ -172,22 +179,33 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
     report: dict = {"data": str(data)}
     has_head = isinstance(model.head, torch.nn.Linear)
+    lost: dict = {}
     if has_head:
         if model.cfg.num_classes != len(test.classes):
             raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
         t = time.perf_counter()
-        logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device)
+        logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device,
+                                             stats=lost)
         report.update(classification_report(logits, labels, info.labels or test.classes))
         report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
     if fewshot_train is not None:
         train = resolve_shards(fewshot_train)
         xtr = features_and_labels(model, train, info, batch_size, workers, device=device)
-        xte = features_and_labels(model, test, info, batch_size, workers, device=device)
+        xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost)
         k = len(test.classes)
         report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
         if probe:
             report["linear_probe_top1"] = linear_probe(xtr, xte, k)
-        report.setdefault("samples", len(xte[1]))
+    if lost:
+        totals = torch.tensor([lost["skipped"], 0 if has_head else len(xte[1])])
+        if _dist()[1] > 1:  # every rank reaches this once
+            torch.distributed.all_reduce(totals)
+        report.setdefault("samples", int(totals[1]))
+        report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
+        if report["samples"] < test.num_samples:
+            report["warning"] = (f"{data}: saw {report['samples']} of the {test.num_samples} samples the index lists "
+                                 f"({report['skipped_samples']} lost to damaged shards or images that do not "
+                                 "decode; vitpipe verify names them)")
     if out_dir is not None and _dist()[0] == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +216,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
 
 
 def summary(report: dict) -> str:
-    lines = []
+    lines = [f"warning: {report['warning']}"] if "warning" in report else []
     if "top1" in report:
         lines.append(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  on {report['samples']} images "
                      f"({report['images_per_s']:.0f} img/s incl. decoding)")

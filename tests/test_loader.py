@@ -1,5 +1,7 @@
 import io
+import logging
 import random
+import shutil
 import tarfile
 
 import pytest
@@ -168,3 +170,70 @@ def test_a_worker_whose_shards_are_all_unreadable_fails_instead_of_hanging(tmp_p
     s = resolve_shards([str(broken)], num_samples=10)
     with pytest.raises(LoaderError, match="no readable sample"):
         list(train_loader(s, TrainTransform(16), 2))
+
+
+def garbage_shard(path, n):
+    """A sound tar of ``n`` labelled samples whose images do not decode."""
+    with tarfile.open(path, "w") as t:
+        for i in range(n):
+            for ext, data in (("cls", b"0"), ("jpg", b"garbage" * 10)):
+                info = tarfile.TarInfo(f"k{i:04d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_shards_that_never_decode_fail_with_one_line_instead_of_looping(tmp_path, caplog, resampled):
+    urls = [garbage_shard(tmp_path / f"bad{i}.tar", 10) for i in range(2)]
+    s = resolve_shards(urls, num_samples=20)
+    with caplog.at_level(logging.WARNING), pytest.raises(LoaderError) as err:
+        list(train_loader(s, TrainTransform(16), 2, resampled=resampled))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("1000 samples in a row do not decode")
+    assert urls[0] in message and urls[1] in message and "vitpipe verify" in message
+    assert 5 <= len(caplog.records) <= 7  # a few examples and a count, not a line per sample
+
+
+def member_offset(path, n):
+    with tarfile.open(path) as t:
+        return t.getmembers()[n].offset
+
+
+@pytest.fixture
+def damaged(shards, tmp_path):
+    """The 7 shards with three damaged: one zero bytes (10 samples lost), one cut inside the header
+    of its third sample (9 lost: the second was not complete yet), one cut inside the image of its
+    fifth (6 lost)."""
+    out = tmp_path / "damaged"
+    shutil.copytree(shards, out)
+    (out / "shard-000001.tar").write_bytes(b"")
+    for name, cut in (("shard-000002.tar", member_offset(out / "shard-000002.tar", 6) + 100),
+                      ("shard-000003.tar", member_offset(out / "shard-000003.tar", 13) + 512 + 10)):
+        (out / name).write_bytes((out / name).read_bytes()[:cut])
+    return out
+
+
+DAMAGED = ("shard-000001.tar", "shard-000002.tar", "shard-000003.tar")
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 3)])
+def test_eval_counts_every_sample_lost_in_a_damaged_shard(damaged, caplog, world, workers):
+    s = resolve_shards(damaged)
+    seen, skipped = 0, 0
+    with caplog.at_level(logging.WARNING):
+        for rank in range(world):
+            for b in eval_loader(s, EvalTransform(16), 5, rank=rank, world_size=world, workers=workers):
+                seen, skipped = seen + len(b["labels"]), skipped + int(b["skipped"])
+    assert (seen, skipped) == (67 - 25, 25)
+    if workers == 0:  # worker processes log to their own stderr
+        named = sorted(name for r in caplog.records for name in DAMAGED if name in r.getMessage())
+        assert named == list(DAMAGED)  # each damaged shard once, by name
+
+
+def test_training_counts_samples_lost_in_damaged_shards(damaged, caplog):
+    with caplog.at_level(logging.WARNING):
+        batches = list(train_loader(resolve_shards(damaged), TrainTransform(16), 4))
+    assert len(batches) == 67 // 4 and sum(int(b["skipped"]) for b in batches) >= 25
+    named = sorted(name for r in caplog.records for name in DAMAGED if name in r.getMessage())
+    assert named == list(DAMAGED)

@@ -1,8 +1,11 @@
+import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -81,6 +84,75 @@ def test_bad_inputs_are_skipped_counted_and_listed(messy, tmp_path):
     assert reasons["bad/not_an_image.jpg"] == "not an image (unknown format)"
     assert reasons["stray.jpg"] == "outside any class folder"
     assert index["total_samples"] + len(index["skipped"]) == index["inputs"]
+
+
+def truncated_png() -> bytes:
+    """A 200x200 random-pixel PNG cut at half its bytes: PIL opens it, then fails reading it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()[:len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize("validate", ["full", "header"])
+def test_a_truncated_png_is_a_listed_skip_not_the_end_of_the_run(tmp_path, validate):
+    src = write_folder(tmp_path / "src", {"a": 3})
+    write_files(src / "a", {"cut.png": truncated_png()})
+    index = shard(str(src), tmp_path / "out", ShardOptions(encode=EncodeOptions(validate=validate)), progress=False)
+    assert index["total_samples"] == 3
+    assert [(s["source"], s["reason"]) for s in index["skipped"]] == [
+        ("a/cut.png", "corrupt or truncated image (image file is truncated)")]
+
+
+def test_any_error_reading_one_input_skips_that_input(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_files(src / "a", {"plain.jpg": awkward_images()["UPPER.JPEG"], "rotated.jpg": awkward_images()["rotated.jpg"]})
+
+    def broken_exif(img):  # as a PIL plugin meeting bad EXIF bytes might
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr("data_tools.images.ImageOps.exif_transpose", broken_exif)
+    index = shard(str(src), tmp_path / "out", progress=False)
+    assert index["total_samples"] == 1  # the pass-through JPEG never reaches the EXIF code
+    assert [(s["source"], s["reason"]) for s in index["skipped"]] == [
+        ("a/rotated.jpg", "unreadable (IndexError: tuple index out of range)")]
+
+
+def test_special_and_hidden_entries_are_listed_as_skipped(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 2, "b": 2})
+    os.mkfifo(src / "a" / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "b" / "sock.jpg"))
+    os.symlink(src / "nowhere.jpg", src / "a" / "broken.jpg")
+    os.symlink("loop.jpg", src / "b" / "loop.jpg")
+    os.symlink(src / "b", src / "a" / "folder-link")
+    os.symlink(src / "a" / "00000.jpg", src / "b" / "file-link.jpg")  # a link to a file is read
+    write_files(src, {".DS_Store": b"x", "a/.hidden.jpg": awkward_images()["UPPER.JPEG"],
+                      "b/.thumbnails/t.jpg": awkward_images()["UPPER.JPEG"]})
+    try:
+        index = shard(str(src), tmp_path / "out", progress=False)
+    finally:
+        sock.close()
+    assert {s["source"]: s["reason"] for s in index["skipped"]} == {
+        "a/pipe.jpg": "not a regular file (FIFO)",
+        "b/sock.jpg": "not a regular file (socket)",
+        "a/broken.jpg": "broken symbolic link",
+        "b/loop.jpg": "symbolic link loop",
+        "a/folder-link": "link to a folder (not followed)",
+        ".DS_Store": "hidden file",
+        "a/.hidden.jpg": "hidden file",
+        "b/.thumbnails": "hidden folder (not read)",
+    }
+    assert index["total_samples"] == 5 and index["total_samples"] + len(index["skipped"]) == index["inputs"]
+
+
+def test_a_manifest_naming_a_fifo_skips_it_instead_of_waiting(tmp_path):
+    write_folder(tmp_path / "imgs", {"x": 2})
+    os.mkfifo(tmp_path / "imgs" / "pipe.jpg")
+    (tmp_path / "m.csv").write_text("path,label\nimgs/x/00000.jpg,x\nimgs/pipe.jpg,x\nimgs/gone.jpg,x\n")
+    index = shard(str(tmp_path / "m.csv"), tmp_path / "out", progress=False)
+    assert index["total_samples"] == 1
+    assert {s["source"]: s["reason"] for s in index["skipped"]} == {
+        "imgs/pipe.jpg": "not a regular file (FIFO)", "imgs/gone.jpg": "unreadable (No such file or directory)"}
 
 
 def test_header_validation_passes_truncated_jpeg_through(tmp_path):
@@ -318,3 +390,18 @@ def test_cli_shard_bad_arguments(tmp_path, cli_env):
     run = subprocess.run(["vitpipe", "shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"], env=cli_env,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "--part" in run.stderr
+
+
+def test_shard_verify_and_inspect_do_not_import_torch(tmp_path):
+    src, out = write_folder(tmp_path / "src", {"a": 3, "b": 3}), tmp_path / "out"
+    code = f"""import sys
+from vitpipe.cli import main
+assert main(["shard", {str(src)!r}, {str(out)!r}]) == 0
+assert main(["verify", {str(out)!r}]) == 0
+assert main(["inspect", {str(out)!r}]) == 0
+assert main(["shard", {str(tmp_path / "nope")!r}, {str(out)!r}]) == 2
+print(sorted(m for m in ("torch", "vit", "webdataset") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-1] == "[]"

@@ -230,10 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vit import CheckpointError
-
     try:
         return args.run(args) or 0
-    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input (CheckpointError too): one line
         print(f"vitpipe {args.verb}: error: {e}", file=sys.stderr)
         return 2
