@@ -1,9 +1,10 @@
-"""Pretraining throughput (MPP) through our loop vs a minimal hand-written torch loop.
+"""Pretraining throughput (MPP, MAE) through our loop vs a minimal hand-written torch loop.
 
 Both read the same shards through the same loader and train the same model with the same
 optimizer; the difference is the loop's own machinery (accelerate, schedules, logging,
 checkpoint-free steps, non-finite checks). Also MFU against a matmul peak measured in the same
-run, and peak memory with and without gradient checkpointing. Each variant runs in a fresh process.
+run, and peak memory with and without gradient checkpointing. And MAE against MPP at the same
+encoder and batch (MAE encodes a quarter of the patches). Each variant runs in a fresh process.
 
     python bench/train.py [--model vit_ti16] [--img-size 224] [--batch 16] [--steps 12] [--device cpu|cuda]
 """
@@ -58,12 +59,16 @@ class PeakRSS:
             self.base = 0.0
 
 
-def config(args, shards: str, out: str, checkpointing: bool):
+def config(args, shards: str, out: str, checkpointing: bool, objective: str = "mpp"):
     from pretrain.config import load_config
 
-    return load_config(None, [
+    dim, depth, heads = args.mae_decoder
+    objective_keys = [f"objective.name={objective}"] if objective == "mpp" else [
+        f"objective.name={objective}", f"objective.decoder_dim={dim}", f"objective.decoder_depth={depth}",
+        f"objective.decoder_heads={heads}"]
+    return load_config(None, [*objective_keys, 
         f"data.train={shards}", f"model.name={args.model}", f"model.image_size={args.img_size}", "model.head=none",
-        f"data.batch_size={args.batch}", "data.workers=1", "data.shuffle_buffer=64", "objective.name=mpp",
+        f"data.batch_size={args.batch}", "data.workers=1", "data.shuffle_buffer=64",
         f"train.max_steps={args.warmup + args.steps}", f"train.checkpoint_every={10**9}", f"train.output_dir={out}",
         f"train.log_every={args.warmup}", f"model.grad_checkpointing={str(checkpointing).lower()}",
         "schedule.warmup_steps=0", "schedule.decay=constant", "train.resume=none",
@@ -71,12 +76,12 @@ def config(args, shards: str, out: str, checkpointing: bool):
     ])
 
 
-def run_ours(args, shards: str, checkpointing: bool) -> dict:
+def run_ours(args, shards: str, checkpointing: bool, objective: str = "mpp") -> dict:
     from pretrain.objectives import build_objective
     from pretrain.run import build_model
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = config(args, shards, out, checkpointing)
+        cfg = config(args, shards, out, checkpointing, objective)
         model = build_model(cfg, None)
         from pretrain.loop import train
 
@@ -148,12 +153,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--variant", choices=["ours", "ours_ckpt", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--mae-decoder", type=int, nargs=3, default=[128, 2, 4], metavar=("DIM", "DEPTH", "HEADS"),
+                   help="MAE's decoder width, depth and heads (default: 128 2 4, light for ViT-Ti)")
+    p.add_argument("--variant", choices=["ours", "ours_ckpt", "ours_mae", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         result = run_bare(args, args.shards) if args.variant == "bare" else \
-            run_ours(args, args.shards, args.variant == "ours_ckpt")
+            run_ours(args, args.shards, args.variant == "ours_ckpt", "mae" if args.variant == "ours_mae" else "mpp")
         print(json.dumps(result))
         return
     import torch
@@ -164,7 +171,7 @@ def main() -> None:
         shards = make_shards(Path(tmp), 256, args.img_size)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         results = {}
-        for variant in ("bare", "ours", "ours_ckpt"):
+        for variant in ("bare", "ours", "ours_ckpt", "ours_mae"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--shards", shards]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
@@ -173,13 +180,16 @@ def main() -> None:
     from vit import create_model
 
     gflops = train_flops_per_image(create_model(args.model, image_size=args.img_size)) / 1e9
-    bare, ours, ckpt = results["bare"], results["ours"], results["ours_ckpt"]
+    bare, ours, ckpt, mae = results["bare"], results["ours"], results["ours_ckpt"], results["ours_mae"]
     print(f"{args.model} @ {args.img_size}, MPP, batch {args.batch}, AdamW fp32, {args.device}")
     print(f"matmul peak measured now: {peak:.0f} GFLOP/s")
     print(f"  bare torch loop  {bare['images_per_s']:7.2f} img/s   peak memory {bare['peak_mb']:7.0f} MB")
     print(f"  vitpipe loop     {ours['images_per_s']:7.2f} img/s   peak memory {ours['peak_mb']:7.0f} MB  "
           f"MFU {ours['images_per_s'] * gflops / peak:.1%}")
     print(f"  + grad ckpt      {ckpt['images_per_s']:7.2f} img/s   peak memory {ckpt['peak_mb']:7.0f} MB")
+    print(f"  MAE, same encoder {mae['images_per_s']:7.2f} img/s   peak memory {mae['peak_mb']:7.0f} MB  "
+          f"(75% masked, decoder {' / '.join(map(str, args.mae_decoder))} width / depth / heads)")
+    print(f"MAE vs MPP images/s: {mae['images_per_s'] / ours['images_per_s']:.2f}x (target >= 2.5x)")
     overhead = 1 - ours["images_per_s"] / bare["images_per_s"]
     print(f"loop overhead vs bare loop: {overhead:+.1%} (target <= 5%); ratio {ours['images_per_s'] / bare['images_per_s']:.3f}")
 

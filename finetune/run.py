@@ -16,7 +16,6 @@ from pretrain.config import (
     Config,
     ConfigError,
     ModelConfig,
-    ObjectiveConfig,
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
@@ -29,10 +28,10 @@ from vit import CheckpointError, ModelInfo, load_model, save_checkpoint
 
 
 def finetune_defaults() -> Config:
-    """The paper's fine-tuning choices: SGD momentum 0.9, no weight decay, clip 1, cosine with warmup."""
+    """The paper's fine-tuning choices: SGD momentum 0.9, no weight decay, clip 1, cosine with warmup;
+    the checkpoint's resolution and pooling unless the config sets them."""
     return Config(
-        model=ModelConfig(name="", image_size=None, head="linear"),
-        objective=ObjectiveConfig(name="supervised"),
+        model=ModelConfig(name="", image_size=None, head="linear", global_pool=None),
         optim=OptimConfig(name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, clip_grad_norm=1.0),
         schedule=ScheduleConfig(warmup_steps=500, decay="cosine"),
         train=TrainConfig(output_dir="runs/finetune"),
@@ -58,9 +57,11 @@ def finetune(cfg: Config) -> Path:
     size = cfg.model.image_size
     size = None if size is None else (tuple(size) if isinstance(size, list) else (size, size))
     try:
-        prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation)
+        prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation, cfg.model.head,
+                             cfg.model.global_pool)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    cfg.model.global_pool = model.cfg.global_pool  # the run's config.json records the pooling it used
     labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
     info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
                      provenance={"init": str(cfg.init), "pretraining": info.provenance.get("objective"),

@@ -14,6 +14,8 @@ from typing import Literal
 
 import yaml
 
+from pretrain.objectives import ObjectiveOptions, options_for
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the key."""
@@ -25,7 +27,7 @@ class ModelConfig:
     image_size: int | list[int] | None = 224  # fine-tuning: null keeps the checkpoint's
     num_classes: int | None = None  # default: the classes in the training shards' index
     head: Literal["pretrain", "linear", "none"] = "pretrain"
-    global_pool: Literal["token", "avg"] = "token"
+    global_pool: Literal["token", "avg"] | None = "token"  # fine-tuning: null keeps the checkpoint's
     embed_dim: int | None = None  # the four below override the named size (small test models)
     depth: int | None = None
     num_heads: int | None = None
@@ -47,20 +49,10 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
     augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
     crop_scale_min: float = 0.08
+    monitor: str | list[str] | None = None  # labelled shards: kNN top-1 of frozen features at every checkpoint
+    monitor_bank: str | list[str] | None = None  # the kNN's labelled bank; null: leave-one-out on data.monitor
     mean: list[float] | None = None  # null: the checkpoint's when fine-tuning, else 0.5 (the paper's [-1, 1])
     std: list[float] | None = None
-
-
-@dataclass
-class ObjectiveConfig:
-    name: Literal["supervised", "mpp"] = "supervised"
-    label_smoothing: float = 0.0
-    multilabel: bool = False  # sigmoid binary cross-entropy instead of softmax
-    mpp_target: Literal["mean_color", "downsampled", "pixels"] = "mean_color"
-    corrupt_ratio: float = 0.5
-    mask_prob: float = 0.8  # of the corrupted: replaced by the [mask] embedding
-    random_prob: float = 0.1  # ... by another patch's embedding; the rest are left unchanged
-    color_bits: int = 3
 
 
 @dataclass
@@ -71,6 +63,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9
     clip_grad_norm: float | None = 1.0
+    layer_decay: float | None = None  # layer-wise lr decay (MAE fine-tuning): layer l gets lr * decay^(L+1-l)
 
 
 @dataclass
@@ -99,7 +92,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveOptions = field(default_factory=lambda: options_for("supervised"))  # its own keys
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +141,8 @@ def _check(value, hint, key: str):
 
 
 def _name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -157,7 +152,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{full}: unknown config key (known: {', '.join(sorted(prefix + n for n in names))})")
+            scope = f"objective {obj.name} " if isinstance(obj, ObjectiveOptions) else ""
+            raise ConfigError(f"{full}: unknown config key for {scope or 'this section '}"
+                              f"(known: {', '.join(sorted(prefix + n for n in names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -179,8 +176,13 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
-    """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults)."""
+    """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults).
+
+    ``objective.name`` (from either) picks the objective, and with it the keys its section accepts;
+    an override that switches to another objective than the file's replaces the file's section.
+    """
     cfg = base or Config()
+    values: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -191,15 +193,44 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        _apply(cfg, values)
+    given: dict = {}
     for text in overrides:
         keys, value = parse_override(text)
-        nested = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _apply(cfg, nested)
+        _merge(given, keys, value)
+    switched = _section(given, "objective").get("name")
+    if switched is not None and switched != _section(values, "objective").get("name", cfg.objective.name):
+        values.pop("objective", None)
+    _merge_all(values, given)
+    objective = values.get("objective")
+    if isinstance(objective, dict) and "name" in objective and objective["name"] != cfg.objective.name:
+        try:
+            cfg.objective = options_for(objective["name"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    _apply(cfg, values)
     validate(cfg)
     return cfg
+
+
+def _section(values: dict, key: str) -> dict:
+    return values[key] if isinstance(values.get(key), dict) else {}
+
+
+def _merge_all(values: dict, given: dict) -> None:
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            _merge_all(values[key], value)
+        else:
+            values[key] = value
+
+
+def _merge(values: dict, keys: list[str], value) -> None:
+    """Set ``values[k1][k2]... = value``, keeping sibling keys a YAML file set."""
+    for k in keys[:-1]:
+        if not isinstance(values.get(k), dict):
+            values[k] = {}
+        values = values[k]
+    values[keys[-1]] = value
 
 
 def validate(cfg: Config) -> None:
@@ -213,10 +244,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if t.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0, got {t.max_steps}")
-    if not 0 < o.corrupt_ratio <= 1:
-        raise ConfigError(f"objective.corrupt_ratio: must be in (0, 1], got {o.corrupt_ratio}")
-    if o.mask_prob < 0 or o.random_prob < 0 or o.mask_prob + o.random_prob > 1:
-        raise ConfigError("objective.mask_prob + objective.random_prob: must be within [0, 1]")
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
+    try:
+        o.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.train is None:
         raise ConfigError("data.train: required (a shard folder with index.json, a shard list or a pattern)")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data_tools.loader import ShardSet, eval_loader, resolve_shards, train_loader
 from data_tools.transforms import EvalTransform, TrainTransform
 from pretrain.config import Config, ConfigError
+from pretrain.monitor import knn_top1, pooled_features
 from pretrain.objectives import Task
 from vit import ModelInfo, VisionTransformer
 from vit.checkpoint import save_state_dict
@@ -51,20 +52,48 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float =
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and kernels only: not on biases, norms, embeddings or tokens."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """MAE's (and BEiT's) layer of a ViT parameter: 0 for the patch and position embeddings and the
+    class token, 1..depth for the blocks, depth + 1 for what follows them (norm, fc_norm, head)."""
+    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: not on biases, norms, embeddings or tokens.
+
+    Each group has an ``lr_scale`` (the loop multiplies the scheduled lr by it): 1, or with
+    ``layer_decay`` (MAE's layer-wise lr decay) ``layer_decay ** (depth + 1 - layer_id)`` for the
+    ViT inside ``module``, one group per layer and decay; parameters outside the ViT (an
+    objective's) count as its top layer. The top layer (scale 1) comes first.
+    """
+    prefix, depth = "", 0
+    if layer_decay is not None:
+        found = next(((n, m) for n, m in module.named_modules() if isinstance(m, VisionTransformer)), None)
+        if found is None:
+            raise ConfigError("optim.layer_decay: the trained module holds no VisionTransformer")
+        prefix, depth = (found[0] + "." if found[0] else ""), len(found[1].blocks)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
-        (no_decay if flat else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        layer = layer_id(name[len(prefix):], depth) if layer_decay is not None and name.startswith(prefix) \
+            else depth + 1
+        scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - layer)
+        groups.setdefault((layer, flat), {"params": [], "weight_decay": 0.0 if flat else weight_decay,
+                                          "lr_scale": scale})["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
 
 
 def build_optimizer(cfg: Config, module: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(module, o.weight_decay)
+    groups = param_groups(module, o.weight_decay, o.layer_decay)
+    for g in groups:
+        g["lr"] = o.lr * g["lr_scale"]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
@@ -165,13 +194,14 @@ def per_rank_batch(cfg: Config, world: int) -> int:
 
 @torch.no_grad()
 def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
-    """The objective's loss and accuracy on held-out shards, every sample once across ranks.
+    """The objective's loss and metrics on held-out shards, every sample once across ranks.
 
     Runs the unwrapped module, so ranks with different batch counts never meet in a collective
     until the single reduction at the end.
     """
     task.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    names = task.objective.metrics
+    totals = torch.zeros(2 + len(names), dtype=torch.float64)
     loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, workers=workers)
     for i, batch in enumerate(loader):
@@ -183,11 +213,32 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
         gen.manual_seed(seed_for(seed, "val", accelerator.process_index, i))
         with accelerator.autocast():
             loss, extra = task(batch, gen)
-        totals += torch.tensor([loss.item() * n, extra["accuracy"].item() * n, n], dtype=torch.float64)
+        totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
     task.train()
     totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-    return {"val_loss": (totals[0] / totals[2]).item(), "val_accuracy": (totals[1] / totals[2]).item(),
-            "val_samples": int(totals[2])}
+    means = (totals[1:] / totals[0]).tolist()
+    return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
+
+
+@torch.no_grad()
+def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
+            batch_size: int, workers: int) -> dict:
+    """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    sets = {}
+    for name, shards in (("queries", queries), ("bank", bank)):
+        if shards is not None:
+            mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
+                                   accelerator.num_processes, workers, accelerator.device)
+            parts = gather_object([mine])
+            sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
+    model.train()
+    classes = len(queries.classes)
+    if "bank" in sets:
+        return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}
+    return {"knn_top1": knn_top1(sets["queries"], None, classes), "knn_queries": len(sets["queries"][1])}
 
 
 def _rewind_metrics(path: Path, step: int) -> None:
@@ -228,9 +279,15 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     forward = torch.compile(task) if cfg.train.compile else task
     task_p, optimizer = accelerator.prepare(forward, optimizer)
     deepspeed = accelerator.state.deepspeed_plugin is not None
-    if val_shards is not None and deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        accelerator.print("note: data.val is not evaluated under ZeRO-3 (its parameters are sharded across ranks)")
-        val_shards = None
+    monitor_shards = resolve_shards(cfg.data.monitor) if cfg.data.monitor else None
+    monitor_bank = resolve_shards(cfg.data.monitor_bank) if cfg.data.monitor_bank else None
+    for key, labelled in (("data.monitor", monitor_shards), ("data.monitor_bank", monitor_bank)):
+        if labelled is not None and not labelled.classes:
+            raise ConfigError(f"{key}: the kNN monitor needs labelled shards (their index.json lists no classes)")
+    if deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3 and (val_shards or monitor_shards):
+        accelerator.print("note: data.val and data.monitor are not evaluated under ZeRO-3 (its parameters are "
+                          "sharded across ranks)")
+        val_shards = monitor_shards = None
 
     pos = Position()
     if resume_from is not None:
@@ -258,14 +315,16 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
 
     stream = micro_batches(pos)
     bar = tqdm(total=cfg.train.max_steps, initial=pos.step, desc=stage, disable=not accelerator.is_main_process)
-    window = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "skipped": 0, "t": time.perf_counter()}
+    names = ("loss", *objective.metrics)
+    window = {**dict.fromkeys(names, 0.0), "steps": 0, "skipped": 0, "t": time.perf_counter()}
     task_p.train()
     try:
         while pos.step < cfg.train.max_steps:
+            factor = lr_factor(pos.step, cfg.schedule.warmup_steps, cfg.train.max_steps, cfg.schedule.decay,
+                               cfg.schedule.min_lr_ratio)
             for g in optimizer.param_groups:
-                g["lr"] = cfg.optim.lr * lr_factor(pos.step, cfg.schedule.warmup_steps, cfg.train.max_steps,
-                                                   cfg.schedule.decay, cfg.schedule.min_lr_ratio)
-            step_loss = torch.zeros(2, device=accelerator.device)
+                g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0) * factor
+            step_loss = torch.zeros(len(names), device=accelerator.device)
             grad_norm = None
             for k in range(cfg.train.grad_accum):
                 batch, (pos.epoch, pos.batch) = next(stream)
@@ -281,7 +340,8 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
                         grad_norm = accelerator.clip_grad_norm_(task_p.parameters(), cfg.optim.clip_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                step_loss += torch.stack([loss.detach().float(), extra["accuracy"].float()]) / cfg.train.grad_accum
+                values = [loss.detach().float(), *(extra[m].float() for m in objective.metrics)]
+                step_loss += torch.stack(values) / cfg.train.grad_accum
             if deepspeed:
                 grad_norm = task_p.get_global_grad_norm()
             step_loss = accelerator.reduce(step_loss, "mean")
@@ -290,16 +350,16 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
                 raise TrainingError(f"step {pos.step}: loss is {step_loss[0].item()}; stopping. Last good checkpoint: "
                                     f"{last or 'none (no checkpoint written yet)'}")
             pos.step += 1
-            window["loss"] += step_loss[0].item()
-            window["accuracy"] += step_loss[1].item()
+            for name, value in zip(names, step_loss.tolist()):
+                window[name] += value
             window["steps"] += 1
             bar.update(1)
             if pos.step % cfg.train.log_every == 0 or pos.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window["t"]
                 images_per_s = window["steps"] * cfg.data.batch_size / elapsed
                 record = {
-                    "step": pos.step, "epoch": pos.epoch, "loss": window["loss"] / window["steps"],
-                    "accuracy": window["accuracy"] / window["steps"], "lr": optimizer.param_groups[0]["lr"],
+                    "step": pos.step, "epoch": pos.epoch, **{m: window[m] / window["steps"] for m in names},
+                    "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "images_per_s": images_per_s, "mfu": images_per_s * flops / (peak * world),
                     "skipped_samples": window["skipped"],
@@ -309,17 +369,23 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window.update(loss=0.0, accuracy=0.0, steps=0, skipped=0, t=time.perf_counter())
+                window.update(dict.fromkeys(names, 0.0), steps=0, skipped=0, t=time.perf_counter())
             if pos.step % cfg.train.checkpoint_every == 0 or pos.step == cfg.train.max_steps:
-                if val_shards is not None:
-                    val = {"step": pos.step, **validate(accelerator, accelerator.unwrap_model(task_p), val_shards,
-                                                         val_transform, micro, cfg.data.workers, cfg.train.seed)}
+                if val_shards is not None or monitor_shards is not None:
+                    unwrapped = accelerator.unwrap_model(task_p)
+                    val = {"step": pos.step}
+                    if val_shards is not None:
+                        val.update(validate(accelerator, unwrapped, val_shards, val_transform, micro, cfg.data.workers,
+                                            cfg.train.seed))
+                    if monitor_shards is not None:
+                        val.update(monitor(accelerator, unwrapped.model, monitor_shards, monitor_bank, val_transform,
+                                           micro, cfg.data.workers))
                     accelerator.log({k: v for k, v in val.items() if k != "step"}, step=pos.step)
                     if accelerator.is_main_process:
                         with open(val_path, "a") as f:
                             f.write(json.dumps(val) + "\n")
-                        bar.write(f"step {pos.step}: val loss {val['val_loss']:.4f}, "
-                                  f"val accuracy {val['val_accuracy']:.2%} ({val['val_samples']} images)")
+                        bar.write(f"step {pos.step}: " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
                 save_training_checkpoint(accelerator, task_p, pos, cfg, info, stage)
                 saved_at = pos.step
         if saved_at != pos.step:  # max_steps already reached when resumed

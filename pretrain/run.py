@@ -12,7 +12,7 @@ import sys
 from data_tools.loader import LoaderError, resolve_shards
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.loop import TrainingError, train
-from pretrain.objectives import build_objective
+from pretrain.objectives import OBJECTIVES, build_objective
 from vit import CheckpointError, ModelInfo, create_model
 
 USER_ERRORS = (ConfigError, LoaderError, CheckpointError, TrainingError, ValueError, FileNotFoundError)
@@ -21,10 +21,12 @@ USER_ERRORS = (ConfigError, LoaderError, CheckpointError, TrainingError, ValueEr
 def build_model(cfg: Config, classes: list[str] | None):
     m = cfg.model
     num_classes = m.num_classes
+    uses_labels = OBJECTIVES[cfg.objective.name].uses_labels
     if num_classes is None:
-        num_classes = len(classes) if classes and cfg.objective.name == "supervised" else 0
-    if cfg.objective.name == "supervised" and not num_classes:
-        raise ConfigError("model.num_classes: the training shards have no classes; set it (or use objective.name=mpp)")
+        num_classes = len(classes) if classes and uses_labels else 0
+    if uses_labels and not num_classes:
+        raise ConfigError(f"model.num_classes: the training shards have no classes; set it (or use a "
+                          f"self-supervised objective.name: {', '.join(n for n, o in OBJECTIVES.items() if not o.uses_labels)})")
     size = tuple(m.image_size) if isinstance(m.image_size, list) else m.image_size
     try:
         return create_model(m.name, image_size=size, num_classes=num_classes, head=m.head if num_classes else "none",

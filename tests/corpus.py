@@ -41,6 +41,33 @@ def write_folder(root: Path, per_class: dict[str, int], size=(48, 40), seed: int
     return root
 
 
+def pattern_images(per_class: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small learnable set, (N, size, size, 3) uint8 and labels: 0 horizontal stripes, 1 vertical
+    stripes, 2 a checkerboard; random period phase, colours and noise, so no two images are equal."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels = [], []
+    for label in range(3):
+        for _ in range(per_class):
+            phase = rng.integers(0, 4)
+            on = [(yy + phase) // 2 % 2, (xx + phase) // 2 % 2, ((yy + phase) // 2 + (xx + phase) // 2) % 2][label]
+            fg, bg = rng.uniform(0.55, 1.0, 3), rng.uniform(0.0, 0.45, 3)
+            img = np.where(on[..., None] == 1, fg, bg) + rng.normal(0, 0.04, (size, size, 3))
+            images.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def write_patterns(root: Path, per_class: int, size: int = 16, seed: int = 0) -> Path:
+    """``pattern_images`` as an ImageFolder of PNGs (classes horizontal, vertical, checker)."""
+    images, labels = pattern_images(per_class, size, seed)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / ("horizontal", "vertical", "checker")[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return root
+
+
 def _exif_rotated() -> bytes:
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     img.paste((0, 0, 255), (20, 0, 40, 20))  # right half blue

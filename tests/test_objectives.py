@@ -1,22 +1,33 @@
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.loop import latest_checkpoint, lr_factor, param_groups
+from pretrain.monitor import knn_predict, knn_top1
 from pretrain.objectives import (
-    MaskedPatchPrediction,
+    OBJECTIVES,
     Normalization,
+    Task,
     corrupt,
     corruption_plan,
     downsampled_target,
+    mae_loss,
     masked_patch_loss,
     mean_color_target,
+    options_for,
     patchify,
     quantize_colors,
+    random_masking,
+    sincos_pos_embed_2d,
 )
 from vit import create_model
+
+from .conftest import randomize
+from .corpus import pattern_images
 
 
 def test_patchify_order():
@@ -84,15 +95,140 @@ def test_loss_only_on_corrupted_patches():
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("target", ["mean_color", "downsampled", "pixels"])
-def test_mpp_objective_trains_end_to_end(target):
+def _options(name: str, **values):
+    options = options_for(name)
+    for k, v in values.items():
+        setattr(options, k, v)
+    return options
+
+
+@pytest.mark.parametrize("name, values", [("mpp", {}), ("mpp", {"mpp_target": "downsampled", "color_bits": 1}),
+                                          ("mpp", {"mpp_target": "pixels"}),
+                                          ("mae", {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2})])
+def test_self_supervised_objectives_learn_a_learnable_set(name, values):
+    """60 AdamW steps on stripes / checkerboards: the loss of the last 10 steps is below 70% of the first 10."""
     torch.manual_seed(0)
-    model = create_model("vit_ti8", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64, head="none")
-    mpp = MaskedPatchPrediction(model, Normalization((0.5,) * 3, (0.5,) * 3), target)
-    batch = {"pixel_values": torch.randn(4, 3, 16, 16).clamp(-1, 1)}
-    loss, metrics = mpp(model, batch, torch.Generator().manual_seed(0))
+    images, _ = pattern_images(32, size=16)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    model = create_model("vit_ti4", image_size=16, depth=2, embed_dim=32, num_heads=2, mlp_dim=64, head="none")
+    objective = OBJECTIVES[name](model, _options(name, **values), Normalization((0.5,) * 3, (0.5,) * 3))
+    task = Task(model, objective)
+    opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        batch = x[torch.randperm(len(x), generator=g)[:32]]
+        loss, metrics = task({"pixel_values": batch}, g)
+        assert set(metrics) == set(objective.metrics)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_random_masking_keeps_exactly_a_quarter_and_restores_order():
+    g = torch.Generator().manual_seed(0)
+    keep, mask, restore = random_masking(5, 16, 0.75, g)
+    assert keep.shape == (5, 4) and (mask.sum(1) == 12).all()
+    for b in range(5):
+        assert set(keep[b].tolist()) == set(torch.nonzero(mask[b] == 0).flatten().tolist())
+        # [visible, masked] gathered with restore gives the patches back in their places
+        order = torch.cat([keep[b], torch.nonzero(mask[b]).flatten()])
+        assert set(order.tolist()) == set(range(16))
+    visible_first = torch.cat([keep, torch.stack([torch.nonzero(m).flatten() for m in mask])], 1)
+    assert (torch.gather(visible_first, 1, restore).sort(1).values == torch.arange(16)).all()
+    assert random_masking(2, 9, 0.99)[0].shape == (2, 1)  # never an empty encoder input
+
+
+def test_restore_puts_visible_tokens_back_in_place():
+    g = torch.Generator().manual_seed(1)
+    n = 9
+    keep, mask, restore = random_masking(3, n, 0.5, g)
+    ids = torch.arange(n).expand(3, n)
+    visible = torch.gather(ids, 1, keep)
+    filled = torch.cat([visible, torch.full((3, n - keep.shape[1]), -1)], 1)
+    back = torch.gather(filled, 1, restore)
+    assert ((back == ids) | (back == -1)).all() and ((back == -1) == (mask == 1)).all()
+
+
+def test_mae_loss_on_masked_patches_only():
+    pred = torch.randn(2, 4, 6, requires_grad=True)
+    target = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 1]])
+    loss = mae_loss(pred, target, mask, norm_pix=False)
     loss.backward()
-    assert torch.isfinite(loss) and mpp.mask_token.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    assert (pred.grad[mask == 0] == 0).all() and (pred.grad[mask == 1].abs().sum(-1) > 0).all()
+    torch.testing.assert_close(loss, (pred[mask == 1] - target[mask == 1]).pow(2).mean())
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(mae_loss(pred, target, mask), (pred[mask == 1] - normed[mask == 1]).pow(2).mean())
+
+
+def _mae_reference_sincos(embed_dim: int, grid_size: int) -> np.ndarray:
+    """MAE's util/pos_embed.py (get_2d_sincos_pos_embed), transcribed in numpy."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_pos_embed_matches_mae():
+    ours = sincos_pos_embed_2d(32, (6, 6))
+    np.testing.assert_allclose(ours.numpy(), _mae_reference_sincos(32, 6), atol=1e-6)
+    assert sincos_pos_embed_2d(16, (2, 5)).shape == (10, 16)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d(30, (2, 2))
+
+
+def test_encoding_a_subset_equals_encoding_those_patches_alone():
+    torch.manual_seed(0)
+    model = randomize(create_model("vit_ti4", image_size=16, depth=2, embed_dim=32, num_heads=2, mlp_dim=64,
+                                   head="none"))
+    x = torch.randn(2, 3, 16, 16)
+    patches = model.embed(x)
+    keep = torch.tensor([[3, 0, 9], [15, 7, 1]])
+    subset = model.forward_tokens(patches, keep)
+    for b in range(2):
+        alone = copy.deepcopy(model)
+        alone.pos_embed = torch.nn.Parameter(torch.cat([model.pos_embed[:, :1], model.pos_embed[:, 1 + keep[b]]], 1))
+        torch.testing.assert_close(subset[b:b + 1], alone.forward_tokens(patches[b:b + 1, keep[b]]))
+    torch.testing.assert_close(model.forward_tokens(patches, torch.arange(16).expand(2, 16)),
+                               model.forward_tokens(patches))
+
+
+def test_mae_checkpoint_holds_the_encoder_only():
+    model = create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64, head="none")
+    task = Task(model, OBJECTIVES["mae"](model, _options("mae", decoder_dim=16, decoder_depth=1, decoder_heads=2)))
+    names = task.state_dict().keys()
+    assert {k for k in names if k.startswith("model.")} == {f"model.{k}" for k in model.state_dict()}
+    assert "objective.decoder_pos_embed" not in names  # fixed sin-cos: rebuilt, never saved
+
+
+def test_knn_predict_matches_a_hand_computed_vote():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, 0.2]])
+    assert knn_predict(bank, labels, queries, 3, k=2).tolist() == [0, 1, 2]
+
+    g = torch.Generator().manual_seed(0)
+    bx, by, qx = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g), torch.randn(7, 4, generator=g)
+    b, q = torch.nn.functional.normalize(bx, dim=1), torch.nn.functional.normalize(qx, dim=1)
+    expected = []
+    for row in q @ b.T:
+        top = row.topk(5)
+        votes = [sum(math.exp(s / 0.07) for s, i in zip(top.values.tolist(), top.indices.tolist()) if by[i] == c)
+                 for c in range(3)]
+        expected.append(max(range(3), key=votes.__getitem__))
+    assert knn_predict(bx, by, qx, 3, k=5).tolist() == expected
+    # leave-one-out never lets a sample vote for itself
+    lonely = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    assert knn_top1((lonely, torch.tensor([0, 1, 1])), None, 2, k=1) == pytest.approx(2 / 3)
 
 
 def test_lr_schedule():
@@ -118,8 +254,21 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, [*base, "optim.lrr=0.1"])
     with pytest.raises(ConfigError, match="train.max_steps: expected int, got 'many'"):
         load_config(None, [*base, "train.max_steps=many"])
-    with pytest.raises(ConfigError, match="objective.name: must be one of supervised, mpp"):
-        load_config(None, [*base, "objective.name=mae"])
+    with pytest.raises(ConfigError, match=r"objective.name: unknown objective 'simclr' \(known: mae, mpp, supervised\)"):
+        load_config(None, [*base, "objective.name=simclr"])
+    with pytest.raises(ConfigError, match="objective.mask_ratio: unknown config key for objective mpp"):
+        load_config(None, [*base, "objective.name=mpp", "objective.mask_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"objective.mask_ratio: must be in \[0, 1\)"):
+        load_config(None, [*base, "objective.name=mae", "objective.mask_ratio=1.5"])
+    with pytest.raises(ConfigError, match="objective.color_bits: must be in"):
+        load_config(None, [*base, "objective.name=mpp", "objective.color_bits=0"])
+    mae = load_config(None, [*base, "objective.name=mae", "objective.decoder_depth=2"])
+    assert mae.objective.decoder_depth == 2 and mae.objective.mask_ratio == 0.75
+    # a file's objective section belongs to its objective: switching on the command line replaces it
+    (tmp_path / "mpp.yaml").write_text("objective:\n  name: mpp\n  color_bits: 2\n")
+    switched = load_config(tmp_path / "mpp.yaml", [*base, "objective.decoder_dim=64", "objective.name=mae"])
+    assert switched.objective.name == "mae" and switched.objective.decoder_dim == 64
+    assert load_config(tmp_path / "mpp.yaml", base).objective.color_bits == 2
     with pytest.raises(ConfigError, match="data.train: required"):
         load_config(None, [])
     (tmp_path / "c.yaml").write_text("train:\n  bogus: 1\n")
@@ -137,3 +286,11 @@ def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
     (root / "step_00000020.tmp" / "trainer.json").write_text("{}")
     (root / "step_00000030").mkdir()  # no trainer.json: incomplete
     assert latest_checkpoint(tmp_path) == root / "step_00000010"
+
+
+def test_unknown_objective_is_one_line_and_exit_2(capsys):
+    from pretrain.run import main
+
+    assert main(["data.train=x", "objective.name=simclr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pretrain: error: objective.name: unknown objective 'simclr' (known: mae, mpp, supervised)"]

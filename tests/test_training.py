@@ -15,9 +15,11 @@ from vit import load_model
 from vit.checkpoint import read_weights
 
 from .conftest import ROOT
-from .corpus import write_folder
+from .corpus import write_folder, write_patterns
 
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
+TINY_MAE = str(ROOT / "configs" / "pretrain" / "tiny_mae.yaml")
+SSL_FINETUNE = str(ROOT / "configs" / "finetune" / "ssl_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,15 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
     shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def patterns(tmp_path_factory):
+    """3 learnable classes (stripes, checkerboards) x 40 images of 16 px, 4 mixed shards."""
+    root = tmp_path_factory.mktemp("patterns")
+    write_patterns(root / "src", per_class=40, size=16)
+    shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=30), progress=False)
     return root / "shards"
 
 
@@ -155,3 +166,32 @@ def test_torch_compile_run_writes_a_loadable_model(shards, tmp_path, env):
     assert res.returncode == 0, res.stderr[-2000:]
     model, _ = load_model(out / "final")
     assert model.cfg.depth == 2
+
+
+def test_mae_pretraining_with_knn_monitor_then_finetuning_beats_chance(patterns, tmp_path, env):
+    pre = tmp_path / "mae"
+    res = run([sys.executable, "-m", "pretrain", "--config", TINY_MAE, f"data.train={patterns}",
+               f"data.monitor={patterns}", "model.image_size=16", "data.resampled=true", "train.max_steps=40",
+               "train.checkpoint_every=20", "objective.decoder_dim=32", "optim.lr=0.003", "data.workers=0",
+               f"train.output_dir={pre}"], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    losses = [r["loss"] for r in map(json.loads, (pre / "metrics.jsonl").read_text().splitlines())]
+    assert losses[-1] < 0.8 * losses[0] and all("accuracy" not in r for r in metrics_rows(pre))
+    knn = [json.loads(line) for line in (pre / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in knn] == [20, 40] and all(r["knn_queries"] == 120 for r in knn)
+    assert knn[-1]["knn_top1"] > 1 / 3 + 0.2  # leave-one-out kNN on frozen features, 3 classes
+    model, info = load_model(pre / "final")  # the encoder alone: no decoder weights in the checkpoint
+    assert info.provenance["objective"] == "mae" and not any("decoder" in k for k in model.state_dict())
+
+    ft = tmp_path / "ft"
+    res = run([sys.executable, "-m", "finetune", "--config", SSL_FINETUNE, f"init={pre / 'final'}",
+               f"data.train={patterns}", "train.max_steps=40", "optim.lr=0.003", "data.workers=0",
+               f"train.output_dir={ft}"], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run([sys.executable, "-m", "vitpipe", "eval", str(ft / "final"), "--data", str(patterns)], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((ft / "final" / "eval.json").read_text())["top1"] > 1 / 3 + 0.3
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -253,6 +253,19 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def set_global_pool(self, pool: str) -> None:
+        """Switch between class-token and average pooling, keeping the final norm's weights.
+
+        Token pooling normalises every token (``norm``), average pooling the pooled vector
+        (``fc_norm``), as in timm; the one LayerNorm moves to the other slot, so a checkpoint
+        trained with either pooling loads strictly and then serves with the other.
+        """
+        if pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {POOLS}, got {pool!r}")
+        if pool != self.cfg.global_pool:
+            self.norm, self.fc_norm = self.fc_norm, self.norm
+            self.cfg.global_pool = pool
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
@@ -263,10 +276,17 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"input is {h}x{w} but the model expects {self.cfg.image_size[0]}x{self.cfg.image_size[1]}")
         return self.patch_embed(x)
 
-    def forward_tokens(self, patches: torch.Tensor) -> torch.Tensor:
-        """Run the encoder on patch embeddings; returns all tokens after the final norm."""
-        cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        x = self.pos_drop(torch.cat([cls, patches], dim=1) + self.pos_embed)
+    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the encoder on patch embeddings; returns [class token, patches...] after the final norm.
+
+        ``keep`` (batch, K) indices: encode only those patches, each with its own position
+        embedding (MAE's visible patches); the output then holds 1 + K tokens.
+        """
+        x = patches + self.pos_embed[:, 1:]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, x], dim=1))
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, use_reentrant=False)

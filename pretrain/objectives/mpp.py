@@ -1,6 +1,6 @@
-"""Training objectives: supervised classification and the paper's masked patch prediction (MPP).
+"""The paper's masked patch prediction (MPP).
 
-MPP follows appendix B.1.2 of Dosovitskiy et al.: corrupt a fraction (50%) of the patch
+It follows appendix B.1.2 of Dosovitskiy et al.: corrupt a fraction (50%) of the patch
 *embeddings*; of those, 80% become a learnable [mask] embedding, 10% the embedding of a random
 other patch, 10% stay as they are; predict each corrupted patch's 3-bit mean colour (512-way
 softmax), or its 4x4 downsized version in 3-bit colour (16 x 512-way), or regress its pixels.
@@ -10,19 +10,14 @@ The math is kept in small pure functions below, each unit-tested.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
 from vit import VisionTransformer
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), patches in row-major order, pixels as (row, col, channel)."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
 def quantize_colors(rgb: torch.Tensor, bits: int = 3) -> torch.Tensor:
@@ -91,52 +86,39 @@ def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor, corrupte
     return loss, (pred.argmax(-1) == tgt).float().mean().detach()
 
 
-@dataclass(frozen=True)
-class Normalization:
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+@dataclass
+class MaskedPatchPredictionOptions(ObjectiveOptions):
+    name: str = "mpp"
+    mpp_target: Literal["mean_color", "downsampled", "pixels"] = "mean_color"
+    corrupt_ratio: float = 0.5
+    mask_prob: float = 0.8  # of the corrupted: replaced by the [mask] embedding
+    random_prob: float = 0.1  # ... by another patch's embedding; the rest are left unchanged
+    color_bits: int = 3
 
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return x * s + m
-
-
-class Supervised(nn.Module):
-    """Softmax cross-entropy (optional label smoothing) or sigmoid binary cross-entropy."""
-
-    def __init__(self, label_smoothing: float = 0.0, multilabel: bool = False):
-        super().__init__()
-        self.label_smoothing, self.multilabel = label_smoothing, multilabel
-
-    def forward(self, model: VisionTransformer, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
-        logits = model(batch["pixel_values"])
-        labels = batch["labels"]
-        if self.multilabel:
-            target = labels.float() if labels.ndim == 2 else F.one_hot(labels, logits.shape[-1]).float()
-            if self.label_smoothing:
-                target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-            hits = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0.5
-        else:
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-            hits = logits.argmax(-1) == labels
-        return loss, {"accuracy": hits.float().mean().detach()}
+    def validate(self) -> None:
+        if not 0 < self.corrupt_ratio <= 1:
+            raise ValueError(f"objective.corrupt_ratio: must be in (0, 1], got {self.corrupt_ratio}")
+        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
+            raise ValueError("objective.mask_prob + objective.random_prob: must be within [0, 1]")
+        if not 1 <= self.color_bits <= 8:
+            raise ValueError(f"objective.color_bits: must be in [1, 8], got {self.color_bits}")
 
 
-class MaskedPatchPrediction(nn.Module):
+class MaskedPatchPrediction(Objective):
     """The paper's self-supervised objective; owns the [mask] embedding and the prediction head."""
 
-    def __init__(self, model: VisionTransformer, norm: Normalization, target: str = "mean_color",
-                 corrupt_ratio: float = 0.5, mask_prob: float = 0.8, random_prob: float = 0.1, color_bits: int = 3):
+    Options = MaskedPatchPredictionOptions
+
+    def __init__(self, model: VisionTransformer, options: MaskedPatchPredictionOptions, norm: Normalization):
         super().__init__()
-        cfg = model.cfg
-        self.patch, self.norm, self.target, self.bits = cfg.patch_size, norm, target, color_bits
-        self.ratio, self.mask_prob, self.random_prob = corrupt_ratio, mask_prob, random_prob
+        cfg, o = model.cfg, options
+        self.patch, self.norm, self.target, self.bits = cfg.patch_size, norm, o.mpp_target, o.color_bits
+        self.ratio, self.mask_prob, self.random_prob = o.corrupt_ratio, o.mask_prob, o.random_prob
+        self.metrics = () if o.mpp_target == "pixels" else ("accuracy",)
         self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.embed_dim) * 0.02)
-        classes = 2 ** (3 * color_bits)
-        out = {"mean_color": classes, "downsampled": 16 * classes, "pixels": cfg.patch_size**2 * cfg.in_chans}[target]
-        self.head = nn.Linear(cfg.embed_dim, out)
+        classes = 2 ** (3 * o.color_bits)
+        out = {"mean_color": classes, "downsampled": 16 * classes, "pixels": cfg.patch_size**2 * cfg.in_chans}
+        self.head = nn.Linear(cfg.embed_dim, out[o.mpp_target])
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         if self.target == "pixels":
@@ -154,23 +136,4 @@ class MaskedPatchPrediction(nn.Module):
                                                         generator, patches.device)
         tokens = model.forward_tokens(corrupt(patches, to_mask, to_random, self.mask_token, generator))
         loss, accuracy = masked_patch_loss(self.head(tokens[:, 1:]), self.targets(images), corrupted, self.target)
-        return loss, {"accuracy": accuracy}
-
-
-class Task(nn.Module):
-    """Model + objective as one module, so DDP / DeepSpeed see (and shard) every trained parameter."""
-
-    def __init__(self, model: VisionTransformer, objective: nn.Module):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, batch: dict, generator: torch.Generator | None = None):
-        return self.objective(self.model, batch, generator)
-
-
-def build_objective(cfg, model: VisionTransformer) -> nn.Module:
-    o = cfg.objective
-    if o.name == "mpp":
-        return MaskedPatchPrediction(model, Normalization(tuple(cfg.data.mean), tuple(cfg.data.std)), o.mpp_target,
-                                     o.corrupt_ratio, o.mask_prob, o.random_prob, o.color_bits)
-    return Supervised(o.label_smoothing, o.multilabel)
+        return loss, {"accuracy": accuracy} if self.metrics else {}

@@ -1,0 +1,129 @@
+"""Masked autoencoders (He et al. 2021, arXiv 2111.06377), after the authors' ``models_mae.py``.
+
+Mask a random ``mask_ratio`` (75%) of each image's patches; the encoder (our ViT, unchanged)
+sees only the visible patches with their position embeddings; a light decoder (its own width,
+depth, heads, mask token and fixed 2D sin-cos position embeddings) fills the full grid back in
+and predicts each masked patch's pixels, per-patch normalised by default. The loss is on the
+masked patches only. The decoder belongs to the objective: checkpoints hold the encoder alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
+from vit import VisionTransformer, ViTConfig
+from vit.model import Block
+
+
+def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None,
+                   device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, mask, restore): the visible patches' indices (B, K), sorted by a random score; a float
+    mask (B, N), 1 on masked patches; and the permutation that puts [visible, masked] back in order.
+
+    Exactly ``N - round(ratio * N)`` patches are kept per image (at least one).
+    """
+    keep_n = max(1, num_patches - round(ratio * num_patches))
+    order = torch.rand(batch, num_patches, generator=generator, device=device).argsort(dim=1)
+    restore = order.argsort(dim=1)
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :keep_n] = 0
+    return order[:, :keep_n], torch.gather(mask, 1, restore), restore
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """Mean squared error per patch (B, N, P), averaged over the masked patches only (``mask`` = 1).
+
+    ``norm_pix``: each target patch is standardised by its own mean and variance (MAE's default).
+    """
+    target = target.float()
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2D sin-cos position embeddings (gh*gw, dim), row-major; half the channels encode the
+    column, half the row, each as [sin, cos] of 10000^(-2i/(dim/2))-scaled positions (MAE's layout)."""
+    if dim % 4:
+        raise ValueError(f"objective.decoder_dim: must be divisible by 4 for 2D sin-cos embeddings, got {dim}")
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                                indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+@dataclass
+class MaskedAutoencoderOptions(ObjectiveOptions):
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+    def validate(self) -> None:
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"objective.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"objective.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ValueError(f"objective.decoder_dim: {self.decoder_dim} must be divisible by 4 and by "
+                             f"objective.decoder_heads ({self.decoder_heads})")
+
+
+class MaskedAutoencoder(Objective):
+    Options = MaskedAutoencoderOptions
+
+    def __init__(self, model: VisionTransformer, options: MaskedAutoencoderOptions, norm: Normalization | None = None):
+        super().__init__()
+        cfg, o = model.cfg, options
+        self.patch, self.ratio, self.norm_pix = cfg.patch_size, o.mask_ratio, o.norm_pix_loss
+        block = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=o.decoder_dim,
+                          depth=o.decoder_depth, num_heads=o.decoder_heads, mlp_dim=4 * o.decoder_dim,
+                          num_classes=0, head="none", layer_norm_eps=cfg.layer_norm_eps)
+        self.decoder_embed = nn.Linear(cfg.embed_dim, o.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, o.decoder_dim))
+        grid = sincos_pos_embed_2d(o.decoder_dim, cfg.grid_size)
+        # the class token's position is all zeros; fixed, so not part of any checkpoint
+        self.register_buffer("decoder_pos_embed", torch.cat([grid.new_zeros(1, o.decoder_dim), grid])[None],
+                             persistent=False)
+        self.decoder_blocks = nn.ModuleList(Block(block, 0.0) for _ in range(o.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(o.decoder_dim, eps=cfg.layer_norm_eps)
+        self.decoder_pred = nn.Linear(o.decoder_dim, cfg.patch_size**2 * cfg.in_chans)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens [cls, visible...] -> pixel predictions for every patch (B, N, p*p*C)."""
+        x = self.decoder_embed(latent)
+        b, n = restore.shape
+        filled = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)], dim=1)
+        filled = torch.gather(filled, 1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], filled], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward(self, model: VisionTransformer, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
+        images = batch["pixel_values"]
+        patches = model.embed(images)
+        keep, mask, restore = random_masking(patches.shape[0], patches.shape[1], self.ratio, generator,
+                                             patches.device)
+        pred = self.decode(model.forward_tokens(patches, keep), restore)
+        return mae_loss(pred, patchify(images, self.patch), mask, self.norm_pix), {}

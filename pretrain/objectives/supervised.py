@@ -1,0 +1,46 @@
+"""Supervised classification: softmax cross-entropy (optional label smoothing) or sigmoid BCE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions
+from vit import VisionTransformer
+
+
+@dataclass
+class SupervisedOptions(ObjectiveOptions):
+    name: str = "supervised"
+    label_smoothing: float = 0.0
+    multilabel: bool = False  # sigmoid binary cross-entropy instead of softmax
+
+    def validate(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"objective.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+
+
+class Supervised(Objective):
+    Options = SupervisedOptions
+    metrics = ("accuracy",)
+    uses_labels = True
+
+    def __init__(self, model: VisionTransformer, options: SupervisedOptions, norm: Normalization | None = None):
+        super().__init__()
+        self.label_smoothing, self.multilabel = options.label_smoothing, options.multilabel
+
+    def forward(self, model: VisionTransformer, batch: dict, generator=None) -> tuple[torch.Tensor, dict]:
+        logits = model(batch["pixel_values"])
+        labels = batch["labels"]
+        if self.multilabel:
+            target = labels.float() if labels.ndim == 2 else F.one_hot(labels, logits.shape[-1]).float()
+            if self.label_smoothing:
+                target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+            hits = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0.5
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            hits = logits.argmax(-1) == labels
+        return loss, {"accuracy": hits.float().mean().detach()}
