@@ -6,13 +6,22 @@ transformers splits the fused qkv projection and renames everything.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from vit.model import SIZES, ViTConfig
 
-TIMM_SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
+# timm's registered plain-ViT entry points (each builds VisionTransformer from its arguments, so model_args can
+# describe any width, depth, heads, patch and image size); a model with none of these sizes uses the generic one
+TIMM_ARCHITECTURES = {
+    ("ti", 16), ("s", 8), ("s", 16), ("s", 32), ("b", 8), ("b", 16), ("b", 32), ("l", 14), ("l", 16), ("l", 32),
+    ("h", 14),
+}
+TIMM_GENERIC_ARCHITECTURE = "vit_base_patch16_224"
+TIMM_LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm; its hub config has no way to set another
 
 
 def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]:
@@ -27,21 +36,42 @@ def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]
     return (cfg.num_classes if cfg.head != "none" else 0), state, None
 
 
+def timm_architecture(cfg: ViTConfig) -> str:
+    """The timm entry point whose name describes ``cfg`` (its default sizes match), else the generic one."""
+    for size, (width, depth, heads, mlp) in SIZES.items():
+        if (size, cfg.patch_size) in TIMM_ARCHITECTURES and \
+                (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (width, depth, heads, mlp):
+            return f"vit_{TIMM_SIZE_NAMES[size]}_patch{cfg.patch_size}_224"
+    return TIMM_GENERIC_ARCHITECTURE
+
+
+def mlp_ratio(embed_dim: int, mlp_dim: int) -> float:
+    """The ratio timm turns back into exactly ``mlp_dim`` (it computes ``int(embed_dim * ratio)``)."""
+    ratio = mlp_dim / embed_dim
+    while int(embed_dim * ratio) < mlp_dim:  # e.g. 61 / 28 * 28 = 60.99999...
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def to_timm(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dict, dict, str | None]:
+    """timm's hub layout: ``config.json`` names a registered entry point and carries ``model_args``,
+    so ``timm.create_model("local-dir:DIR" / "hf-hub:ORG/NAME", pretrained=True)`` rebuilds exactly this model."""
+    if cfg.layer_norm_eps != TIMM_LAYER_NORM_EPS:
+        raise ValueError(f"the model's LayerNorm eps is {cfg.layer_norm_eps:g} and timm's ViT fixes it at "
+                         f"{TIMM_LAYER_NORM_EPS:g} (its hub config cannot set it): export to transformers or vitpipe")
     num_classes, state, note = exportable_head(cfg, state)
-    size = TIMM_SIZE_NAMES.get(cfg.embed_dim, "base")
-    architecture = f"vit_{size}_patch{cfg.patch_size}_224"
     model_args = {
         "img_size": list(cfg.image_size),
         "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
         "embed_dim": cfg.embed_dim,
         "depth": cfg.depth,
         "num_heads": cfg.num_heads,
-        "mlp_ratio": cfg.mlp_dim / cfg.embed_dim,
+        "mlp_ratio": mlp_ratio(cfg.embed_dim, cfg.mlp_dim),
         "global_pool": cfg.global_pool,
     }
     meta = {
-        "architecture": architecture,
+        "architecture": timm_architecture(cfg),
         "num_classes": num_classes,
         "num_features": cfg.embed_dim,
         "global_pool": cfg.global_pool,
@@ -90,6 +120,7 @@ def from_timm(meta: dict, state: dict):
     cfg = ViTConfig(
         image_size=img if isinstance(img, int) else tuple(img),
         patch_size=int(args["patch_size"]),
+        in_chans=int(args.get("in_chans") or pretrained.get("input_size", [3])[0]),
         embed_dim=int(args["embed_dim"]),
         depth=int(args["depth"]),
         num_heads=int(args["num_heads"]),
@@ -168,11 +199,12 @@ def to_transformers(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dic
         "label2id": {n: i for i, n in enumerate(names)},
         "torch_dtype": "float32",
     }
-    processor = {
+    processor = {  # what our EvalTransform does: any PIL mode to RGB (alpha on white), bicubic, normalise
         "image_processor_type": "ViTImageProcessor",
+        "do_convert_rgb": True,
         "do_resize": True,
         "size": {"height": cfg.image_size[0], "width": cfg.image_size[1]},
-        "resample": 2,
+        "resample": 3,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

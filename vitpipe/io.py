@@ -8,15 +8,34 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (another thread may be creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    The file gets the permissions any new file gets (0666 less the umask), whatever the writer
+    used: safetensors, for one, creates its files 0600, which teammates on a shared disk cannot read.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -1,0 +1,83 @@
+"""The config keys, their types and a stage's defaults, as help text: read from the typed config itself.
+
+``--help`` of ``vitpipe pretrain`` / ``finetune`` (and ``python -m pretrain`` / ``-m finetune``) ends
+with this list, so it never goes stale: a new key, objective or default shows up by itself. The
+words after a key's type are the comment beside its field in the dataclass source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import tokenize
+import types
+import typing
+from typing import Literal
+
+from pretrain.config import Config
+from pretrain.objectives import OBJECTIVES
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen build): keys, types and defaults still print
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments, line_name = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and tok.string in names and row not in line_name and tok.start[1] == 4:
+            line_name[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_name:
+            comments[line_name[row]] = tok.string.lstrip("#").strip()
+    return comments
+
+
+def type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        parts = [type_name(a) for a in args]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _value(v) -> str:
+    return v if isinstance(v, str) and v else json.dumps(v)
+
+
+def _lines(obj, prefix: str, indent: str, skip: tuple[str, ...] = ()) -> list[str]:
+    hints = typing.get_type_hints(type(obj))
+    comments = field_comments(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip or dataclasses.is_dataclass(getattr(obj, f.name)):
+            continue
+        what = type_name(hints[f.name]) + (f": {comments[f.name]}" if f.name in comments else "")
+        rows.append((f"{indent}{prefix}{f.name} = {_value(getattr(obj, f.name))}", what))
+    width = max((len(key) for key, _ in rows), default=0) + 2
+    return [f"{key.ljust(width)}{what}" for key, what in rows]
+
+
+def config_help(defaults: Config) -> str:
+    """Every section and key with its type and its default in ``defaults`` (a stage's starting config)."""
+    out = ["config keys (YAML sections, or key=value on the command line), with this stage's defaults:"]
+    out += ["", *_lines(defaults, "", "  ")]
+    for f in dataclasses.fields(defaults):
+        section = getattr(defaults, f.name)
+        if not dataclasses.is_dataclass(section) or f.name == "objective":
+            continue
+        out += ["", f"{f.name}:", *_lines(section, f"{f.name}.", "  ")]
+    out += ["", f"objective: objective.name = {defaults.objective.name} picks one of {', '.join(OBJECTIVES)}; "
+                "each has its own keys"]
+    for name, objective in OBJECTIVES.items():
+        options = defaults.objective if defaults.objective.name == name else objective.Options()
+        out += [f"  {name}:", *(_lines(options, "objective.", "    ", skip=("name",)) or ["    (no other keys)"])]
+    return "\n".join(out)
