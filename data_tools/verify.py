@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from data_tools.images import decode_rgb
 from data_tools.shard import read_index
 from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
+from vitpipe.io import atomic_path
 
 
 def _sha256(path: Path) -> str:
@@ -164,8 +165,11 @@ def contact_sheet(items: list[tuple[bytes, str]], path: str | Path, cell: int = 
     draw = ImageDraw.Draw(sheet)
     for i, (data, label) in enumerate(items):
         img = decode_rgb(data)
+        if (factor := cell // max(img.size)) > 1:  # small images (28 px) scaled up whole pixels, not left as stamps
+            img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
         img.thumbnail((cell, cell))
         x, y = (i % cols) * cell, (i // cols) * (cell + 14)
         sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
         draw.text((x + 2, y + cell), str(label)[:20], fill="black")
-    sheet.save(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")

@@ -10,12 +10,14 @@ The math is in small pure functions; the drawing below them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vit import ModelInfo, VisionTransformer
+from vitpipe.io import atomic_path
 
 
 def position_similarity(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -70,11 +72,17 @@ def _plt():
     return plt
 
 
-def plot_position_similarity(model: VisionTransformer, path: Path) -> None:
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    _plt().close(fig)
+
+
+def plot_position_similarity(model: VisionTransformer, path: Path, name: str = "") -> None:
     plt = _plt()
     gh, gw = model.cfg.grid_size
     sim = position_similarity(model.pos_embed.detach(), (gh, gw)).numpy()
-    fig, axes = plt.subplots(gh, gw, figsize=(gw * 0.7 + 1, gh * 0.7 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(gh, gw, figsize=(gw * 0.7 + 1.6, gh * 0.7 + 1.3), squeeze=False)
     for i in range(gh):
         for j in range(gw):
             ax = axes[i][j]
@@ -82,70 +90,138 @@ def plot_position_similarity(model: VisionTransformer, path: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
-                ax.set_ylabel(str(i + 1), fontsize=7)
+                ax.set_ylabel(str(i + 1), fontsize=7, rotation=0, labelpad=8, va="center")
             if i == gh - 1:
                 ax.set_xlabel(str(j + 1), fontsize=7)
-    fig.suptitle("Position embedding similarity (cosine)")
-    fig.colorbar(im, ax=axes, fraction=0.02)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle(f"{name}: position embedding similarity" if name else "Position embedding similarity")
+    fig.supxlabel("input patch column")
+    fig.supylabel("input patch row")
+    bar = fig.colorbar(im, ax=axes, fraction=0.03)
+    bar.set_label("cosine similarity with the other positions")
+    _save(fig, path)
 
 
-def plot_attention_distance(model: VisionTransformer, images: torch.Tensor, path: Path) -> np.ndarray:
+def plot_attention_distance(model: VisionTransformer, images: torch.Tensor, path: Path, name: str = "") -> np.ndarray:
     plt = _plt()
     maps = attention_maps(model.eval(), images)
     dist = torch.stack([mean_attention_distance(a, model.cfg.grid_size, model.cfg.patch_size) for a in maps]).numpy()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = "os^Dv<>ph*"
     for head in range(dist.shape[1]):
-        ax.scatter(np.arange(1, len(dist) + 1), dist[:, head], s=14, label=f"head {head + 1}")
+        ax.scatter(np.arange(1, len(dist) + 1), dist[:, head], s=16, marker=markers[head % len(markers)],
+                   label=f"head {head + 1}")
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_xticks(np.arange(1, len(dist) + 1))
     ax.set_ylim(0, max(model.cfg.image_size))
-    ax.set_title("Mean attention distance per head")
+    ax.set_title(f"{name + ': ' if name else ''}mean attention distance per head\n"
+                 f"({len(images)} images, {model.cfg.image_size[0]}x{model.cfg.image_size[1]} px)", fontsize=10)
     if dist.shape[1] <= 16:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return dist
 
 
-def plot_rollout(model: VisionTransformer, images: torch.Tensor, raw: list[np.ndarray], path: Path) -> None:
+def plot_rollout(model: VisionTransformer, images: torch.Tensor, raw: list[np.ndarray], path: Path,
+                 name: str = "") -> None:
     plt = _plt()
     rollout = attention_rollout(attention_maps(model.eval(), images))
     gh, gw = model.cfg.grid_size
-    fig, axes = plt.subplots(2, len(raw), figsize=(1.6 * len(raw), 3.4), squeeze=False)
+    fig, axes = plt.subplots(3, len(raw), figsize=(1.5 * len(raw) + 1.2, 5.2), squeeze=False)
     for k, img in enumerate(raw):
         heat = rollout[k].view(1, 1, gh, gw)
         heat = torch.nn.functional.interpolate(heat, size=img.shape[:2], mode="bilinear").squeeze().numpy()
         heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
-        axes[0][k].imshow(img)
-        axes[1][k].imshow((img * heat[..., None]).astype(np.uint8))
-        for ax in (axes[0][k], axes[1][k]):
-            ax.axis("off")
-    axes[0][0].set_title("input", fontsize=8, loc="left")
-    axes[1][0].set_title("attention rollout", fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        axes[0][k].imshow(img, interpolation="nearest")
+        im = axes[1][k].imshow(heat, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+        axes[2][k].imshow((img * heat[..., None]).astype(np.uint8), interpolation="nearest")
+        for ax in axes[:, k]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for row, label in enumerate(("input", "rollout", "input x\nrollout")):
+        axes[row][0].set_ylabel(label, fontsize=9)
+    fig.suptitle(f"{name + ': ' if name else ''}attention rollout (class token to patches, all layers)", fontsize=10)
+    bar = fig.colorbar(im, ax=axes, fraction=0.03)
+    bar.set_label("attention, scaled to [0, 1] per image")
+    _save(fig, path)
+
+
+STAGE_TITLES = {"pretrain": "pretraining", "finetune": "fine-tuning"}
+FAMILIES = {"loss": ("training loss", "loss"), "accuracy": ("training accuracy (batches)", "accuracy"),
+            "lr": ("learning rate", "learning rate")}
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+
+
+@dataclass
+class Panel:
+    """One axes of the training-curves figure: one metric of the runs of one (stage, objective)."""
+
+    row: int
+    col: int
+    title: str
+    key: str
+    lines: dict[str, list[tuple[int, float]]]  # run name -> (step, value) as logged
+
+
+def _run_kind(metrics: Path) -> tuple[str, str | None]:
+    """(stage, objective) from the run's config.json beside its metrics.jsonl."""
+    config = Path(metrics).parent / "config.json"
+    meta = json.loads(config.read_text()) if config.is_file() else {}
+    return meta.get("stage", "training"), (meta.get("objective") or {}).get("name")
+
+
+def curve_panels(runs: dict[str, Path]) -> list[Panel]:
+    """A row per (stage, objective), pretraining above fine-tuning, a panel per metric family that any of its runs
+    logs: a masked-patch loss never shares axes with a classification loss, and MAE (loss only) gets no accuracy."""
+    groups: dict[tuple[str, str | None], dict[str, list[dict]]] = {}
+    for run, metrics in runs.items():
+        rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+        groups.setdefault(_run_kind(metrics), {})[run] = rows
+    rank = {stage: i for i, stage in enumerate(STAGE_TITLES)}
+    panels = []
+    for row, (stage, objective) in enumerate(sorted(groups, key=lambda g: (rank.get(g[0], len(rank)), str(g[1])))):
+        title = STAGE_TITLES.get(stage, stage) + (f" ({objective})" if objective else "")
+        col = 0
+        for key, (what, _) in FAMILIES.items():
+            lines = {run: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                     for run, rows in groups[(stage, objective)].items()}
+            lines = {run: points for run, points in lines.items() if points}
+            if lines:
+                panels.append(Panel(row, col, f"{title}: {what}", key, lines))
+                col += 1
+    return panels
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> None:
-    """Loss, accuracy and learning rate against step, one line per run."""
+    """``curve_panels`` drawn: each run in its own line style and markers, so equal curves stay visible."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for name, metrics in runs.items():
-        rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
-        steps = [r["step"] for r in rows]
-        for ax, key in zip(axes, ("loss", "accuracy", "lr")):
-            ax.plot(steps, [r[key] for r in rows], label=name)
-    for ax, key in zip(axes, ("training loss", "training accuracy (batch)", "learning rate")):
-        ax.set_title(key)
+    from matplotlib.ticker import PercentFormatter
+
+    panels = curve_panels(runs)
+    nrows, ncols = max(p.row for p in panels) + 1, max(p.col for p in panels) + 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for p in panels:
+        ax = axes[p.row][p.col]
+        ax.set_visible(True)
+        for k, (run, points) in enumerate(p.lines.items()):
+            style, marker = STYLES[k % len(STYLES)]
+            ax.plot(*zip(*points), linestyle=style, marker=marker, markersize=4, linewidth=1.6,
+                    markevery=max(1, len(points) // 12), label=run)
+        ax.set_title(p.title, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(FAMILIES[p.key][1])
+        if p.key == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if p.key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(f"Training curves: {', '.join(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8):
@@ -164,15 +240,16 @@ def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8)
 
 
 def plot_all(model: VisionTransformer, info: ModelInfo, out: str | Path, images=None,
-             metrics: dict[str, Path] | None = None) -> list[Path]:
+             metrics: dict[str, Path] | None = None, name: str = "") -> list[Path]:
+    """Every plot into ``out``; ``name`` (the checkpoint, e.g. ``pretrained_finetune/final``) titles the model's."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "position_similarity.png"]
-    plot_position_similarity(model, written[0])
+    plot_position_similarity(model, written[0], name)
     if images is not None:
         x, raw = sample_images(model, info, images)
-        plot_attention_distance(model, x, out / "attention_distance.png")
-        plot_rollout(model, x, raw, out / "attention_rollout.png")
+        plot_attention_distance(model, x, out / "attention_distance.png", name)
+        plot_rollout(model, x, raw, out / "attention_rollout.png", name)
         written += [out / "attention_distance.png", out / "attention_rollout.png"]
     if metrics:
         plot_curves(metrics, out / "training_curves.png")
