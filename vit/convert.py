@@ -201,7 +201,7 @@ def to_transformers(cfg: ViTConfig, state: dict, labels, mean, std) -> tuple[dic
     }
     processor = {  # what our EvalTransform does: any PIL mode to RGB (alpha on white), bicubic, normalise
         "image_processor_type": "ViTImageProcessor",
-        "do_convert_rgb": True,
+        "do_convert_rgb": cfg.in_chans == 3,
         "do_resize": True,
         "size": {"height": cfg.image_size[0], "width": cfg.image_size[1]},
         "resample": 3,
