@@ -27,12 +27,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from common.errors import VitpipeError
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
 log = logging.getLogger(__name__)
 
 
-class LoaderError(ValueError):
+class LoaderError(VitpipeError, ValueError):
     """The shards cannot feed this run; said before training starts."""
 
 

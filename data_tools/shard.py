@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import VitpipeError, user_message
+from common.lock import LOCK, FolderLock
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
@@ -31,7 +33,7 @@ INDEX_FORMAT = "vitpipe-shards"
 INDEX_VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(VitpipeError, ValueError):
     """Bad arguments or an output folder in a state we must not touch; one line for the user."""
 
 
@@ -102,6 +104,12 @@ def _shard_name(opts: ShardOptions, i: int | None) -> str:
     return f"{opts.prefix}-{number}.tar" if n == 1 else f"{opts.prefix}-{k:03d}-{number}.tar"
 
 
+def _lock_name(opts: ShardOptions) -> str:
+    """One writer per part: different parts of a ``--part K/N`` run share the folder, as documented."""
+    k, n = opts.part
+    return LOCK if n == 1 else f".vitpipe-part-{k:03d}.lock"
+
+
 def _index_name(opts: ShardOptions) -> str:
     k, n = opts.part
     return INDEX if n == 1 else f"index.part-{k:03d}-of-{n:03d}.json"
@@ -142,13 +150,20 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     if not 0 <= opts.shuffle_seed < 2**32:
         raise ShardError(f"--shuffle-seed must be in [0, 2**32), got {opts.shuffle_seed}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: exists and is not a folder")
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
     inputs = _part_inputs(corpus.inputs, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    k, n = opts.part
+    with FolderLock(out, "vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
+        return _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress)
+
+
+def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress) -> dict:
     identity = _identity(src, opts)
     fingerprint = _fingerprint(inputs)
     index_path = out / _index_name(opts)
-    out.mkdir(parents=True, exist_ok=True)
-
     index = json.loads(index_path.read_text()) if index_path.is_file() and not overwrite else None
     if index is not None:
         if index.get("args") != identity:
@@ -200,6 +215,9 @@ def _write_shards(corpus, inputs, out, index, index_path, opts, workers, progres
                 writer.add(pos, inp, result, corpus.classes)
             bar.update(1)
         writer.finish(len(inputs))
+    except OSError as e:  # disk full, permission denied: what was complete stays, a rerun continues from it
+        raise ShardError(f"{out}: cannot write shards ({user_message(e)}); the complete shards and the index are "
+                         "kept: rerun the same command to continue") from None
     finally:
         writer.abort()
         bar.close()
@@ -298,7 +316,10 @@ class _ShardWriter:
 
     def abort(self) -> None:
         if self.tar is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the buffer cannot be flushed (disk full); the file goes anyway
+                pass
             self.tmp.unlink(missing_ok=True)
             self.tar = None
 

@@ -16,12 +16,14 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import VitpipeError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image_path", "image")
 LABEL_COLUMNS = ("label", "labels", "class", "cls", "target")
 
 
-class SourceError(ValueError):
+class SourceError(VitpipeError, ValueError):
     """A corpus that cannot be read; the message names the file, column or key."""
 
 

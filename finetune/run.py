@@ -1,15 +1,20 @@
-"""The fine-tuning stage: load a checkpoint, swap the head, change resolution, train with the one loop.
+"""Fine-tune a checkpoint: swap the head, change the resolution, train with the one training loop.
 
-    accelerate launch [...] -m finetune --config configs/finetune/X.yaml init=CKPT [key=value ...]
-    vitpipe finetune --config configs/finetune/X.yaml init=CKPT [key=value ...]
+examples:
+  vitpipe finetune --config configs/finetune/tiny.yaml init=runs/tiny-pretrain/final data.train=shards/labelled
+  vitpipe finetune --config configs/finetune/ssl_tiny.yaml init=runs/tiny-mae/final data.train=shards/labelled
+  accelerate launch --config_file configs/accelerate/gpu_8.yaml -m finetune --config configs/finetune/vit_b16_384.yaml \\
+      init=runs/vit_b16_supervised/final data.train=/data/imagenet/train optim.lr=0.01
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
 
+from common.errors import USER_ERRORS, user_message
 from data_tools.loader import resolve_shards
 from finetune.prepare import prepare_for_finetune
 from pretrain.config import (
@@ -23,8 +28,8 @@ from pretrain.config import (
 )
 from pretrain.loop import train
 from pretrain.objectives import build_objective
-from pretrain.run import USER_ERRORS, parse_args
-from vit import CheckpointError, ModelInfo, load_model, save_checkpoint
+from pretrain.run import stage_parser
+from vit import ModelInfo, load_model, save_checkpoint
 
 
 def finetune_defaults() -> Config:
@@ -64,7 +69,8 @@ def finetune(cfg: Config) -> Path:
     cfg.model.global_pool = model.cfg.global_pool  # the run's config.json records the pooling it used
     labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
     info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
-                     provenance={"init": str(cfg.init), "pretraining": info.provenance.get("objective"),
+                     provenance={"init": str(cfg.init), "init_stage": info.provenance.get("stage"),
+                                 "pretraining": info.provenance.get("objective"),
                                  "data": str(cfg.data.train)})
     if cfg.train.max_steps == 0:
         final = Path(cfg.train.output_dir) / "final"
@@ -73,12 +79,16 @@ def finetune(cfg: Config) -> Path:
     return train(cfg, model, build_objective(cfg, model), info, "finetune", shards)
 
 
+def parser(prog: str = "finetune") -> argparse.ArgumentParser:
+    return stage_parser(prog, __doc__, finetune_defaults())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, "finetune", __doc__.splitlines()[0])
+    args = parser().parse_args(argv)
     try:
         final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
-    except (*USER_ERRORS, CheckpointError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
+        print(f"finetune: error: {user_message(e)}", file=sys.stderr)
         return 2
     print(f"final model: {final}")
     return 0

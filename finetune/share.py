@@ -5,11 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from common.errors import VitpipeError
 from finetune.evaluate import load_report
 from vit import export_checkpoint, load_model
 
 
-class PushError(RuntimeError):
+class PushError(VitpipeError, RuntimeError):
     """The upload failed; one line, never the token."""
 
 

@@ -14,10 +14,13 @@ from typing import Literal
 
 import yaml
 
+from common.errors import VitpipeError
 from pretrain.objectives import ObjectiveOptions, options_for
 
+CHANNELS = 3  # RGB: the loader decodes every image to three channels
 
-class ConfigError(ValueError):
+
+class ConfigError(VitpipeError, ValueError):
     """A config problem; the message names the key."""
 
 
@@ -86,6 +89,7 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     peak_tflops: float | None = None  # for MFU; measured with a matmul when not given
+    resume_mismatch: Literal["refuse", "allow"] = "refuse"  # a checkpoint made with other result-changing keys
 
 
 @dataclass
@@ -164,12 +168,35 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _check(value, hints[key], full))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    return ConfigError(f"{where}{line}: not valid YAML: {problem or e}")
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"{text}: overrides look like key=value, e.g. train.max_steps=100")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -188,9 +215,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
         if not path.is_file():
             raise ConfigError(f"{path}: config file does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raise _yaml_error(str(path), e) from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     given: dict = {}
@@ -234,23 +261,47 @@ def _merge(values: dict, keys: list[str], value) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that need no data and no model."""
-    t, o = cfg.train, cfg.objective
-    positive = {"data.batch_size": cfg.data.batch_size, "train.grad_accum": t.grad_accum,
-                "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
-                "train.keep_last": t.keep_last}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if t.max_steps < 0:
-        raise ConfigError(f"train.max_steps: must be >= 0, got {t.max_steps}")
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
+    """Checks that need no data and no model: every impossible value is refused naming its key."""
+    m, d, t, o, op, s = cfg.model, cfg.data, cfg.train, cfg.objective, cfg.optim, cfg.schedule
+    at_least = {"data.batch_size": (d.batch_size, 1), "train.grad_accum": (t.grad_accum, 1),
+                "train.checkpoint_every": (t.checkpoint_every, 1), "train.log_every": (t.log_every, 1),
+                "train.keep_last": (t.keep_last, 1), "data.shuffle_buffer": (d.shuffle_buffer, 1),
+                "data.num_samples": (d.num_samples, 1), "data.workers": (d.workers, 0),
+                "train.max_steps": (t.max_steps, 0), "schedule.warmup_steps": (s.warmup_steps, 0),
+                "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
+                "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),
+                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0)}
+    for key, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size]
+    if m.image_size is not None and (len(sizes) not in (1, 2) or min(sizes) < 1):
+        raise ConfigError(f"model.image_size: must be N or [H, W] with sizes >= 1, got {m.image_size}")
+    within = {"data.crop_scale_min": (d.crop_scale_min, "(0, 1]", lambda v: 0 < v <= 1),
+              "schedule.min_lr_ratio": (s.min_lr_ratio, "[0, 1]", lambda v: 0 <= v <= 1),
+              "model.drop_rate": (m.drop_rate, "[0, 1)", lambda v: 0 <= v < 1),
+              "model.drop_path_rate": (m.drop_path_rate, "[0, 1)", lambda v: 0 <= v < 1),
+              "optim.momentum": (op.momentum, "[0, 1)", lambda v: 0 <= v < 1),
+              "optim.layer_decay": (op.layer_decay, "(0, 1]", lambda v: 0 < v <= 1),
+              "optim.clip_grad_norm": (op.clip_grad_norm, "(0, inf)", lambda v: v > 0),
+              "train.peak_tflops": (t.peak_tflops, "(0, inf)", lambda v: v > 0)}
+    for key, (value, text, ok) in within.items():
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}: must be in {text}, got {value}")
+    if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
+        raise ConfigError(f"optim.betas: must be two values in [0, 1), got {op.betas}")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if values is not None and len(values) != CHANNELS:
+            raise ConfigError(f"{key}: needs one value per channel ({CHANNELS}), got {values}")
+    if d.std is not None and min(d.std) <= 0:
+        raise ConfigError(f"data.std: must be > 0, got {d.std}")
     try:
         o.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.train is None:
         raise ConfigError("data.train: required (a shard folder with index.json, a shard list or a pattern)")
+    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        raise ConfigError(f"train.output_dir: {t.output_dir} exists and is not a folder")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume} does not exist (use auto, none or a checkpoint folder)")

@@ -14,26 +14,31 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
+from common.errors import USER_ERRORS, VitpipeError
+from common.lock import FolderLock
 from data_tools.loader import ShardSet, eval_loader, resolve_shards, train_loader
 from data_tools.transforms import EvalTransform, TrainTransform
 from pretrain.config import Config, ConfigError
 from pretrain.monitor import knn_top1, pooled_features
 from pretrain.objectives import Task
+from pretrain.resume import check_resume, deepspeed_safe_globals, weights_only_loads, write_manifest
 from vit import ModelInfo, VisionTransformer
 from vit.checkpoint import save_state_dict
-from vitpipe.io import fsync_dir, write_json
+from vitpipe.io import atomic_path, fsync_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VitpipeError, RuntimeError):
     """The run cannot go on (a non-finite loss, ...); one line for the user."""
 
 
@@ -242,22 +247,79 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
 
 
 def _rewind_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric lines the killed run logged past its checkpoint."""
+    """After a resume, drop metric lines the killed run logged past its checkpoint (a torn last line too:
+    it was being written when the run died, so it is past the checkpoint)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise TrainingError(f"{path}:{n}: not a JSON line; fix or remove it to resume") from None
+        if record["step"] <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _on_main(accelerator, check) -> object:
+    """Run ``check`` on the main process only; a user error there is raised on every rank (none waits alone
+    in a collective), and its result is returned on every rank."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = check()
+        except USER_ERRORS as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise error
+    return result
+
+
+@contextmanager
+def _launch_lock(accelerator, out: Path, stage: str):
+    """One launch per output folder: its main process holds the lock for all of its ranks and machines (they
+    share the folder), so only another launch is refused."""
+    world = accelerator.num_processes
+    lock = FolderLock(out, f"vitpipe {stage}" + (f" ({world} processes)" if world > 1 else ""))
+
+    def take() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+
+    _on_main(accelerator, take)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo, stage: str,
           shards: ShardSet | None = None) -> Path:
     """Run (or resume) the configured training; returns the final model folder."""
-    out = Path(cfg.train.output_dir)
     shards = shards or resolve_shards(cfg.data.train, cfg.data.num_samples)
-    resume_from = find_resume(cfg)
     accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world), model.cfg.embed_dim)
+    try:
+        with _launch_lock(accelerator, Path(cfg.train.output_dir), stage):
+            return _run(accelerator, cfg, model, objective, info, stage, shards)
+    finally:
+        accelerator.end_training()  # also ends the process group
+
+
+def _run(accelerator, cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo,
+         stage: str, shards: ShardSet) -> Path:
+    out = Path(cfg.train.output_dir)
+    resume_from = find_resume(cfg)
+    if resume_from is not None and (note := _on_main(accelerator, lambda: check_resume(resume_from, cfg, stage))):
+        accelerator.print(f"note: {note}")
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = per_rank_batch(cfg, world)
     norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
@@ -291,15 +353,18 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
 
     pos = Position()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
+        with weights_only_loads(deepspeed_safe_globals() if deepspeed else []):
+            accelerator.load_state(str(resume_from / "state"))
         pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
         accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     metrics_path, val_path = out / "metrics.jsonl", out / "val_metrics.jsonl"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+
+    def record_run() -> None:
         _rewind_metrics(metrics_path, pos.step)
         _rewind_metrics(val_path, pos.step)
         write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
+
+    _on_main(accelerator, record_run)
     accelerator.init_trackers(stage)
     flops = train_flops_per_image(model)
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
@@ -401,8 +466,21 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
         accelerator.wait_for_everyone()
     finally:
         bar.close()
-        accelerator.end_training()  # also ends the process group
     return final
+
+
+@contextmanager
+def _writing(folder: Path):
+    """torch's and safetensors' writers report a full (or failing) disk as RuntimeError or SafetensorError,
+    not OSError: one line naming the folder instead."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "I/O error")):
+            raise
+        free = shutil.disk_usage(folder).free / 2**20
+        raise TrainingError(f"{folder}: writing the checkpoint failed ({free:.1f} MiB free on that disk; "
+                            f"{str(e).splitlines()[0]})") from None
 
 
 def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, info: ModelInfo, stage: str) -> Path:
@@ -414,8 +492,10 @@ def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, in
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"), safe_serialization=True)
-    state = accelerator.get_state_dict(task_p)  # gathers ZeRO-3 shards; every rank must call it
+    with _writing(tmp):
+        accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+        state = accelerator.get_state_dict(task_p)  # gathers ZeRO-3 shards; every rank must call it
+    accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(task_p).model
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's wrapper
@@ -424,9 +504,11 @@ def save_training_checkpoint(accelerator, task_p, pos: Position, cfg: Config, in
             raise TrainingError(f"gathered weights do not match the model ({len(weights)} of "
                                 f"{len(model.state_dict())} tensors); not writing {final.name}")
         provenance = {"stage": stage, "objective": cfg.objective.name, "step": pos.step, "config": cfg.to_dict()}
-        save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
-                                                                      {**info.provenance, **provenance}))
+        with _writing(tmp):
+            save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
+                                                                          {**info.provenance, **provenance}))
         write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": stage})
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)

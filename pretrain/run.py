@@ -1,7 +1,10 @@
-"""The pretraining stage: a config, a fresh ViT and an objective, handed to the one loop.
+"""Pretrain a ViT: a config, a fresh model and an objective, handed to the one training loop.
 
-    accelerate launch [--config_file configs/accelerate/X.yaml] -m pretrain --config configs/pretrain/Y.yaml [key=value ...]
-    vitpipe pretrain --config configs/pretrain/Y.yaml [key=value ...]
+examples:
+  vitpipe pretrain --config configs/pretrain/tiny.yaml data.train=shards/train
+  vitpipe pretrain --config configs/pretrain/tiny_mae.yaml data.train=shards/train train.max_steps=2000
+  accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pretrain \\
+      --config configs/pretrain/tiny.yaml data.train=shards/train
 """
 
 from __future__ import annotations
@@ -9,13 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_tools.loader import LoaderError, resolve_shards
+from common.errors import USER_ERRORS, user_message
+from data_tools.loader import resolve_shards
 from pretrain.config import Config, ConfigError, load_config
-from pretrain.loop import TrainingError, train
+from pretrain.config_help import config_help
+from pretrain.loop import train
 from pretrain.objectives import OBJECTIVES, build_objective
-from vit import CheckpointError, ModelInfo, create_model
-
-USER_ERRORS = (ConfigError, LoaderError, CheckpointError, TrainingError, ValueError, FileNotFoundError)
+from vit import ModelInfo, create_model
 
 
 def build_model(cfg: Config, classes: list[str] | None):
@@ -51,19 +54,26 @@ def pretrain(cfg: Config):
     return train(cfg, model, build_objective(cfg, model), info, "pretrain", shards)
 
 
-def parse_args(argv, prog: str, doc: str):
-    p = argparse.ArgumentParser(prog=prog, description=doc)
-    p.add_argument("--config", help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100 data.batch_size=64")
-    return p.parse_args(argv)
+def stage_parser(prog: str, doc: str, defaults: Config) -> argparse.ArgumentParser:
+    """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=config_help(defaults),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys listed below, e.g. train.max_steps=100 data.batch_size=64")
+    return p
+
+
+def parser(prog: str = "pretrain") -> argparse.ArgumentParser:
+    return stage_parser(prog, __doc__, Config())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, "pretrain", __doc__.splitlines()[0])
+    args = parser().parse_args(argv)
     try:
         final = pretrain(load_config(args.config, args.overrides))
-    except USER_ERRORS as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
+        print(f"pretrain: error: {user_message(e)}", file=sys.stderr)
         return 2
     print(f"final model: {final}")
     return 0

@@ -6,6 +6,7 @@ problem becomes a ``CheckpointError`` whose message names the file and what is w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from common.errors import VitpipeError
 from vit import convert
-from vit.card import model_card
+from vit.card import model_card, public
 from vit.model import VisionTransformer, ViTConfig
 from vitpipe.io import atomic_path, write_json
 
@@ -29,7 +31,7 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VitpipeError, ValueError):
     """A checkpoint folder that cannot be used; the message is one line for the user."""
 
 
@@ -175,16 +177,14 @@ def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path
     if fmt not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     card = model_card(model.cfg, fmt, info.labels, info.provenance, metrics, repo)
-    with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(card)
-    if fmt == FORMAT:
-        save_checkpoint(model, out, info)
+    if fmt == FORMAT:  # the local paths in the provenance stay in the run folder
+        save_checkpoint(model, out, dataclasses.replace(info, provenance=public(info.provenance)))
+        _write_card(out, card)
         return []
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     args = (model.cfg, state, info.labels, info.mean, info.std)
-    try:
+    try:  # convert before writing anything: a model the format cannot hold leaves no folder behind
         if fmt == "timm":
             meta, state, note = convert.to_timm(*args)
             extra = {}
@@ -193,9 +193,16 @@ def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path
             extra = {"preprocessor_config.json": processor}
     except ValueError as e:
         raise CheckpointError(f"cannot export to {fmt}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     for name, obj in extra.items():
         write_json(out / name, obj)
     write_json(out / CONFIG, meta)
+    _write_card(out, card)
     return [note] if note else []
+
+
+def _write_card(out: Path, card: str) -> None:
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(card)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.errors import USER_ERRORS, VitpipeError, user_message
+
 
 def _init(args) -> None:
     from vit import ModelInfo, create_model, save_checkpoint
@@ -16,9 +18,13 @@ def _init(args) -> None:
         import torch
 
         torch.manual_seed(args.seed)
-    model = create_model(args.model, image_size=size, num_classes=args.num_classes, head=args.head,
-                         embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim)
-    save_checkpoint(model, args.out, ModelInfo(labels=args.labels, provenance={"init": args.model, "seed": args.seed}))
+    try:
+        model = create_model(args.model, image_size=size, num_classes=args.num_classes, head=args.head,
+                             embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+                             mlp_dim=args.mlp_dim)
+    except ValueError as e:  # the architecture the user asked for
+        raise VitpipeError(str(e)) from None
+    save_checkpoint(model, args.out, ModelInfo(labels=args.labels, provenance={"stage": "init", "init": args.model, "seed": args.seed}))
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
 
 
@@ -75,22 +81,22 @@ def _verify(args) -> int:
     from data_tools.shard import read_index
     from data_tools.verify import class_sorting, verify
 
-    problems, notes = verify(args.out, decode=not args.no_decode)
+    problems, notes = verify(args.shards, decode=not args.no_decode)
     for line in notes:
         print(f"note: {line}")
-    if warning := class_sorting(read_index(args.out)):
-        print(f"warning: {args.out}: {warning}", file=sys.stderr)
+    if warning := class_sorting(read_index(args.shards)):
+        print(f"warning: {args.shards}: {warning}", file=sys.stderr)
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
-        print(f"{args.out}: every shard matches index.json")
+        print(f"{args.shards}: every shard matches index.json")
     return 1 if problems else 0
 
 
 def _inspect(args) -> None:
     from data_tools.verify import inspect
 
-    print(inspect(args.out, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
+    print(inspect(args.shards, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
 
 
 def _plot(args) -> None:
@@ -104,7 +110,8 @@ def _plot(args) -> None:
     for spec in args.metrics or []:
         name, _, path = spec.rpartition("=")
         metrics[name or Path(path).parent.name] = Path(path)
-    for path in plot_all(model, info, args.out, args.images, metrics):
+    name = "/".join(Path(args.ckpt).resolve().parts[-2:])  # e.g. pretrained_finetune/final: in every title
+    for path in plot_all(model, info, args.out, args.images, metrics, name):
         print(f"wrote {path}")
 
 
@@ -123,108 +130,199 @@ def _stage(module: str):
     return run
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; each option's default appended unless its help already gives it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {default})"
+
+
+class _StageHelp(argparse.Action):
+    """``--help`` for pretrain / finetune: the stage's own parser, which lists every config key, imported
+    only when asked (it needs torch)."""
+
+    def __init__(self, option_strings, dest, module: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the examples and every config key with its default, and exit", **kwargs)
+        self.module = module
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib
+
+        importlib.import_module(self.module).parser(parser.prog).print_help()
+        parser.exit()
+
+
+def _verb(sub, name: str, summary: str, examples: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog="examples:\n" + examples.strip("\n"), formatter_class=_Help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitpipe", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="verb", required=True)
+    from vitpipe import __version__
 
-    s = sub.add_parser("init", help="write a freshly initialized checkpoint folder")
-    s.add_argument("model", help="architecture, e.g. vit_ti16, vit_s16, vit_b16")
-    s.add_argument("out", help="checkpoint folder to write")
-    s.add_argument("--img-size", type=int, nargs="+", metavar="N", help="N or H W (default 224)")
-    s.add_argument("--num-classes", type=int, default=1000)
-    s.add_argument("--head", choices=["linear", "pretrain", "none"], default="linear")
-    s.add_argument("--labels", nargs="+", metavar="NAME", help="class names, one per class")
-    s.add_argument("--seed", type=int)
-    for dim in ("embed-dim", "depth", "num-heads", "mlp-dim"):
-        s.add_argument(f"--{dim}", type=int, help=f"override the named size's {dim.replace('-', ' ')}")
-    s.set_defaults(run=_init)
+    p = argparse.ArgumentParser(
+        prog="vitpipe", formatter_class=_Help,
+        description="Shard image corpora, pretrain and fine-tune Vision Transformers, evaluate them and share them.",
+        epilog="The verbs in pipeline order: shard the images, verify / inspect the shards, pretrain (or init a\n"
+               "random model), finetune, eval, plot, export or push. vitpipe demo runs all of it on real images.\n"
+               "vitpipe VERB --help shows a verb's options, defaults and examples.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    s = sub.add_parser("export", help="write a checkpoint in vitpipe, timm or transformers format")
-    s.add_argument("ckpt", help="checkpoint folder (vitpipe, timm or transformers format)")
-    s.add_argument("out", help="folder to write")
-    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe")
-    s.set_defaults(run=_export)
-
-    s = sub.add_parser("shard", help="write an image corpus as webdataset tars with index.json")
+    s = _verb(sub, "shard", "write an image corpus as webdataset tars with an index.json", """
+  vitpipe shard photos/ shards/train                        # a folder of class subfolders
+  vitpipe shard manifest.csv shards/train --max-shard-size 1G
+  vitpipe shard hf:imagefolder:/data/pets shards/pets --resize-shorter 256 --workers 8
+  vitpipe shard /data/corpus shards/corpus --part 3/16     # machine 3 of 16, no coordination
+""")
     s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
                                "or hf:SPEC (hf:imagefolder:DIR, hf:NAME)")
     s.add_argument("out", help="output folder")
-    s.add_argument("--samples-per-shard", type=int, default=1000)
-    s.add_argument("--max-shard-size", metavar="BYTES", help="e.g. 500M, 1G")
-    s.add_argument("--prefix", default="shard")
-    s.add_argument("--resize-shorter", type=int, metavar="N")
-    s.add_argument("--max-side", type=int, metavar="N")
-    s.add_argument("--quality", type=int, default=95)
-    s.add_argument("--validate", choices=["full", "header"], default="full")
-    s.add_argument("--max-pixels", type=int, help="larger images are skipped as decompression bombs")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="images per tar")
+    s.add_argument("--max-shard-size", metavar="BYTES",
+                   help="also start a new tar past this size, e.g. 500M, 1G (default: no limit)")
+    s.add_argument("--prefix", default="shard", help="tar file names: PREFIX-000000.tar, ...")
+    s.add_argument("--resize-shorter", type=int, metavar="N",
+                   help="resize so the shorter side is N pixels (default: keep the original size)")
+    s.add_argument("--max-side", type=int, metavar="N", help="cap the longer side at N pixels (default: no cap)")
+    s.add_argument("--quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality for images that are re-encoded (resized or converted)")
+    s.add_argument("--validate", choices=["full", "header"], default="full",
+                   help="full: decode every image; header: read headers only (faster)")
+    s.add_argument("--max-pixels", type=int, metavar="N",
+                   help="larger images are skipped as decompression bombs (default: PIL's limit, 89,478,485)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="encoding processes (the output is the same for any number)")
     s.add_argument("--shuffle-seed", type=int, default=0, metavar="N",
                    help="seed of the input order's shuffle (every shard mixes the classes)")
     s.add_argument("--no-shuffle", action="store_true",
                    help="keep the source's order (a class-folder corpus then gives one class per shard)")
     s.add_argument("--part", default="0/1", metavar="K/N", help="shard only part K of N (N machines, no coordination)")
-    s.add_argument("--path-column")
-    s.add_argument("--label-column")
-    s.add_argument("--split", help="split of a Hugging Face dataset")
+    s.add_argument("--path-column", metavar="NAME",
+                   help="a manifest's image column (default: the first of path, file, filename, file_name, "
+                        "image_path, image)")
+    s.add_argument("--label-column", metavar="NAME",
+                   help="a manifest's or HF dataset's label column (default: the first of label, labels, class, "
+                        "cls, target; none: unlabelled)")
+    s.add_argument("--split", help="split of a Hugging Face dataset (default: train, else the first)")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
     s.set_defaults(run=_shard)
 
-    for verb, module, what in (("pretrain", "pretrain.run", "pretrain a ViT (single process; use accelerate "
-                                                                     "launch -m pretrain for several)"),
-                               ("finetune", "finetune.run", "fine-tune a checkpoint (single process; use accelerate "
-                                                             "launch -m finetune for several)")):
-        s = sub.add_parser(verb, help=what)
-        s.add_argument("--config", help="YAML recipe")
-        s.add_argument("overrides", nargs="*", metavar="key=value")
-        s.set_defaults(run=_stage(module))
-
-    s = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, confusion matrix; few-shot linear")
-    s.add_argument("ckpt")
-    s.add_argument("--data", required=True, help="eval shards (folder with index.json, list or pattern)")
-    s.add_argument("--out", help="where eval.json and confusion.png go (default: the checkpoint folder)")
-    s.add_argument("--fewshot-train", metavar="SHARDS", help="few-shot linear evaluation with examples from here")
-    s.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--linear-probe", action="store_true", help="also a logistic-regression probe on all examples")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=0)
-    s.set_defaults(run=_eval)
-
-    s = sub.add_parser("push", help="export and upload a checkpoint to the Hugging Face hub")
-    s.add_argument("ckpt")
-    s.add_argument("--repo-id", required=True)
-    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe")
-    s.add_argument("--private", action="store_true")
-    s.add_argument("--revision")
-    s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
-    s.set_defaults(run=_push)
-
-    s = sub.add_parser("plot", help="position-embedding similarity, attention distance, rollout, training curves")
-    s.add_argument("ckpt")
-    s.add_argument("--out", required=True, help="folder for the PNGs")
-    s.add_argument("--images", metavar="SHARDS", help="shards to draw sample images from (attention plots)")
-    s.add_argument("--metrics", nargs="+", metavar="[NAME=]metrics.jsonl", help="training curves of these runs")
-    s.set_defaults(run=_plot)
-
-    s = sub.add_parser("demo", help="the whole pipeline on real images that ship in a package, in minutes")
-    s.add_argument("--out", default="runs/demo")
-    s.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto")
-    s.add_argument("--reduced", action="store_true", help="a seconds-long version (the test suite runs it)")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(run=_demo)
-
-    s = sub.add_parser("verify", help="re-check every shard against index.json")
-    s.add_argument("out")
+    s = _verb(sub, "verify", "re-check every shard against index.json (sha256, counts, every image decodes)", """
+  vitpipe verify shards/train
+  vitpipe verify shards/train --no-decode      # sha256 and counts only: fast
+""")
+    s.add_argument("shards", help="shard folder (with index.json)")
     s.add_argument("--no-decode", action="store_true", help="check sha256 and counts only")
     s.set_defaults(run=_verify)
 
-    s = sub.add_parser("inspect", help="samples, classes with counts, image-size distribution")
-    s.add_argument("out")
-    s.add_argument("--samples", type=int, default=5)
-    s.add_argument("--grid", metavar="FILE.png", help="write a contact sheet of random samples")
-    s.add_argument("--grid-size", type=int, default=25)
-    s.add_argument("--seed", type=int, default=0)
+    s = _verb(sub, "inspect", "classes with counts, image sizes, first samples and a contact sheet", """
+  vitpipe inspect shards/train
+  vitpipe inspect shards/train --grid grid.png --grid-size 49
+""")
+    s.add_argument("shards", help="shard folder (with index.json)")
+    s.add_argument("--samples", type=int, default=5, metavar="N", help="samples to list")
+    s.add_argument("--grid", metavar="FILE.png", help="write a contact sheet of random samples (default: none)")
+    s.add_argument("--grid-size", type=int, default=25, metavar="N", help="images on the contact sheet")
+    s.add_argument("--seed", type=int, default=0, help="seed of the contact sheet's random pick")
     s.set_defaults(run=_inspect)
+
+    for verb, module, what in (
+            ("pretrain", "pretrain.run", "pretrain a ViT (one process; accelerate launch -m pretrain for several)"),
+            ("finetune", "finetune.run", "fine-tune a checkpoint (one process; accelerate launch -m finetune for "
+                                         "several)")):
+        s = sub.add_parser(verb, help=what, add_help=False, description=what[0].upper() + what[1:] + ".")
+        s.add_argument("-h", "--help", action=_StageHelp, module=module)
+        s.add_argument("--config")
+        s.add_argument("overrides", nargs="*", metavar="key=value")
+        s.set_defaults(run=_stage(module))
+
+    s = _verb(sub, "init", "write a randomly initialised checkpoint (to train from scratch)", """
+  vitpipe init vit_s16 runs/s16_init --num-classes 100 --seed 0
+  vitpipe init vit_ti4 runs/scratch_init --img-size 32 --embed-dim 128 --depth 6 --num-heads 4 --mlp-dim 512 \\
+      --num-classes 10 --seed 0
+""")
+    s.add_argument("model", help="architecture vit_<ti|s|b|l|h><patch>, e.g. vit_ti16, vit_s16, vit_b16")
+    s.add_argument("out", help="checkpoint folder to write")
+    s.add_argument("--img-size", type=int, nargs="+", metavar="N", help="N or H W (default: 224)")
+    s.add_argument("--num-classes", type=int, default=1000, metavar="N", help="classifier outputs")
+    s.add_argument("--head", choices=["linear", "pretrain", "none"], default="linear",
+                   help="linear classifier, the paper's pretraining head (tanh layer + linear), or none")
+    s.add_argument("--labels", nargs="+", metavar="NAME", help="class names, one per class (default: none)")
+    s.add_argument("--seed", type=int, help="seed of the initialisation (default: torch's unseeded state)")
+    for dim in ("embed-dim", "depth", "num-heads", "mlp-dim"):
+        s.add_argument(f"--{dim}", type=int, metavar="N",
+                       help=f"override the named size's {dim.replace('-', ' ')} (default: the named size's)")
+    s.set_defaults(run=_init)
+
+    s = _verb(sub, "eval", "top-1/top-5, per-class accuracy, confusion matrix; few-shot linear on frozen features", """
+  vitpipe eval runs/tiny-finetune/final --data shards/test
+  vitpipe eval runs/tiny-pretrain/final --data shards/test --fewshot-train shards/train --shots 1 5 10 25 --linear-probe
+""")
+    s.add_argument("ckpt", help="checkpoint folder (vitpipe, timm or transformers format)")
+    s.add_argument("--data", required=True, help="eval shards (folder with index.json, list or pattern)")
+    s.add_argument("--out", help="where eval.json and confusion.png go (default: the checkpoint folder)")
+    s.add_argument("--fewshot-train", metavar="SHARDS",
+                   help="few-shot linear evaluation with examples drawn from these shards (default: none)")
+    s.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], metavar="K",
+                   help="examples per class of each few-shot evaluation")
+    s.add_argument("--seeds", type=int, default=3, metavar="N", help="few-shot draws per K (mean and spread)")
+    s.add_argument("--linear-probe", action="store_true", help="also a logistic-regression probe on all examples")
+    s.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    s.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading processes (0: in this one)")
+    s.set_defaults(run=_eval)
+
+    s = _verb(sub, "plot", "position-embedding similarity, attention distance, rollout, training curves", """
+  vitpipe plot runs/tiny-finetune/final --out plots --images shards/test \\
+      --metrics pretrain=runs/tiny-pretrain/metrics.jsonl finetune=runs/tiny-finetune/metrics.jsonl
+""")
+    s.add_argument("ckpt", help="checkpoint folder")
+    s.add_argument("--out", required=True, help="folder for the PNGs")
+    s.add_argument("--images", metavar="SHARDS",
+                   help="shards to draw sample images from, for the attention plots (default: no attention plots)")
+    s.add_argument("--metrics", nargs="+", metavar="[NAME=]metrics.jsonl",
+                   help="training curves of these runs (default: none; NAME defaults to the run folder's name)")
+    s.set_defaults(run=_plot)
+
+    s = _verb(sub, "export", "write a checkpoint in vitpipe, timm or transformers format, with a model card", """
+  vitpipe export runs/tiny-finetune/final out/timm --format timm
+      # then: timm.create_model("local-dir:out/timm", pretrained=True)
+  vitpipe export runs/tiny-finetune/final out/hf --format transformers
+      # then: ViTForImageClassification.from_pretrained("out/hf"), ViTImageProcessor.from_pretrained("out/hf")
+""")
+    s.add_argument("ckpt", help="checkpoint folder (vitpipe, timm or transformers format)")
+    s.add_argument("out", help="folder to write")
+    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe", help="layout to write")
+    s.set_defaults(run=_export)
+
+    s = _verb(sub, "push", "export a checkpoint and upload it to the Hugging Face hub", """
+  vitpipe push runs/tiny-finetune/final --repo-id team/vit-tiny --format transformers --dry-run
+  vitpipe push runs/tiny-finetune/final --repo-id team/vit-tiny --format timm --private --revision v1
+""")
+    s.add_argument("ckpt", help="checkpoint folder")
+    s.add_argument("--repo-id", required=True, help="ORG/NAME on the hub (created if missing)")
+    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe", help="layout to upload")
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument("--revision", help="branch to upload to (created if missing; default: main)")
+    s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
+    s.set_defaults(run=_push)
+
+    s = _verb(sub, "demo", "the whole pipeline on real images that ship in a package, in minutes", """
+  vitpipe demo                                   # Fashion-MNIST if apt can install it, else scikit-learn's digits
+  vitpipe demo --reduced --dataset digits --out runs/demo-small   # seconds
+""")
+    s.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
+    s.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto",
+                   help="auto: Fashion-MNIST when apt can install it, else digits")
+    s.add_argument("--reduced", action="store_true", help="a seconds-long version (the test suite runs it)")
+    s.add_argument("--seed", type=int, default=0, help="seed of every step")
+    s.set_defaults(run=_demo)
     return p
 
 
@@ -232,6 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input (CheckpointError too): one line
-        print(f"vitpipe {args.verb}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
+        print(f"vitpipe {args.verb}: error: {user_message(e)}", file=sys.stderr)
         return 2

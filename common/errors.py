@@ -1,0 +1,28 @@
+"""One family for user errors: the entry points print them as one line and exit 2; anything else is a bug
+and keeps its traceback.
+
+Each package's error (ConfigError, LoaderError, ShardError, ...) subclasses ``VitpipeError`` and keeps the
+builtin base it always had (``ValueError``, ``RuntimeError``), so code that caught that still does.
+"""
+
+from __future__ import annotations
+
+
+class VitpipeError(Exception):
+    """Bad input, or a state the user has to fix; the message is one line naming the file, key or folder."""
+
+
+#: what an entry point turns into one line and exit 2: ours, and the system's (disk full, permission denied)
+USER_ERRORS = (VitpipeError, OSError)
+
+
+def user_message(e: Exception) -> str:
+    """One line for a user error: an OSError as ``FILE: reason`` (its errno spelled out), else the message."""
+    if isinstance(e, OSError) and e.strerror:
+        files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        return ": ".join([" -> ".join(files), e.strerror] if files else [e.strerror])
+    text = str(e) or type(e).__name__
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        # torch re-raises an error from a DataLoader worker with the worker's traceback as its message
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
