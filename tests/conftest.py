@@ -25,3 +25,25 @@ def cli_env():
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 real-photo crops in 2 classes, 4 shards of 16: the small training set of the launch tests."""
+    from data_tools.shard import ShardOptions, shard
+
+    from .corpus import write_folder
+
+    root = tmp_path_factory.mktemp("train")
+    write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
+    shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def env():
+    """The environment of a launched training process: one thread, this checkout on the path."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return e

@@ -27,21 +27,6 @@ from .corpus import write_folder
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
-    shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
-    return e
-
-
 def pretrain(*overrides):
     return [sys.executable, "-m", "pretrain", "--config", TINY, *overrides]
 
@@ -367,7 +352,7 @@ def test_weights_only_loads_refuse_code_and_name_damaged_files(tmp_path):
         assert torch.load(tmp_path / "fine.pt", weights_only=False)["step"] == 3
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):  # the patch is gone after the block
-        torch.load(tmp_path / "garbage.pt")
+        torch.load(tmp_path / "garbage.pt", weights_only=True)
 
 
 def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env):

@@ -15,19 +15,11 @@ from vit import load_model
 from vit.checkpoint import read_weights
 
 from .conftest import ROOT
-from .corpus import write_folder, write_patterns
+from .corpus import write_patterns
 
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
 TINY_MAE = str(ROOT / "configs" / "pretrain" / "tiny_mae.yaml")
 SSL_FINETUNE = str(ROOT / "configs" / "finetune" / "ssl_tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
-    shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
-    return root / "shards"
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +29,6 @@ def patterns(tmp_path_factory):
     write_patterns(root / "src", per_class=40, size=16)
     shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=30), progress=False)
     return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return e
 
 
 def pretrain_cmd(*overrides, launcher=None):
