@@ -26,7 +26,7 @@ from common.lock import LOCK, FolderLock
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
-from vitpipe.io import fsync_dir, write_json
+from common.io import fsync_dir, write_json
 
 INDEX = "index.json"
 INDEX_FORMAT = "vitpipe-shards"

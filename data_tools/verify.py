@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from data_tools.images import decode_rgb
 from data_tools.shard import read_index
 from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
-from vitpipe.io import atomic_path
+from common.io import atomic_path
 
 
 def _sha256(path: Path) -> str:

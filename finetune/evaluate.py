@@ -18,7 +18,7 @@ import torch
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer
-from vitpipe.io import write_json
+from common.io import write_json
 
 
 def _dist():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vit import ModelInfo, VisionTransformer
-from vitpipe.io import atomic_path
+from common.io import atomic_path
 
 
 def position_similarity(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

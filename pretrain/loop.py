@@ -32,7 +32,7 @@ from pretrain.objectives import Task
 from pretrain.resume import check_resume, deepspeed_safe_globals, weights_only_loads, write_manifest
 from vit import ModelInfo, VisionTransformer
 from vit.checkpoint import save_state_dict
-from vitpipe.io import atomic_path, fsync_dir, write_json
+from common.io import atomic_path, fsync_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"

@@ -14,7 +14,7 @@ import torch
 
 from pretrain.config import Config, ConfigError
 from vit.checkpoint import CheckpointError
-from vitpipe.io import write_json
+from common.io import write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"

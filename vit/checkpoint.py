@@ -21,7 +21,7 @@ from common.errors import VitpipeError
 from vit import convert
 from vit.card import model_card, public
 from vit.model import VisionTransformer, ViTConfig
-from vitpipe.io import atomic_path, write_json
+from common.io import atomic_path, write_json
 
 FORMAT = "vitpipe"
 FORMAT_VERSION = 1
