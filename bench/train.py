@@ -68,7 +68,7 @@ def config(args, shards: str, out: str, checkpointing: bool, objective: str = "m
         f"objective.decoder_heads={heads}"]
     return load_config(None, [*objective_keys, 
         f"data.train={shards}", f"model.name={args.model}", f"model.image_size={args.img_size}", "model.head=none",
-        f"data.batch_size={args.batch}", "data.workers=1", "data.shuffle_buffer=64",
+        f"data.batch_size={args.batch}", f"data.workers={args.workers}", "data.shuffle_buffer=64",
         f"train.max_steps={args.warmup + args.steps}", f"train.checkpoint_every={10**9}", f"train.output_dir={out}",
         f"train.log_every={args.warmup}", f"model.grad_checkpointing={str(checkpointing).lower()}",
         "schedule.warmup_steps=0", "schedule.decay=constant", "train.resume=none",
@@ -108,7 +108,7 @@ def run_bare(args, shards: str) -> dict:
     objective = build_objective(cfg, model).to(args.device)
     params = list(model.parameters()) + list(objective.parameters())
     opt = build_optimizer(cfg, torch.nn.ModuleList([model, objective]))
-    loader = train_loader(resolve_shards(shards), TrainTransform(args.img_size), args.batch, workers=1,
+    loader = train_loader(resolve_shards(shards), TrainTransform(args.img_size), args.batch, workers=args.workers,
                           shuffle_buffer=64)
     done, t0 = 0, None
     with PeakRSS(args.device) as mem:
@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1, help="loader processes (the corpus has 4 shards: at most 4)")
     p.add_argument("--mae-decoder", type=int, nargs=3, default=[128, 2, 4], metavar=("DIM", "DEPTH", "HEADS"),
                    help="MAE's decoder width, depth and heads (default: 128 2 4, light for ViT-Ti)")
     p.add_argument("--variant", choices=["ours", "ours_ckpt", "ours_mae", "bare"], help=argparse.SUPPRESS)
