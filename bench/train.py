@@ -140,7 +140,7 @@ def make_shards(root: Path, n: int, size: int) -> str:
     from data_tools.shard import ShardOptions, shard
 
     make_corpus(root / "src", n)
-    opts = ShardOptions(samples_per_shard=64, encode=EncodeOptions(resize_shorter=size + size // 7))
+    opts = ShardOptions(samples_per_shard=16, encode=EncodeOptions(resize_shorter=size + size // 7))
     shard(str(root / "src"), root / "shards", opts, progress=False)
     return str(root / "shards")
 
@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=1, help="loader processes (the corpus has 4 shards: at most 4)")
+    p.add_argument("--workers", type=int, default=1, help="loader processes (the corpus has 16 shards: at most 16)")
     p.add_argument("--mae-decoder", type=int, nargs=3, default=[128, 2, 4], metavar=("DIM", "DEPTH", "HEADS"),
                    help="MAE's decoder width, depth and heads (default: 128 2 4, light for ViT-Ti)")
     p.add_argument("--variant", choices=["ours", "ours_ckpt", "ours_mae", "bare"], help=argparse.SUPPRESS)
@@ -170,7 +170,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), 256, args.img_size)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         results = {}
         for variant in ("bare", "ours", "ours_ckpt", "ours_mae"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--shards", shards]
