@@ -127,17 +127,6 @@ class DemoError(VitpipeError):
     """A step of the demo failed; the step has said why on the line above."""
 
 
-def child_env() -> dict[str, str]:
-    """The training processes' environment. Without a GPU, DeepSpeed is told to use the CPU rather than finding
-    none and warning, in every process, that it could not detect one."""
-    import torch
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
-
-
 def shown(argv) -> str:
     """``vitpipe ARGV`` as a user in this folder would type it: paths below the cwd relative to it."""
     here = os.getcwd().rstrip(os.sep) + os.sep
@@ -149,7 +138,6 @@ class Steps:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self.env = child_env()
 
     @contextmanager
     def step(self, name: str):
@@ -161,7 +149,7 @@ class Steps:
     def run(self, *argv) -> None:
         """``vitpipe ARGV`` in a process of its own, as the user would run it."""
         print(f"$ {shown(argv)}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "vitpipe", *map(str, argv)], env=self.env).returncode
+        code = subprocess.run([sys.executable, "-m", "vitpipe", *map(str, argv)]).returncode
         if code:
             raise DemoError(f"vitpipe {argv[0]} exited with status {code}")
 
@@ -201,14 +189,16 @@ class Demo:
         from data_tools.shard import ShardError, ShardOptions, shard
 
         with self.steps.step("shard the training and test images and the labelled subsets"):
-            for src, dst in ((self.data / "train", "train"), (self.data / "test", "test"),
-                             (self.data / "labelled.csv", "labelled"), (self.data / "fewshot_test.csv", "fewshot_test")):
-                print(f"$ {shown(['shard', src, self.shards / dst, '--samples-per-shard', 2000, '--workers', 2])}", flush=True)
+            for dst, name in (("train", "train"), ("test", "test"), ("labelled", "labelled.csv"),
+                              ("fewshot_test", "fewshot_test.csv")):
+                src = self.data / name
+                argv = ["shard", src, self.shards / dst, "--samples-per-shard", 2000, "--workers", 2]
+                print(f"$ {shown(argv)}", flush=True)
                 options = ShardOptions(samples_per_shard=2000)
                 try:
                     index = shard(str(src), self.shards / dst, options, workers=2)
                 except ShardError as e:  # left by an older demo with other sharding arguments
-                    print(f"  {e}: sharding {dst} again")
+                    print(f"  {e}: sharding {dst} again\n$ {shown([*argv, '--overwrite'])}", flush=True)
                     index = shard(str(src), self.shards / dst, options, workers=2, overwrite=True)
                 print(f"  {dst}: {index['total_samples']} samples in {len(index['shards'])} shards, "
                       f"{len(index['skipped'])} skipped")
