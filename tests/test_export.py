@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -12,9 +13,20 @@ import torch
 from PIL import Image
 
 from data_tools.transforms import EvalTransform
-from vit import CheckpointError, ModelInfo, create_model, export_checkpoint, load_model, save_checkpoint
+from vit import (
+    FORMATS,
+    CheckpointError,
+    ModelInfo,
+    ViTConfig,
+    create_model,
+    export_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from vit.card import describe, public, public_text
-from vit.convert import mlp_ratio
+from vit.formats.base import Export
+from vit.formats.timm import mlp_ratio
+from vitpipe.cli import main
 
 from .conftest import ROOT, randomize
 
@@ -185,3 +197,55 @@ def test_public_paths_keep_their_last_two_parts_and_leave_urls_alone():
 ])
 def test_the_card_says_how_the_weights_were_trained(provenance, trained, start):
     assert describe(provenance) == (trained, start)
+
+
+def _plain_format() -> types.ModuleType:
+    """A format as a new module would write it: our tensors and model config under its own config.json key."""
+    plain = types.ModuleType("plain")
+    plain.NAME = "plain"
+    plain.HOW_TO_LOAD = "plain.load({repo!r})"
+
+    def write(cfg, state, info):
+        if cfg.head == "pretrain":
+            raise ValueError("plain has no slot for the pretraining head: export to vitpipe")
+        return Export(dict(state), {"config.json": {"plain_vit": cfg.to_dict()}})
+
+    plain.write = write
+    plain.recognises = lambda meta: "plain_vit" in meta
+    plain.read = lambda folder, meta, state: (ViTConfig.from_dict(meta["plain_vit"]), state,
+                                              ModelInfo(source_format="plain"))
+    return plain
+
+
+def test_a_format_is_one_module_in_the_registry_and_the_cli_offers_it(tmp_path, monkeypatch, capsys):
+    assert list(FORMATS) == ["vitpipe", "timm", "transformers"]
+    monkeypatch.setitem(FORMATS, "plain", _plain_format())
+    model = randomize(create_model("vit_ti16", image_size=32, depth=1, num_classes=3))
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "plain"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: plain" in card and "plain.load('REPO_ID')" in card
+    back, info = load_model(tmp_path / "out")
+    x = _image(model)
+    assert info.source_format == "plain" and torch.equal(back(x), model(x))
+
+    with pytest.raises(CheckpointError, match="^cannot export to plain: plain has no slot for the pretraining head"):
+        export_checkpoint(create_model("vit_ti16", image_size=32, depth=1, num_classes=3, head="pretrain"),
+                          ModelInfo(), tmp_path / "refused", "plain")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(CheckpointError, match="^unknown export format 'onnx': choose one of vitpipe, timm, "
+                                              "transformers, plain$"):
+        export_checkpoint(model, ModelInfo(), tmp_path / "onnx", "onnx")
+
+    capsys.readouterr()
+    for argv in (["export", "a", "b", "--format", "onnx"], ["push", "a", "--repo-id", "t/x", "--format", "onnx"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "invalid choice: 'onnx' (choose from 'vitpipe', 'timm', 'transformers', 'plain')" in \
+            capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["push", "--help"])
+    assert "layout to upload: vitpipe, timm, transformers, plain (default: vitpipe)" in \
+        " ".join(capsys.readouterr().out.split())

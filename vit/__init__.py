@@ -1,10 +1,11 @@
-"""The Vision Transformer, its checkpoint folders and conversions to timm / transformers."""
+"""The Vision Transformer, its checkpoint folders and the formats it exports to (timm, transformers)."""
 
-from vit.checkpoint import CheckpointError, ModelInfo, export_checkpoint, load_model, save_checkpoint
+from vit.checkpoint import CheckpointError, ModelInfo, save_checkpoint
+from vit.formats import FORMATS, export_checkpoint, load_model
 from vit.model import VisionTransformer, ViTConfig, config_for, create_model
 from vit.pos_embed import resample_abs_pos_embed
 
 __all__ = [
-    "CheckpointError", "ModelInfo", "ViTConfig", "VisionTransformer", "config_for", "create_model",
+    "FORMATS", "CheckpointError", "ModelInfo", "ViTConfig", "VisionTransformer", "config_for", "create_model",
     "export_checkpoint", "load_model", "resample_abs_pos_embed", "save_checkpoint",
 ]

@@ -14,26 +14,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from vit.model import ViTConfig
 
-LOAD = {
-    "timm": """```python
-import timm
-model = timm.create_model("hf-hub:{repo}", pretrained=True)                   # from the hub
-model = timm.create_model("local-dir:path/to/this/folder", pretrained=True)  # from disk
-config = timm.data.resolve_data_config({{}}, model=model)
-transform = timm.data.create_transform(**config)  # PIL image (convert("RGB") first) -> normalised tensor
-```""",
-    "transformers": """```python
-from transformers import ViTForImageClassification, ViTImageProcessor
-model = ViTForImageClassification.from_pretrained("{repo}")
-processor = ViTImageProcessor.from_pretrained("{repo}")  # converts grayscale / RGBA images to RGB
-logits = model(**processor(images=image, return_tensors="pt")).logits
-```""",
-    "vitpipe": """```python
-from vit import load_model
-model, info = load_model("path/to/this/folder")   # labels, normalisation and provenance in info
-```""",
-}
-
 # an absolute path (or file:// URL, or ~/...) where a path can start: the start, after a space, '=', ':' (not
 # '://'), a comma or an opening bracket or quote
 _ABS = r"(?:/|~/)(?!/)[^\s,;'\"()\[\]]*"
@@ -98,9 +78,10 @@ def describe(provenance: dict) -> tuple[str, str]:
     return "not recorded", str(provenance.get("init", "not recorded"))
 
 
-def model_card(cfg: ViTConfig, fmt: str, labels, provenance: dict, metrics: dict | None, repo: str = "REPO_ID",
-               license: str = "apache-2.0") -> str:
-    """The card's text. ``provenance`` and ``metrics`` may hold local paths: the card shows them via ``public``."""
+def model_card(cfg: ViTConfig, library: str, how_to_load: str, labels, provenance: dict, metrics: dict | None,
+               repo: str = "REPO_ID", license: str = "apache-2.0") -> str:
+    """The card's text for an export in ``library``'s format; ``how_to_load`` is the format's snippet (``{repo}``
+    filled in here). ``provenance`` and ``metrics`` may hold local paths: the card shows them via ``public``."""
     provenance, metrics = public(provenance), public(metrics or {})
     size = f"{cfg.image_size[0]}x{cfg.image_size[1]}"
     trained, start = describe(provenance)
@@ -112,8 +93,8 @@ def model_card(cfg: ViTConfig, fmt: str, labels, provenance: dict, metrics: dict
                    for key, name in (("top1", "top-1"), ("top5", "top-5")) if key in metrics]
     data = ModelCardData(
         license=license,
-        library_name=fmt,
-        tags=["image-classification", "vision-transformer", "vitpipe", fmt],
+        library_name=library,
+        tags=["image-classification", "vision-transformer", "vitpipe", library],
         pipeline_tag="image-classification",
         metrics=["accuracy"] if results else None,
         model_name=repo if results else None,
@@ -139,9 +120,7 @@ def model_card(cfg: ViTConfig, fmt: str, labels, provenance: dict, metrics: dict
     if labels:
         shown = ", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "")
         lines += ["", f"Labels: {shown}"]
-    lines += ["", "## How to load it", "", LOAD[fmt].format(repo=repo)]
-    if fmt != "vitpipe":
-        lines += ["", "vitpipe reads this folder too: `vit.load_model(folder)`."]
+    lines += ["", "## How to load it", "", how_to_load.format(repo=repo)]
     config = provenance.get("config")
     if config:
         lines += ["", "## Training config", "", "The run's config (keys left unset omitted):", "", "```yaml",

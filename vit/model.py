@@ -1,7 +1,7 @@
 """The Vision Transformer of Dosovitskiy et al. (arXiv 2010.11929).
 
 Module and parameter names follow timm's ``VisionTransformer`` so that a state dict moves
-between the two without renaming; transformers' names are mapped in ``vit.convert``.
+between the two without renaming; transformers' names are mapped in ``vit.formats.transformers``.
 """
 
 from __future__ import annotations

@@ -125,9 +125,23 @@ def _stage(module: str):
     def run(args) -> int:
         import importlib
 
+        _cpu_for_deepspeed_without_a_gpu()
         return importlib.import_module(module).main(["--config", args.config, *args.overrides] if args.config
                                                     else args.overrides)
     return run
+
+
+def _cpu_for_deepspeed_without_a_gpu() -> None:
+    """DeepSpeed (imported with accelerate) looks for a GPU and, finding none, warns in every process that it
+    could not detect one. Where torch sees none (CUDA, XPU, Apple's MPS), tell it the CPU is meant, before its
+    import; a ``DS_ACCELERATOR`` the user set stays."""
+    import os
+
+    import torch
+
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available()):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -163,18 +177,29 @@ def _verb(sub, name: str, summary: str, examples: str, **kwargs) -> argparse.Arg
                           epilog="examples:\n" + examples.strip("\n"), formatter_class=_Help, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vitpipe import __version__
+class _LazyChoices:
+    """A registry's names as argparse ``choices``, read only when argparse needs them (checking a value, showing
+    the verb's help): the registries import torch, which the other verbs should not pay for."""
 
-    p = argparse.ArgumentParser(
-        prog="vitpipe", formatter_class=_Help,
-        description="Shard image corpora, pretrain and fine-tune Vision Transformers, evaluate them and share them.",
-        epilog="The verbs in pipeline order: shard the images, verify / inspect the shards, pretrain (or init a\n"
-               "random model), finetune, eval, plot, export or push. vitpipe demo runs all of it on real images.\n"
-               "vitpipe VERB --help shows a verb's options, defaults and examples.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    def __init__(self, module: str, registry: str):
+        self.module, self.registry = module, registry
 
+    def _names(self) -> list[str]:
+        import importlib
+
+        return list(getattr(importlib.import_module(self.module), self.registry))
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+EXPORT_FORMATS = _LazyChoices("vit.formats", "FORMATS")
+
+
+def _shard_verb(sub) -> None:
     s = _verb(sub, "shard", "write an image corpus as webdataset tars with an index.json", """
   vitpipe shard photos/ shards/train                        # a folder of class subfolders
   vitpipe shard manifest.csv shards/train --max-shard-size 1G
@@ -214,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
     s.set_defaults(run=_shard)
 
+
+def _verify_verb(sub) -> None:
     s = _verb(sub, "verify", "re-check every shard against index.json (sha256, counts, every image decodes)", """
   vitpipe verify shards/train
   vitpipe verify shards/train --no-decode      # sha256 and counts only: fast
@@ -222,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-decode", action="store_true", help="check sha256 and counts only")
     s.set_defaults(run=_verify)
 
+
+def _inspect_verb(sub) -> None:
     s = _verb(sub, "inspect", "classes with counts, image sizes, first samples and a contact sheet", """
   vitpipe inspect shards/train
   vitpipe inspect shards/train --grid grid.png --grid-size 49
@@ -233,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the contact sheet's random pick")
     s.set_defaults(run=_inspect)
 
+
+def _stage_verbs(sub) -> None:
+    """pretrain and finetune hand their arguments to the stage's own parser (config file + key=value)."""
     for verb, module, what in (
             ("pretrain", "pretrain.run", "pretrain a ViT (one process; accelerate launch -m pretrain for several)"),
             ("finetune", "finetune.run", "fine-tune a checkpoint (one process; accelerate launch -m finetune for "
@@ -243,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(run=_stage(module))
 
+
+def _init_verb(sub) -> None:
     s = _verb(sub, "init", "write a randomly initialised checkpoint (to train from scratch)", """
   vitpipe init vit_s16 runs/s16_init --num-classes 100 --seed 0
   vitpipe init vit_ti4 runs/scratch_init --img-size 32 --embed-dim 128 --depth 6 --num-heads 4 --mlp-dim 512 \\
@@ -261,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"override the named size's {dim.replace('-', ' ')} (default: the named size's)")
     s.set_defaults(run=_init)
 
+
+def _eval_verb(sub) -> None:
     s = _verb(sub, "eval", "top-1/top-5, per-class accuracy, confusion matrix; few-shot linear on frozen features", """
   vitpipe eval runs/tiny-finetune/final --data shards/test
   vitpipe eval runs/tiny-pretrain/final --data shards/test --fewshot-train shards/train --shots 1 5 10 25 --linear-probe
 """)
-    s.add_argument("ckpt", help="checkpoint folder (vitpipe, timm or transformers format)")
+    s.add_argument("ckpt", help="checkpoint folder (in any format export writes)")
     s.add_argument("--data", required=True, help="eval shards (folder with index.json, list or pattern)")
     s.add_argument("--out", help="where eval.json and confusion.png go (default: the checkpoint folder)")
     s.add_argument("--fewshot-train", metavar="SHARDS",
@@ -278,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading processes (0: in this one)")
     s.set_defaults(run=_eval)
 
+
+def _plot_verb(sub) -> None:
     s = _verb(sub, "plot", "position-embedding similarity, attention distance, rollout, training curves", """
   vitpipe plot runs/tiny-finetune/final --out plots --images shards/test \\
       --metrics pretrain=runs/tiny-pretrain/metrics.jsonl finetune=runs/tiny-finetune/metrics.jsonl
@@ -290,29 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training curves of these runs (default: none; NAME defaults to the run folder's name)")
     s.set_defaults(run=_plot)
 
-    s = _verb(sub, "export", "write a checkpoint in vitpipe, timm or transformers format, with a model card", """
+
+def _export_verb(sub) -> None:
+    s = _verb(sub, "export", "write a checkpoint in another library's format (or ours), with a model card", """
   vitpipe export runs/tiny-finetune/final out/timm --format timm
       # then: timm.create_model("local-dir:out/timm", pretrained=True)
   vitpipe export runs/tiny-finetune/final out/hf --format transformers
       # then: ViTForImageClassification.from_pretrained("out/hf"), ViTImageProcessor.from_pretrained("out/hf")
 """)
-    s.add_argument("ckpt", help="checkpoint folder (vitpipe, timm or transformers format)")
+    s.add_argument("ckpt", help="checkpoint folder (in any format export writes)")
     s.add_argument("out", help="folder to write")
-    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe", help="layout to write")
+    s.add_argument("--format", choices=EXPORT_FORMATS, default="vitpipe", metavar="FORMAT",
+                   help="layout to write: %(choices)s")
     s.set_defaults(run=_export)
 
+
+def _push_verb(sub) -> None:
     s = _verb(sub, "push", "export a checkpoint and upload it to the Hugging Face hub", """
   vitpipe push runs/tiny-finetune/final --repo-id team/vit-tiny --format transformers --dry-run
   vitpipe push runs/tiny-finetune/final --repo-id team/vit-tiny --format timm --private --revision v1
 """)
     s.add_argument("ckpt", help="checkpoint folder")
     s.add_argument("--repo-id", required=True, help="ORG/NAME on the hub (created if missing)")
-    s.add_argument("--format", choices=["vitpipe", "timm", "transformers"], default="vitpipe", help="layout to upload")
+    s.add_argument("--format", choices=EXPORT_FORMATS, default="vitpipe", metavar="FORMAT",
+                   help="layout to upload: %(choices)s")
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--revision", help="branch to upload to (created if missing; default: main)")
     s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
     s.set_defaults(run=_push)
 
+
+def _demo_verb(sub) -> None:
     s = _verb(sub, "demo", "the whole pipeline on real images that ship in a package, in minutes", """
   vitpipe demo                                   # Fashion-MNIST if apt can install it, else scikit-learn's digits
   vitpipe demo --reduced --dataset digits --out runs/demo-small   # seconds
@@ -323,6 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reduced", action="store_true", help="a seconds-long version (the test suite runs it)")
     s.add_argument("--seed", type=int, default=0, help="seed of every step")
     s.set_defaults(run=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vitpipe import __version__
+
+    p = argparse.ArgumentParser(
+        prog="vitpipe", formatter_class=_Help,
+        description="Shard image corpora, pretrain and fine-tune Vision Transformers, evaluate them and share them.",
+        epilog="The verbs in pipeline order: shard the images, verify / inspect the shards, pretrain (or init a\n"
+               "random model), finetune, eval, plot, export or push. vitpipe demo runs all of it on real images.\n"
+               "vitpipe VERB --help shows a verb's options, defaults and examples.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    for add_verb in (_shard_verb, _verify_verb, _inspect_verb, _stage_verbs, _init_verb, _eval_verb, _plot_verb,
+                     _export_verb, _push_verb, _demo_verb):  # pipeline order: the order --help lists them
+        add_verb(sub)
     return p
 
 

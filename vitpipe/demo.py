@@ -13,15 +13,21 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
+
+from common.errors import VitpipeError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -90,7 +96,8 @@ def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, class
     paths = []
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(tqdm(zip(images, labels), total=len(images), desc=f"write {root.name}",
+                                          unit="img")):
         path = root / classes[int(label)] / f"{i:05d}.png"
         if not path.exists():
             Image.fromarray(img, "L").save(path, compress_level=1)
@@ -116,136 +123,194 @@ def write_manifest(path: Path, files: list[Path], labels: np.ndarray, classes: l
     return path
 
 
+class DemoError(VitpipeError):
+    """A step of the demo failed; the step has said why on the line above."""
+
+
+def shown(argv) -> str:
+    """``vitpipe ARGV`` as a user in this folder would type it: paths below the cwd relative to it."""
+    here = os.getcwd().rstrip(os.sep) + os.sep
+    return shlex.join(["vitpipe", *(str(a).replace(here, "") for a in argv)])
+
+
 class Steps:
-    """Times each step and prints what it does, as a user would type it."""
+    """Times each step and prints it, and each command in it, as a user would type it."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, cmd: list[str] | None = None, fn=None):
-        print(f"\n== {name}" + (f"\n$ {' '.join(cmd)}" if cmd else ""), flush=True)
+    @contextmanager
+    def step(self, name: str):
+        print(f"\n== {name}", flush=True)
         t = time.perf_counter()
-        if cmd:
-            subprocess.run(cmd, check=True)
-        result = fn() if fn else None
+        yield
         self.seconds[name] = round(time.perf_counter() - t, 1)
-        return result
+
+    def run(self, *argv) -> None:
+        """``vitpipe ARGV`` in a process of its own, as the user would run it."""
+        print(f"$ {shown(argv)}", flush=True)
+        code = subprocess.run([sys.executable, "-m", "vitpipe", *map(str, argv)]).returncode
+        if code:
+            raise DemoError(f"vitpipe {argv[0]} exited with status {code}")
+
+    def run_here(self, *argv) -> None:
+        """``vitpipe ARGV`` in this process: for quick verbs, which then skip a second import of torch."""
+        from vitpipe.cli import main
+
+        print(f"$ {shown(argv)}", flush=True)
+        if code := main([str(a) for a in argv]):
+            raise DemoError(f"vitpipe {argv[0]} exited with status {code}")
+
+
+class Demo:
+    """One run of the demo: its data, budget and folders, and each step as a method, in the order they run."""
+
+    def __init__(self, out: Path, dataset: str, reduced: bool, seed: int):
+        self.out, self.seed = out, seed
+        self.name, self.classes, (self.xtr, self.ytr), (self.xte, self.yte) = load_dataset(dataset)
+        budget = BUDGETS[self.name]
+        self.budget = Budget(**{**budget.__dict__, **REDUCED}) if reduced else budget
+        self.labelled = stratified(self.ytr, self.budget.labelled_fraction, seed)
+        self.objective = objective_name(self.budget)
+        self.data, self.shards, self.runs = out / "data", out / "shards", out / "runs"
+        self.steps = Steps()
+        self.common = [f"train.seed={seed}", "data.workers=1"]  # every training run's
+
+    def write_corpus(self) -> None:
+        with self.steps.step("write the dataset as a folder of class subfolders of PNGs"):
+            files = write_image_folder(self.data / "train", self.xtr, self.ytr, self.classes)
+            test_files = write_image_folder(self.data / "test", self.xte, self.yte, self.classes)
+            write_manifest(self.data / "labelled.csv", [files[i] for i in self.labelled], self.ytr[self.labelled],
+                           self.classes)
+            few = np.sort(np.random.default_rng(self.seed).permutation(len(self.xte))[:self.budget.fewshot_test])
+            write_manifest(self.data / "fewshot_test.csv", [test_files[i] for i in few], self.yte[few], self.classes)
+
+    def shard(self) -> None:
+        from data_tools.shard import ShardError, ShardOptions, shard
+
+        with self.steps.step("shard the training and test images and the labelled subsets"):
+            for dst, name in (("train", "train"), ("test", "test"), ("labelled", "labelled.csv"),
+                              ("fewshot_test", "fewshot_test.csv")):
+                src = self.data / name
+                argv = ["shard", src, self.shards / dst, "--samples-per-shard", 2000, "--workers", 2]
+                print(f"$ {shown(argv)}", flush=True)
+                options = ShardOptions(samples_per_shard=2000)
+                try:
+                    index = shard(str(src), self.shards / dst, options, workers=2)
+                except ShardError as e:  # left by an older demo with other sharding arguments
+                    print(f"  {e}: sharding {dst} again\n$ {shown([*argv, '--overwrite'])}", flush=True)
+                    index = shard(str(src), self.shards / dst, options, workers=2, overwrite=True)
+                print(f"  {dst}: {index['total_samples']} samples in {len(index['shards'])} shards, "
+                      f"{len(index['skipped'])} skipped")
+
+    def pretrain(self) -> None:
+        b, runs = self.budget, self.runs
+        with self.steps.step(f"pretrain: {self.objective.upper()} on all {len(self.xtr)} training images, "
+                             "labels unused"):
+            self.steps.run(
+                "pretrain", "--config", CONFIGS / "pretrain" / b.pretrain_config, f"data.train={self.shards / 'train'}",
+                f"model.image_size={b.pretrain_size}", *b.model, f"data.batch_size={b.pretrain_batch}",
+                f"train.max_steps={b.pretrain_steps}", f"train.checkpoint_every={max(1, b.pretrain_steps // 2)}",
+                f"data.monitor={self.shards / 'labelled'}", f"train.output_dir={runs / 'pretrain'}",
+                "data.resampled=true", "train.log_every=20", *b.pretrain_args, *self.common)
+
+    def finetune(self, config: str, recipe: tuple[str, ...], init: Path, output: Path) -> None:
+        b = self.budget
+        self.steps.run("finetune", "--config", CONFIGS / "finetune" / config, f"init={init}",
+                       f"data.train={self.shards / 'labelled'}", f"model.image_size={b.finetune_size}",
+                       f"data.batch_size={b.finetune_batch}", f"train.max_steps={b.finetune_steps}",
+                       f"train.checkpoint_every={b.finetune_steps}", "train.log_every=10", *recipe, *self.common,
+                       f"train.output_dir={output}")
+
+    def finetune_pretrained(self) -> None:
+        b = self.budget
+        with self.steps.step(f"fine-tune at {b.finetune_size}px on {len(self.labelled)} labelled images (zero head, "
+                             "interpolated position embeddings)"):
+            self.finetune(b.finetune_config, b.finetune_args, self.runs / "pretrain" / "final",
+                          self.runs / "pretrained_finetune")
+
+    def train_from_scratch(self) -> None:
+        b, init = self.budget, self.runs / "scratch_init"
+        dims = [f"--{k.split('=')[0].split('.')[1].replace('_', '-')}={k.split('=')[1]}" for k in b.model]
+        with self.steps.step("from scratch: the same model, resolution, labels and fine-tuning budget"):
+            self.steps.run("init", "vit_ti4", init, "--img-size", b.finetune_size, "--num-classes",
+                           len(self.classes), "--labels", *self.classes, "--seed", self.seed, *dims)
+        with self.steps.step("train from scratch (the recipe that suits a random init: SGD, higher lr)"):
+            self.finetune(b.scratch_config, b.scratch_args, init, self.runs / "scratch")
+
+    def baseline(self) -> float:
+        with self.steps.step("baseline: logistic regression on the pixels of the same labelled images"):
+            return pixel_baseline(self.xtr[self.labelled], self.ytr[self.labelled], self.xte, self.yte)
+
+    def evaluate(self) -> dict:
+        """Top-1 of both fine-tuned models on the test set; few-shot linear on the frozen features of the
+        pretrained encoder and of the random one."""
+        from finetune.evaluate import load_report
+
+        reports = {}
+        with self.steps.step("evaluate on the test set (top-1) and few-shot linear on frozen features"):
+            for run_name in ("pretrained_finetune", "scratch"):
+                final = self.runs / run_name / "final"
+                self.steps.run_here("eval", final, "--data", self.shards / "test", "--workers", 2)
+                reports[run_name] = load_report(final)
+            for run_name, folder in (("pretrained", self.runs / "pretrain" / "final"),
+                                     ("scratch_init", self.runs / "scratch_init")):
+                out = self.out / "fewshot" / run_name
+                self.steps.run_here("eval", folder, "--data", self.shards / "fewshot_test", "--fewshot-train",
+                                    self.shards / "labelled", "--workers", 2, "--out", out)
+                reports[f"{run_name}_fewshot"] = load_report(out)["fewshot"]
+        return reports
+
+    def export(self, best: str) -> None:
+        with self.steps.step("export the best model in transformers hub format with its model card"):
+            self.steps.run("export", self.runs / best / "final", self.out / "export", "--format", "transformers")
+
+    def plot(self) -> None:
+        runs = self.runs
+        with self.steps.step("plots: position embeddings, attention distance, attention rollout, training curves"):
+            self.steps.run("plot", runs / "pretrained_finetune" / "final", "--out", self.out / "plots", "--images",
+                           self.shards / "test", "--metrics", f"pretrain={runs / 'pretrain' / 'metrics.jsonl'}",
+                           f"pretrained+finetune={runs / 'pretrained_finetune' / 'metrics.jsonl'}",
+                           f"scratch={runs / 'scratch' / 'metrics.jsonl'}")
+
+    def results(self, evals: dict, baseline: float, reduced: bool, seconds: float) -> dict:
+        pre, scr, b = evals["pretrained_finetune"], evals["scratch"], self.budget
+        knn = map(json.loads, (self.runs / "pretrain" / "val_metrics.jsonl").read_text().splitlines())
+        return {
+            "dataset": self.name, "seed": self.seed, "reduced": reduced,
+            "labelled_images": len(self.labelled), "train_images": int(len(self.xtr)),
+            "test_images": int(len(self.xte)),
+            "pretrain_resolution": b.pretrain_size, "finetune_resolution": b.finetune_size,
+            "objective": self.objective, "pretrain_steps": b.pretrain_steps, "finetune_steps": b.finetune_steps,
+            "pretrained_top1": pre["top1"], "scratch_top1": scr["top1"], "baseline_top1": baseline,
+            "pretrained_top5": pre["top5"], "scratch_top5": scr["top5"],
+            "pretrain_knn_top1": {r["step"]: r["knn_top1"] for r in knn},
+            "fewshot": {k: evals[k] for k in ("pretrained_fewshot", "scratch_init_fewshot")},
+            "seconds": {**self.steps.seconds, "total": seconds},
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "outputs": {"runs": str(self.runs), "export": str(self.out / "export"), "plots": str(self.out / "plots"),
+                        "shards": str(self.shards)},
+        }
 
 
 def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed: int = 0) -> dict:
-    from data_tools.shard import ShardError, ShardOptions, shard
-    from finetune.evaluate import evaluate
-    from vit import load_model
-
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    name, classes, (xtr, ytr), (xte, yte) = load_dataset(dataset)
-    budget = BUDGETS[name]
-    if reduced:
-        budget = Budget(**{**budget.__dict__, **REDUCED})
-    print(f"dataset: {name} ({len(xtr)} train / {len(xte)} test real images, {len(classes)} classes)"
-          + ("" if name == "fashion-mnist" else "; install Debian's dataset-fashion-mnist for the full demo"))
-    steps = Steps()
-    vp = [sys.executable, "-m", "vitpipe"]
-    data = out / "data"
-    labelled = stratified(ytr, budget.labelled_fraction, seed)
-
-    def write_corpus():
-        files = write_image_folder(data / "train", xtr, ytr, classes)
-        test_files = write_image_folder(data / "test", xte, yte, classes)
-        write_manifest(data / "labelled.csv", [files[i] for i in labelled], ytr[labelled], classes)
-        few = np.sort(np.random.default_rng(seed).permutation(len(xte))[:budget.fewshot_test])
-        write_manifest(data / "fewshot_test.csv", [test_files[i] for i in few], yte[few], classes)
-        return len(labelled)
-
-    n_labelled = steps.run("write the dataset as a folder of class subfolders of PNGs", fn=write_corpus)
-    shards = out / "shards"
-
-    def shard_all():
-        for src, dst in ((data / "train", "train"), (data / "test", "test"), (data / "labelled.csv", "labelled"),
-                         (data / "fewshot_test.csv", "fewshot_test")):
-            try:
-                index = shard(str(src), shards / dst, ShardOptions(samples_per_shard=2000), workers=2,
-                              progress=False)
-            except ShardError as e:  # left by an older demo with other sharding arguments
-                print(f"  {e}: sharding {dst} again")
-                index = shard(str(src), shards / dst, ShardOptions(samples_per_shard=2000), workers=2,
-                              overwrite=True, progress=False)
-            print(f"  {dst}: {index['total_samples']} samples in {len(index['shards'])} shards, "
-                  f"{len(index['skipped'])} skipped")
-
-    steps.run(f"shard (vitpipe shard {data / 'train'} {shards / 'train'} --workers 2, and test / labelled subsets)",
-              fn=shard_all)
-
-    runs = out / "runs"
-    common = [f"train.seed={seed}", "data.workers=1"]
-    objective = objective_name(budget)
-    steps.run(f"pretrain: {objective.upper()} on all {len(xtr)} training images, labels unused", [
-        sys.executable, "-m", "pretrain", "--config", str(CONFIGS / "pretrain" / budget.pretrain_config),
-        f"data.train={shards / 'train'}", f"model.image_size={budget.pretrain_size}", *budget.model,
-        f"data.batch_size={budget.pretrain_batch}", f"train.max_steps={budget.pretrain_steps}",
-        f"train.checkpoint_every={max(1, budget.pretrain_steps // 2)}", f"data.monitor={shards / 'labelled'}",
-        f"train.output_dir={runs / 'pretrain'}", "data.resampled=true", "train.log_every=20",
-        *budget.pretrain_args, *common])
-
-    def finetune(config: str, recipe: tuple[str, ...], init: Path, output: Path) -> list[str]:
-        return [sys.executable, "-m", "finetune", "--config", str(CONFIGS / "finetune" / config), f"init={init}",
-                f"data.train={shards / 'labelled'}", f"model.image_size={budget.finetune_size}",
-                f"data.batch_size={budget.finetune_batch}", f"train.max_steps={budget.finetune_steps}",
-                f"train.checkpoint_every={budget.finetune_steps}", "train.log_every=10", *recipe, *common,
-                f"train.output_dir={output}"]
-
-    steps.run(f"fine-tune at {budget.finetune_size}px on {n_labelled} labelled images (zero head, interpolated "
-              "position embeddings)", finetune(budget.finetune_config, budget.finetune_args,
-                                               runs / "pretrain" / "final", runs / "pretrained_finetune"))
-    dims = [f"--{k.split('=')[0].split('.')[1].replace('_', '-')}={k.split('=')[1]}" for k in budget.model]
-    steps.run("from scratch: the same model, resolution, labels and fine-tuning budget", [
-        *vp, "init", "vit_ti4", str(runs / "scratch_init"), "--img-size", str(budget.finetune_size),
-        "--num-classes", str(len(classes)), "--labels", *classes, "--seed", str(seed), *dims])
-    steps.run("train from scratch (the recipe that suits a random init: SGD, higher lr)",
-              finetune(budget.scratch_config, budget.scratch_args, runs / "scratch_init", runs / "scratch"))
-    baseline = steps.run("baseline: logistic regression on the pixels of the same labelled images",
-                         fn=lambda: pixel_baseline(xtr[labelled], ytr[labelled], xte, yte))
-
-    def evaluate_all():
-        results = {}
-        for run_name in ("pretrained_finetune", "scratch"):
-            model, info = load_model(runs / run_name / "final")
-            results[run_name] = evaluate(model, info, shards / "test", runs / run_name / "final", workers=2)
-        for run_name, folder in (("pretrained", runs / "pretrain" / "final"), ("scratch_init", runs / "scratch_init")):
-            model, info = load_model(folder)
-            report = evaluate(model, info, shards / "fewshot_test", None, fewshot_train=shards / "labelled",
-                              shots=(1, 5, 10, 25), seeds=3, workers=2)
-            results[f"{run_name}_fewshot"] = report["fewshot"]
-        return results
-
-    evals = steps.run("evaluate on the test set (top-1) and few-shot linear on frozen features", fn=evaluate_all)
-    best = max(("pretrained_finetune", "scratch"), key=lambda r: evals[r]["top1"])
-    export = out / "export"
-    steps.run("export the best model in transformers hub format with its model card",
-              [*vp, "export", str(runs / best / "final"), str(export), "--format", "transformers"])
-    plots = out / "plots"
-    steps.run("plots: position embeddings, attention distance, attention rollout, training curves", [
-        *vp, "plot", str(runs / "pretrained_finetune" / "final"), "--out", str(plots), "--images",
-        str(shards / "test"), "--metrics", f"pretrain={runs / 'pretrain' / 'metrics.jsonl'}",
-        f"pretrained+finetune={runs / 'pretrained_finetune' / 'metrics.jsonl'}",
-        f"scratch={runs / 'scratch' / 'metrics.jsonl'}"])
-    pre, scr = evals["pretrained_finetune"], evals["scratch"]
-    results = {
-        "dataset": name, "seed": seed, "reduced": reduced,
-        "labelled_images": n_labelled, "train_images": int(len(xtr)), "test_images": int(len(xte)),
-        "pretrain_resolution": budget.pretrain_size, "finetune_resolution": budget.finetune_size,
-        "objective": objective, "pretrain_steps": budget.pretrain_steps, "finetune_steps": budget.finetune_steps,
-        "pretrained_top1": pre["top1"], "scratch_top1": scr["top1"], "baseline_top1": baseline,
-        "pretrained_top5": pre["top5"], "scratch_top5": scr["top5"],
-        "pretrain_knn_top1": {r["step"]: r["knn_top1"] for r in map(
-            json.loads, (runs / "pretrain" / "val_metrics.jsonl").read_text().splitlines())},
-        "fewshot": {k: evals[k] for k in ("pretrained_fewshot", "scratch_init_fewshot")},
-        "seconds": {**steps.seconds, "total": round(time.perf_counter() - t0, 1)},
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
-        "outputs": {"runs": str(runs), "export": str(export), "plots": str(plots), "shards": str(shards)},
-    }
+    demo = Demo(out, dataset, reduced, seed)
+    print(f"dataset: {demo.name} ({len(demo.xtr)} train / {len(demo.xte)} test real images, {len(demo.classes)} "
+          "classes)" + ("" if demo.name == "fashion-mnist" else "; install Debian's dataset-fashion-mnist for the "
+                        "full demo"))
+    demo.write_corpus()
+    demo.shard()
+    demo.pretrain()
+    demo.finetune_pretrained()
+    demo.train_from_scratch()
+    baseline = demo.baseline()
+    evals = demo.evaluate()
+    demo.export(max(("pretrained_finetune", "scratch"), key=lambda r: evals[r]["top1"]))
+    demo.plot()
+    results = demo.results(evals, baseline, reduced, round(time.perf_counter() - t0, 1))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     return results

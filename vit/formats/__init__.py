@@ -1,0 +1,82 @@
+"""Checkpoint formats, found by name in ``FORMATS``: vitpipe's own folders, timm's and transformers' hub layouts.
+
+A format is one module (the interface is in ``vit.formats.base``): it recognises and reads its layout,
+writes it, refuses in one line what it cannot hold, and says on the model card how to load it.
+``load_model`` and ``export_checkpoint`` pick the module. Adding a format = one module + one name below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from common.io import atomic_path
+from vit.card import model_card
+from vit.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    ModelInfo,
+    check_state_dict,
+    read_config,
+    read_weights,
+    write_folder,
+)
+from vit.formats import timm, transformers, vitpipe
+from vit.model import VisionTransformer
+
+FORMATS: dict[str, ModuleType] = {f.NAME: f for f in (vitpipe, timm, transformers)}
+
+
+def get_format(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise CheckpointError(f"unknown export format {name!r}: choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def format_of(meta: dict) -> ModuleType:
+    """The format whose ``config.json`` this is; none is a ValueError."""
+    for fmt in FORMATS.values():
+        if fmt.recognises(meta):
+            return fmt
+    raise ValueError(f"unknown checkpoint format: expected the config.json of a ViT in {', '.join(FORMATS)} format")
+
+
+def load_model(folder: str | Path, **overrides) -> tuple[VisionTransformer, ModelInfo]:
+    """Rebuild the model from a checkpoint folder in any format.
+
+    ``overrides`` change config fields that do not touch the weights' shapes (dropout rates).
+    """
+    folder = Path(folder)
+    meta = read_config(folder)
+    state = read_weights(folder / WEIGHTS)
+    try:
+        cfg, state, info = format_of(meta).read(folder, meta, state)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        cfg.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: {e}") from None
+    model = VisionTransformer(cfg)
+    check_state_dict(model, state, str(folder / WEIGHTS))
+    model.load_state_dict(state)
+    return model, info
+
+
+def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path, fmt: str,
+                      metrics: dict | None = None, repo: str = "REPO_ID") -> list[str]:
+    """Write ``out`` in the given format, loadable by that library's own code, with a model card.
+
+    Returns notes for the user (e.g. what a format could not hold).
+    """
+    layout = get_format(fmt)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    try:  # convert before writing anything: a model the format cannot hold leaves no folder behind
+        export = layout.write(model.cfg, state, info)
+    except ValueError as e:
+        raise CheckpointError(f"cannot export to {fmt}: {e}") from None
+    card = model_card(model.cfg, fmt, layout.HOW_TO_LOAD, info.labels, info.provenance, metrics, repo)
+    write_folder(out, export.weights, export.files)
+    with atomic_path(Path(out) / "README.md") as tmp:
+        tmp.write_text(card)
+    return [export.note] if export.note else []

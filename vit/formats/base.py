@@ -1,0 +1,42 @@
+"""What every format module shares: the files an export writes, and the pretraining head no library can hold.
+
+A format is a module with:
+
+- ``NAME``: its ``--format`` name (and the model card's ``library_name``);
+- ``HOW_TO_LOAD``: the model card's "How to load it" text, ``{repo}`` standing for the hub repository;
+- ``recognises(meta) -> bool``: whether a folder's ``config.json`` (``meta``) is in this layout;
+- ``read(folder, meta, state) -> (ViTConfig, state, ModelInfo)``: our model from such a folder, with state in our
+  tensor names;
+- ``write(cfg, state, info) -> Export``: the files of an export. A model the layout cannot hold is a ``ValueError``
+  whose message is one line saying why and what to use instead; it is raised before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vit.model import ViTConfig
+
+
+@dataclass
+class Export:
+    """An export's files: the tensors of ``model.safetensors``, the JSON files by name in the order they are
+    written (``config.json`` last), and a note for the user on what the format could not hold."""
+
+    weights: dict[str, torch.Tensor]
+    files: dict[str, dict]
+    note: str | None = None
+
+
+def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]:
+    """timm and transformers have no slot for the pretraining head's tanh layer.
+
+    Its output layer is meaningless without it, so the whole head goes and the export is a
+    feature extractor (num_classes 0); the returned note says so.
+    """
+    if cfg.head == "pretrain" and cfg.num_classes:
+        kept = {k: v for k, v in state.items() if not k.startswith(("pre_logits.", "head."))}
+        return 0, kept, "the pretraining head (tanh MLP) has no slot in this format: exported without a head (num_classes=0)"
+    return (cfg.num_classes if cfg.head != "none" else 0), state, None
