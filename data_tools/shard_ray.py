@@ -24,6 +24,7 @@ from data_tools.shard import (  # the private names: one package's part layout (
     INDEX,
     ShardError,
     ShardOptions,
+    _identity,
     _index_name,
     _lock_name,
     _part_inputs,
@@ -65,7 +66,7 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
     try:
         n = parts or workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         out.mkdir(parents=True, exist_ok=True)
-        _clear_or_refuse_other_runs(out, opts, n, overwrite)
+        _clear_or_refuse_other_runs(out, src, opts, n, overwrite)
         failures = _run_parts(ray, src, out, opts, n, workers or n, progress)
     finally:
         if started:
@@ -118,22 +119,13 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _clear_or_refuse_other_runs(out: Path, opts: ShardOptions, n: int, overwrite: bool) -> None:
-    """What a run with another part count (or a one-machine run) left in ``out``: an error, or with
-    ``overwrite`` removed, while holding every lock such a run could hold."""
-    ours = f"-of-{n:03d}.json"
-    others = sorted(p.name for p in out.glob("index.part-*-of-*.json") if not p.name.endswith(ours))
-    index = out / INDEX
-    if index.is_file():
-        try:
-            if json.loads(index.read_text()).get("args", {}).get("part") != f"all {n}":
-                others.append(INDEX)
-        except (ValueError, AttributeError):
-            others.append(INDEX)
+def _clear_or_refuse_other_runs(out: Path, src: str, opts: ShardOptions, n: int, overwrite: bool) -> None:
+    """What a different run left in ``out``: an error, or with ``overwrite`` removed, while holding every
+    lock such a run could hold (a run still writing there is named, not deleted from under)."""
     if not overwrite:
-        if others:
-            raise ShardError(f"{out}: holds shards of another run ({', '.join(others)}), not of a {n}-part run; "
-                             "rerun with that run's --parts, use --overwrite to start over, or another OUT")
+        if others := _other_runs(out, src, opts, n):
+            raise ShardError(f"{out}: holds shards of another run: {'; '.join(others)}; rerun with that run's "
+                             "arguments, use --overwrite to start over, or another OUT")
         return
     with ExitStack() as locks:
         for name in [LOCK] + [_lock_name(replace(opts, part=(k, n))) for k in range(n)]:
@@ -144,6 +136,31 @@ def _clear_or_refuse_other_runs(out: Path, opts: ShardOptions, n: int, overwrite
                 f.unlink()
 
 
+def _other_runs(out: Path, src: str, opts: ShardOptions, n: int) -> list[str]:
+    """Index files in ``out`` written by a different run (another --parts, one machine, other arguments)."""
+    expected = {_index_name(replace(opts, part=(k, n))): _identity(src, replace(opts, part=(k, n))) for k in range(n)}
+    expected[INDEX] = dict(_identity(src, replace(opts, part=(0, n))), part=f"all {n}")  # as merge_parts writes it
+    found = []
+    for path in sorted(out.glob("index.part-*-of-*.json")) + [out / INDEX]:
+        if not path.is_file():
+            continue
+        want, got = expected.get(path.name), _recorded_args(path)
+        if want is None:
+            found.append(f"{path.name} (another --parts)")
+        elif got != want:
+            keys = sorted(key for key in set(want) | set(got) if want.get(key) != got.get(key))
+            found.append(f"{path.name} (different {', '.join(keys)})")
+    return found
+
+
+def _recorded_args(index_path: Path) -> dict:
+    try:
+        args = json.loads(index_path.read_text()).get("args")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
 def _run_parts(ray, src: str, out: Path, opts: ShardOptions, n: int, window: int, progress: bool) -> dict[int, str]:
     """Run parts 0..n-1, at most ``window`` at a time; returns {part: why it failed} for those that failed."""
     task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(_shard_part)
@@ -152,7 +169,8 @@ def _run_parts(ray, src: str, out: Path, opts: ShardOptions, n: int, window: int
         while todo or running:
             while todo and len(running) < window:
                 k = todo.pop(0)
-                ref = task.options(name=f"vitpipe shard part {k}/{n}").remote(src, str(out), replace(opts, part=(k, n)))
+                part = replace(opts, part=(k, n))
+                ref = task.options(name=f"vitpipe shard part {k}/{n}").remote(src, str(out.absolute()), part)
                 running[ref] = k
             [done], _ = ray.wait(list(running), num_returns=1)
             k = running.pop(done)

@@ -6,11 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
 import pytest
 
+from common.lock import FolderLock
 from data_tools.engines import EngineError, run_engine
 from data_tools.images import EncodeOptions
 from data_tools.shard import ShardError, ShardOptions, shard
@@ -90,8 +92,10 @@ def test_ray_writes_what_the_local_parts_write_and_merges_them(ray_address, corp
     assert index["total_samples"] == 120 and len(index["skipped"]) == 5 and index["args"]["part"] == f"all {PARTS}"
     assert files(tmp_path / "out") == files(reference)  # every tar, part index and index.json, byte for byte
     assert verify(tmp_path / "out", decode=False) == ([], [])
-    with pytest.raises(ShardError, match=r"holds shards of another run \(index.part-000-of-003.json.*--parts"):
+    with pytest.raises(ShardError, match=r"holds shards of another run: index.part-000-of-003.json \(another --parts"):
         run_engine("ray", str(src), tmp_path / "out", OPTS, parts=2, progress=False)
+    with pytest.raises(ShardError, match=r"index.part-000-of-003.json \(different samples_per_shard\);"):
+        run_engine("ray", str(src), tmp_path / "out", replace(OPTS, samples_per_shard=6), parts=PARTS, progress=False)
     run_engine("ray", str(src), tmp_path / "out", OPTS, parts=2, overwrite=True, progress=False)
     assert json.loads((tmp_path / "out" / "index.json").read_text())["total_samples"] == 120
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [
@@ -133,6 +137,16 @@ def test_a_killed_worker_is_retried_and_its_part_resumes(ray_address, corpus, tm
     os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)  # the Ray worker running part 0 dies
     assert proc.wait() == 0, proc.stderr.read()[-2000:]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert files(out) == files(reference)
+
+
+def test_a_part_waits_for_its_lock_held_by_a_run_still_stopping(ray_address, corpus, tmp_path):
+    src, reference = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = FolderLock(out, "a killed run's task, still stopping", ".vitpipe-part-002.lock").acquire()
+    threading.Timer(2.0, lock.release).start()
+    run_engine("ray", str(src), out, OPTS, parts=PARTS, progress=False)
     assert files(out) == files(reference)
 
 
