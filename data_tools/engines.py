@@ -36,10 +36,6 @@ ENGINES = {
 }
 
 
-def flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
 def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise EngineError(f"--engine: unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
@@ -54,7 +50,7 @@ def run_engine(name: str, src: str, out, opts, *, workers: int | None = None, ov
     for option in given:
         if option not in engine.options:
             owners = [n for n, e in ENGINES.items() if option in e.options]
-            raise EngineError(f"{flag(option)} is an option of --engine {' / '.join(owners) or '(none)'}, "
+            raise EngineError(f"--{option.replace('_', '-')} is an option of --engine {' / '.join(owners) or '(none)'}, "
                               f"not of --engine {name}")
     if workers is not None:
         given["workers"] = workers

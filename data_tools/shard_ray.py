@@ -4,7 +4,8 @@ Part K is exactly ``vitpipe shard --part K/N`` run on a worker (same shards, sam
 output is byte-identical to N local runs, and a rerun after a kill keeps every complete shard. Ray retries
 a part whose worker died or that raised (``max_retries`` with ``retry_exceptions``); a part that still fails
 is reported with its inputs, the other parts are finished, and ``index.json`` (the commit marker) is only
-written when every part is complete. Workers read SRC and write OUT at the paths the driver was given.
+written when every part is complete. Workers read SRC as given and write OUT at its absolute path, so both
+must be where every node sees them at the same path (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _connect(ray, address: str | None) -> bool:
     if address and address not in ("auto", "local"):
         _probe(address, where)
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")  # no dashboard when starting one
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
         raise ShardError(f"{where}: cannot connect to a Ray cluster ({_first_line(e)})") from None
     return True

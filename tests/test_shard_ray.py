@@ -123,10 +123,11 @@ def test_a_killed_worker_is_retried_and_its_part_resumes(ray_address, corpus, tm
     out = tmp_path / "out"
     proc = cli(src, out, ray_address)
     lock, part_index = out / ".vitpipe-part-000.lock", out / "index.part-000-of-003.json"
+    holder = {}
 
     def part_0_running_with_a_shard_done():
         try:
-            json.loads(lock.read_text())["pid"]
+            holder.update(json.loads(lock.read_text()))
             index = json.loads(part_index.read_text())
         except (OSError, ValueError):
             return False
@@ -134,7 +135,7 @@ def test_a_killed_worker_is_retried_and_its_part_resumes(ray_address, corpus, tm
 
     wait_until(part_0_running_with_a_shard_done, proc, "part 0 had a shard")
     kept = complete_shards(out)
-    os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)  # the Ray worker running part 0 dies
+    os.kill(holder["pid"], signal.SIGKILL)  # the Ray worker running part 0 dies
     assert proc.wait() == 0, proc.stderr.read()[-2000:]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert files(out) == files(reference)
