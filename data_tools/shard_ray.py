@@ -39,6 +39,7 @@ from data_tools.sources import read_source
 RETRIES = 3  # a failed part runs up to 1 + RETRIES times
 LOCK_WAIT_S = 30.0  # a killed run's task may still hold a part's lock until Ray has stopped it
 CONNECT_TIMEOUT_S = 10.0
+MAX_PARTS = 999
 
 
 def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
@@ -55,9 +56,10 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
     if opts.part != (0, 1):
         raise ShardError("--part K/N is one machine's part (--engine local); --engine ray runs every part: "
                          "use --parts N")
-    for name, value in (("--parts", parts), ("--workers", workers)):
-        if value is not None and value < 1:
-            raise ShardError(f"{name} must be >= 1, got {value}")
+    if workers is not None and workers < 1:
+        raise ShardError(f"--workers must be >= 1, got {workers}")
+    if parts is not None and not 1 <= parts <= MAX_PARTS:
+        raise ShardError(f"--parts must be in [1, {MAX_PARTS}] (part numbers have 3 digits), got {parts}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out}: exists and is not a folder")
@@ -65,7 +67,7 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
     ray = _import_ray()
     started = _connect(ray, ray_address)
     try:
-        n = parts or workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n = parts or min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), MAX_PARTS)
         out.mkdir(parents=True, exist_ok=True)
         _clear_or_refuse_other_runs(out, src, opts, n, overwrite)
         failures = _run_parts(ray, src, out, opts, n, workers or n, progress)

@@ -191,4 +191,6 @@ def test_bad_engine_arguments_and_an_unreachable_cluster_are_one_line(tmp_path, 
     assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err
     with pytest.raises(EngineError, match=r"unknown engine 'spark'; known engines: local, ray"):
         run_engine("spark", src, out, OPTS)
+    with pytest.raises(ShardError, match=r"--parts must be in \[1, 999\] \(part numbers have 3 digits\), got 1000"):
+        run_engine("ray", src, out, OPTS, parts=1000)
     assert not (tmp_path / "out" / "index.json").exists()
