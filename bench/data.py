@@ -147,7 +147,7 @@ def bench_ray(src: Path, tmp: Path, rounds: int = 3) -> float:
     from data_tools.images import EncodeOptions
     from data_tools.shard import ShardOptions
 
-    t_start = timed(lambda: ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING"))
+    t_start = timed(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING"))
     opts = ShardOptions(samples_per_shard=500, encode=EncodeOptions(resize_shorter=256))
     runs = {
         "local": lambda out: run_engine("local", str(src), out, opts, workers=2, progress=False),

@@ -29,10 +29,11 @@ CLI_ARGS = ["--samples-per-shard", "5", "--resize-shorter", "40"]
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """A local Ray instance of 2 CPUs; the CLI runs of the tests join it as drivers of their own."""
+    """A new local Ray instance of 2 CPUs (never a cluster already running on the machine); the CLI runs of
+    the tests join it as drivers of their own."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
