@@ -59,12 +59,7 @@ def shard_names(folder):
 
 def complete_shards(out):
     """{shard path: mtime_ns} of every shard the part indices record as complete."""
-    names = []
-    for p in out.glob("index.part-*.json"):
-        try:
-            names += [s["name"] for s in json.loads(p.read_text())["shards"]]
-        except ValueError:  # being replaced right now
-            pass
+    names = [s["name"] for p in out.glob("index.part-*.json") for s in json.loads(p.read_text())["shards"]]
     return {out / n: (out / n).stat().st_mtime_ns for n in names}
 
 
