@@ -5,8 +5,10 @@
 3. the streaming loader (decode + random-resized crop 224 + flip) vs a plain torch Dataset over the
    same JPEG files with the same transform and workers
 4. peak memory: sharding N vs 4N images; the loader with a small vs a large shuffle buffer
+5. ``--resize-shorter 256`` with ``--engine ray``, 2 parts at a time on a local 2-CPU Ray instance, vs
+   ``--engine local --workers 2``
 
-    python bench/data.py [--images 2000]
+    python bench/data.py [--images 2000] [--only ray]
 """
 
 from __future__ import annotations
@@ -120,11 +122,63 @@ def loader_rate(make, n_expected: int) -> float:
     return n / dt
 
 
+def shard_parts_in_processes(src: Path, out: Path, opts, parts: int) -> None:
+    """What ``--engine ray`` runs, without Ray: one process per ``--part K/N``, all at once, then the merge."""
+    import multiprocessing as mp
+    from dataclasses import replace
+
+    from data_tools.shard import merge_parts, shard
+
+    procs = [mp.get_context("fork").Process(target=shard, args=(str(src), out, replace(opts, part=(k, parts))),
+                                            kwargs={"progress": False, "merge": False}) for k in range(parts)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+        assert proc.exitcode == 0, proc.exitcode
+    assert merge_parts(out) is not None
+
+
+def bench_ray(src: Path, tmp: Path, rounds: int = 3) -> float:
+    """Section 5; returns local's time over Ray's (>= 0.9: Ray's overhead costs at most 10%)."""
+    import ray
+
+    from data_tools.engines import run_engine
+    from data_tools.images import EncodeOptions
+    from data_tools.shard import ShardOptions
+
+    t_start = timed(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING"))
+    opts = ShardOptions(samples_per_shard=500, encode=EncodeOptions(resize_shorter=256))
+    runs = {
+        "local": lambda out: run_engine("local", str(src), out, opts, workers=2, progress=False),
+        "ray": lambda out: run_engine("ray", str(src), out, opts, workers=2, parts=2, progress=False),
+        "processes": lambda out: shard_parts_in_processes(src, out, opts, 2),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        for _ in range(rounds):  # alternate: all see the same load from the rest of the machine
+            for name, run in runs.items():
+                shutil.rmtree(tmp / name, ignore_errors=True)
+                times[name].append(timed(lambda: run(tmp / name)))  # noqa: B023 (called at once)
+    finally:
+        ray.shutdown()
+    best = {name: min(t) for name, t in times.items()}
+    print(f"5. --resize-shorter 256, --engine ray (2 parts at a time, 2-CPU local instance) {best['ray']:.2f}s vs "
+          f"--engine local --workers 2 {best['local']:.2f}s: {best['local'] / best['ray']:.2f}x its speed "
+          "(target >= 0.9)")
+    print(f"   the same 2 parts in 2 plain processes, no Ray: {best['processes']:.2f}s: Ray's own overhead "
+          f"{best['ray'] / best['processes'] - 1:+.1%}")
+    print("   all runs (s): " + "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in ts)}" for name, ts in times.items())
+          + f"; starting the Ray instance {t_start:.1f}s (not timed: a cluster is started once, not per job)")
+    return best["local"] / best["ray"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", choices=["ray"], help="run only this section (default: all)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vitpipe-bench-"))
     try:
@@ -132,6 +186,9 @@ def main() -> None:
         files = make_corpus(src, args.images)
         mb = sum(f.stat().st_size for f in files) / 2**20
         print(f"corpus: {len(files)} real-photo JPEGs, 160-900 px sides, {mb:.0f} MiB")
+        if args.only == "ray":
+            print(json.dumps({"ray_vs_local": bench_ray(src, tmp)}))
+            return
         rel = [str(f.relative_to(src)) for f in files]
         subprocess.run(["tar", "cf", str(tmp / "warm.tar"), *rel], cwd=src, check=True)  # warm the page cache
         t_tar = timed(lambda: subprocess.run(["tar", "cf", str(tmp / "all.tar"), *rel], cwd=src, check=True))
@@ -183,8 +240,9 @@ def main() -> None:
             base, peak = peak_rss_mb(loader_code.format(str(tmp / "s_header"), buf))
             print(f"   loader with shuffle buffer {buf}: peak RSS {peak:.0f} MB, +{peak - base:.0f} MB above imports "
                   f"(the buffer holds ~{buf * mb / len(files):.0f} MB of encoded images, a batch 38 MB of floats)")
+        ray_ratio = bench_ray(src, tmp)
         print(json.dumps({"tar_ratio": t_header / t_tar, "workers_speedup": t1 / t2, "vs_plain_pil": t_plain / t1,
-                          "loader_ratio": ours / plain, "shard_memory_ratio": memory_ratio}))
+                          "loader_ratio": ours / plain, "shard_memory_ratio": memory_ratio, "ray_vs_local": ray_ratio}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

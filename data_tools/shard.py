@@ -142,13 +142,21 @@ def _fingerprint(inputs: list[Input]) -> str:
     return h.hexdigest()
 
 
-def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
-          overwrite: bool = False, progress: bool = True) -> dict:
-    """Shard ``src`` into ``out``; returns the (part's) index."""
+def check_options(opts: ShardOptions) -> None:
     if opts.samples_per_shard < 1:
         raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
     if not 0 <= opts.shuffle_seed < 2**32:
         raise ShardError(f"--shuffle-seed must be in [0, 2**32), got {opts.shuffle_seed}")
+
+
+def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
+          overwrite: bool = False, progress: bool = True, merge: bool = True) -> dict:
+    """Shard ``src`` into ``out``; returns the (part's) index.
+
+    ``merge=False``: a part does not write ``index.json`` when it completes the set (a driver that runs
+    every part merges once, itself).
+    """
+    check_options(opts)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out}: exists and is not a folder")
@@ -157,10 +165,10 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     out.mkdir(parents=True, exist_ok=True)
     k, n = opts.part
     with FolderLock(out, "vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
-        return _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress)
+        return _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress, merge)
 
 
-def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress) -> dict:
+def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress, merge) -> dict:
     identity = _identity(src, opts)
     fingerprint = _fingerprint(inputs)
     index_path = out / _index_name(opts)
@@ -189,7 +197,7 @@ def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress) 
         f.unlink()
     if not index["complete"]:
         _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress)
-    if opts.part[1] > 1:
+    if opts.part[1] > 1 and merge:
         merge_parts(out)
     return index
 

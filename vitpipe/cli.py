@@ -59,8 +59,9 @@ def _push(args) -> None:
 
 
 def _shard(args) -> None:
+    from data_tools.engines import run_engine
     from data_tools.images import DEFAULT_MAX_PIXELS, EncodeOptions
-    from data_tools.shard import ShardOptions, parse_part, parse_size, shard
+    from data_tools.shard import ShardOptions, parse_part, parse_size
 
     opts = ShardOptions(
         samples_per_shard=args.samples_per_shard,
@@ -72,7 +73,8 @@ def _shard(args) -> None:
         path_column=args.path_column, label_column=args.label_column, split=args.split,
         shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed,
     )
-    index = shard(args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite)
+    index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
+                       ray_address=args.ray_address, parts=args.parts)
     print(f"{args.out}: {index['total_samples']} samples in {len(index['shards'])} shards, "
           f"{len(index['skipped'])} inputs skipped (listed with reasons in the index)")
 
@@ -200,11 +202,14 @@ EXPORT_FORMATS = _LazyChoices("vit.formats", "FORMATS")
 
 
 def _shard_verb(sub) -> None:
+    from data_tools.engines import ENGINES
+
     s = _verb(sub, "shard", "write an image corpus as webdataset tars with an index.json", """
   vitpipe shard photos/ shards/train                        # a folder of class subfolders
   vitpipe shard manifest.csv shards/train --max-shard-size 1G
   vitpipe shard hf:imagefolder:/data/pets shards/pets --resize-shorter 256 --workers 8
   vitpipe shard /data/corpus shards/corpus --part 3/16     # machine 3 of 16, no coordination
+  vitpipe shard /shared/corpus /shared/shards --engine ray --ray-address auto --parts 64   # on a Ray cluster
 """)
     s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
                                "or hf:SPEC (hf:imagefolder:DIR, hf:NAME)")
@@ -222,8 +227,9 @@ def _shard_verb(sub) -> None:
                    help="full: decode every image; header: read headers only (faster)")
     s.add_argument("--max-pixels", type=int, metavar="N",
                    help="larger images are skipped as decompression bombs (default: PIL's limit, 89,478,485)")
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="encoding processes (the output is the same for any number)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="local: encoding processes, the output is the same for any number (default: 1); "
+                        "ray: parts running at once (default: as many as the cluster's CPUs allow)")
     s.add_argument("--shuffle-seed", type=int, default=0, metavar="N",
                    help="seed of the input order's shuffle (every shard mixes the classes)")
     s.add_argument("--no-shuffle", action="store_true",
@@ -237,6 +243,15 @@ def _shard_verb(sub) -> None:
                         "cls, target; none: unlabelled)")
     s.add_argument("--split", help="split of a Hugging Face dataset (default: train, else the first)")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
+    s.add_argument("--engine", choices=list(ENGINES), default="local",
+                   help="where the work runs: " + "; ".join(f"{k}: {e.summary}" for k, e in ENGINES.items()))
+    s.add_argument("--ray-address", metavar="ADDRESS",
+                   help="ray: the cluster, HOST:PORT of its head or auto (default: RAY_ADDRESS, else a cluster "
+                        "started on this machine, else a new local one); SRC and OUT must be reachable from every "
+                        "node at the same paths")
+    s.add_argument("--parts", type=int, metavar="N",
+                   help="ray: parts the job is split into, each what --part K/N writes (default: --workers, else "
+                        "the cluster's CPUs)")
     s.set_defaults(run=_shard)
 
 
