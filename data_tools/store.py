@@ -1,0 +1,274 @@
+"""Shard folders on a local disk or on any fsspec filesystem (s3://, gs://, ...), one interface for both.
+
+An object store has no rename: a shard is written to a local staging file and uploaded only once it
+is complete (an S3 PUT, or a multipart upload, is visible whole or not at all), and ``index.json`` is
+written after the shards it lists, so whatever the index lists is complete and whatever it does not
+list is redone by a rerun. Credentials come from the filesystem's own configuration (for S3,
+botocore's: ``AWS_ACCESS_KEY_ID`` ..., ``AWS_PROFILE``, ``~/.aws``, ``AWS_ENDPOINT_URL``); vitpipe
+neither reads nor records them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from common.errors import VitpipeError
+from common.io import fsync_dir, json_text, write_json
+from common.lock import FolderLock
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# the client libraries behind fsspec's object stores: their errors (no credentials, endpoint unreachable) are
+# the user's to fix, not bugs
+_CLIENT_MODULES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp", "fsspec"}
+
+
+class StoreError(VitpipeError):
+    """A remote filesystem that cannot be used: unknown scheme, missing client, credentials, endpoint, bucket."""
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+    """``s3`` for ``s3://bucket/key``; None for a local path."""
+    m = _URL.match(str(path))
+    return m.group(1).lower() if m else None
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and scheme(path) is not None
+
+
+def known_schemes() -> list[str]:
+    import fsspec
+
+    return sorted(set(fsspec.available_protocols()) - {"file", "local"})
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def parent(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/"))
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path without the scheme) for ``url``; one line naming the scheme if it cannot be used."""
+    name = scheme(url)
+    try:
+        import fsspec
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise StoreError(f"{url}: reading {name}:// needs fsspec (pip install 'vitpipe[s3]')") from None
+    if name not in fsspec.available_protocols():
+        raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
+    try:
+        return url_to_fs(url)
+    except ImportError as e:  # fsspec knows the scheme, its client is not installed ("Install s3fs to access S3")
+        raise StoreError(f"{url}: {e}" + (" (pip install 'vitpipe[s3]')" if name in ("s3", "s3a") else "")) from None
+
+
+def is_client_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in _CLIENT_MODULES
+
+
+@contextmanager
+def remote_errors(url: str, keep: tuple[type[Exception], ...] = ()):
+    """A client library's error (no credentials, unreachable endpoint, missing bucket) as one StoreError line;
+    the types in ``keep`` pass as they are."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as e:
+        if isinstance(e, keep) or not is_client_error(e):
+            raise
+        raise StoreError(f"{url}: {describe(e)}") from None
+
+
+def errors_for(path: str):
+    """``remote_errors`` for a URL; a local path's errors stay as they are."""
+    return remote_errors(path) if is_url(path) else nullcontext()
+
+
+def describe(e: BaseException) -> str:
+    text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        return fs.cat_file(path)
+
+
+def open_url(url: str):
+    """A streaming binary reader (ranged reads; the object is not downloaded first); FileNotFoundError if
+    there is no such object."""
+    fs, path = filesystem(url)
+    with remote_errors(url, keep=(FileNotFoundError,)):
+        return fs.open(path, "rb")
+
+
+class LocalFolder:
+    """A shard folder on this machine: shards are written as ``NAME.tmp``, fsynced and renamed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = self.path.name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def prepare(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path}: exists and is not a folder")
+
+    def writing(self, holder: str, lock_name: str):
+        """The context a writer holds the folder in: its lock (one writer per folder, or per part)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return FolderLock(self.path, holder, lock_name)
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+    def read_json_text(self, name: str) -> str | None:
+        p = self.path / name
+        return p.read_text() if p.is_file() else None
+
+    def write_json(self, name: str, obj) -> None:
+        write_json(self.path / name, obj)
+
+    def sizes(self, pattern: str) -> dict[str, int]:
+        """Name -> size of the files matching a glob pattern."""
+        return {p.name: p.stat().st_size for p in self.path.glob(pattern)}
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def open_shard(self, name: str):
+        return open(self.path / (name + ".tmp"), "wb")
+
+    def commit_shard(self, name: str, f) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self.path / (name + ".tmp"), self.path / name)
+        fsync_dir(self.path)
+
+    def discard_shard(self, name: str, f) -> None:
+        try:
+            f.close()
+        except OSError:  # the buffer cannot be flushed (disk full); the file goes anyway
+            pass
+        (self.path / (name + ".tmp")).unlink(missing_ok=True)
+
+    def clean_partial(self, pattern: str) -> None:
+        """Remove what a killed writer left half-written."""
+        for p in self.path.glob(pattern + ".tmp"):
+            p.unlink()
+
+    def open_read(self, name: str):
+        return open(self.path / name, "rb", buffering=1 << 20)
+
+
+class RemoteFolder:
+    """A shard folder on an fsspec filesystem: each shard is staged in a local temporary file and uploaded
+    whole once complete; nothing half-written is ever visible under its final name."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.name = posixpath.basename(self.root)
+        self.staging: str | None = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _path(self, name: str) -> str:
+        return join(self.root, name)
+
+    def prepare(self) -> None:
+        """Fail before any work when the endpoint, the credentials or the bucket are wrong."""
+        if self.fs.root_marker:  # a hierarchical filesystem: folders are made as needed
+            return
+        bucket = self.root.split("/")[0]
+        with remote_errors(self.url):
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise StoreError(f"{self.url}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                                 "it)") from None
+
+    @contextmanager
+    def writing(self, holder: str, lock_name: str):
+        """A staging folder for the shard being written; an object store has no lock: one writer per prefix
+        (or per ``--part``) is the user's to ensure."""
+        self.staging = tempfile.mkdtemp(prefix="vitpipe-upload-")
+        try:
+            yield self
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def where(self, name: str) -> str:
+        return join(self.url, name)
+
+    def read_json_text(self, name: str) -> str | None:
+        with remote_errors(self.where(name)):
+            try:
+                return self.fs.cat_file(self._path(name)).decode()
+            except FileNotFoundError:
+                return None
+
+    def write_json(self, name: str, obj) -> None:
+        with remote_errors(self.where(name)):
+            self.fs.pipe_file(self._path(name), json_text(obj).encode())
+
+    def sizes(self, pattern: str) -> dict[str, int]:
+        with remote_errors(self.url):
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return {}
+        names = {posixpath.basename(e["name"].rstrip("/")): e.get("size") or 0 for e in entries
+                 if e.get("type") == "file"}
+        return {n: s for n, s in names.items() if fnmatch.fnmatchcase(n, pattern)}
+
+    def remove(self, name: str) -> None:
+        with remote_errors(self.where(name)):
+            try:
+                self.fs.rm_file(self._path(name))
+            except FileNotFoundError:
+                pass
+
+    def open_shard(self, name: str):
+        return open(os.path.join(self.staging, name), "wb")
+
+    def commit_shard(self, name: str, f) -> None:
+        f.close()
+        local = os.path.join(self.staging, name)
+        with remote_errors(self.where(name)):
+            self.fs.put_file(local, self._path(name))
+        os.unlink(local)
+
+    def discard_shard(self, name: str, f) -> None:
+        f.close()
+        Path(self.staging, name).unlink(missing_ok=True)
+
+    def clean_partial(self, pattern: str) -> None:
+        """Nothing to do: a partial shard only ever existed in a staging folder on the writer's disk."""
+
+    def open_read(self, name: str):
+        return open_url(self.where(name))
+
+
+def shard_folder(out: str | os.PathLike) -> LocalFolder | RemoteFolder:
+    """The folder ``out`` names: a local path, or an fsspec URL (an unknown scheme is a StoreError)."""
+    return RemoteFolder(out) if is_url(out) else LocalFolder(out)
