@@ -24,6 +24,7 @@ from common.io import fsync_dir, json_text, write_json
 from common.lock import FolderLock
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
 # the client libraries behind fsspec's object stores: their errors (no credentials, endpoint unreachable) are
 # the user's to fix, not bugs
 _CLIENT_MODULES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp", "fsspec"}
@@ -271,4 +272,9 @@ class RemoteFolder:
 
 def shard_folder(out: str | os.PathLike) -> LocalFolder | RemoteFolder:
     """The folder ``out`` names: a local path, or an fsspec URL (an unknown scheme is a StoreError)."""
-    return RemoteFolder(out) if is_url(out) else LocalFolder(out)
+    if is_url(out):
+        return RemoteFolder(out)
+    m = _SCHEME_WITHOUT_SLASHES.match(str(out))
+    if m and m.group(1).lower() in known_schemes():  # "s3:bucket/x" is a typo, not a local folder named "s3:"
+        raise StoreError(f"{out}: not a URL (write {m.group(1)}://...), and a local folder is not named {m.group(1)}:")
+    return LocalFolder(out)
