@@ -320,6 +320,7 @@ class _ShardWriter:
             self._close(end)
         self.index["complete"] = True
         self._commit(end)
+        self.folder.flush()  # an object store's last uploads: their errors belong to this run
 
     def abort(self) -> None:
         if self.tar is not None:

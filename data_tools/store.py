@@ -16,6 +16,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -177,16 +178,27 @@ class LocalFolder:
     def open_read(self, name: str):
         return open(self.path / name, "rb", buffering=1 << 20)
 
+    def flush(self) -> None:
+        """Nothing to wait for: local writes are done when they return."""
+
 
 class RemoteFolder:
     """A shard folder on an fsspec filesystem: each shard is staged in a local temporary file and uploaded
-    whole once complete; nothing half-written is ever visible under its final name."""
+    whole once complete; nothing half-written is ever visible under its final name.
+
+    While writing, uploads and index writes run in order on one background thread, so the next shard is
+    encoded while the last one uploads (at most one shard waits on the local disk); every read waits
+    for them, and an upload's error comes back at the next call.
+    """
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url)
         self.name = posixpath.basename(self.root)
         self.staging: str | None = None
+        self.uploads: ThreadPoolExecutor | None = None
+        self.pending: list[Future] = []
+        self.failed = False
 
     def __str__(self) -> str:
         return self.url
@@ -211,16 +223,45 @@ class RemoteFolder:
         """A staging folder for the shard being written; an object store has no lock: one writer per prefix
         (or per ``--part``) is the user's to ensure."""
         self.staging = tempfile.mkdtemp(prefix="vitpipe-upload-")
+        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="vitpipe-upload")
+        self.failed = False
         try:
             yield self
+            self.flush()
         finally:
+            self.uploads.shutdown(wait=True, cancel_futures=True)
+            self.uploads, self.pending = None, []
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+
+    def _in_order(self, fn, *args) -> None:
+        """Run ``fn`` after what was queued before it: in the background while writing, else now."""
+        if self.uploads is None:
+            return fn(*args)
+        for f in [f for f in self.pending if f.done()]:
+            f.result()  # an earlier upload's error, raised here
+        self.pending = [f for f in self.pending if not f.done()] + [self.uploads.submit(self._unless_failed, fn, *args)]
+
+    def _unless_failed(self, fn, *args) -> None:
+        if self.failed:  # after a failed upload nothing more is written: an index would list the missing shard
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        """Wait for the queued uploads and index writes; raise the first error among them."""
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()
 
     def where(self, name: str) -> str:
         return join(self.url, name)
 
     def read_json_text(self, name: str) -> str | None:
+        self.flush()
         with remote_errors(self.where(name)):
             try:
                 return self.fs.cat_file(self._path(name)).decode()
@@ -228,10 +269,14 @@ class RemoteFolder:
                 return None
 
     def write_json(self, name: str, obj) -> None:
+        self._in_order(self._put_bytes, name, json_text(obj).encode())  # the text as it is now
+
+    def _put_bytes(self, name: str, data: bytes) -> None:
         with remote_errors(self.where(name)):
-            self.fs.pipe_file(self._path(name), json_text(obj).encode())
+            self.fs.pipe_file(self._path(name), data)
 
     def sizes(self, pattern: str) -> dict[str, int]:
+        self.flush()
         with remote_errors(self.url):
             self.fs.invalidate_cache(self.root)
             try:
@@ -243,6 +288,7 @@ class RemoteFolder:
         return {n: s for n, s in names.items() if fnmatch.fnmatchcase(n, pattern)}
 
     def remove(self, name: str) -> None:
+        self.flush()
         with remote_errors(self.where(name)):
             try:
                 self.fs.rm_file(self._path(name))
@@ -254,6 +300,10 @@ class RemoteFolder:
 
     def commit_shard(self, name: str, f) -> None:
         f.close()
+        self.flush()  # the previous shard is up: one shard at a time waits on the local disk
+        self._in_order(self._upload, name)
+
+    def _upload(self, name: str) -> None:
         local = os.path.join(self.staging, name)
         with remote_errors(self.where(name)):
             self.fs.put_file(local, self._path(name))
@@ -267,6 +317,7 @@ class RemoteFolder:
         """Nothing to do: a partial shard only ever existed in a staging folder on the writer's disk."""
 
     def open_read(self, name: str):
+        self.flush()
         return open_url(self.where(name))
 
 

@@ -1,5 +1,6 @@
 """Shards on an object store, through fsspec, against a real S3-compatible server on localhost (conftest's ``s3``)."""
 
+import errno
 import json
 import os
 import signal
@@ -9,9 +10,10 @@ import time
 
 import pytest
 import torch
+from fsspec.core import url_to_fs
 
 from data_tools.loader import eval_loader, resolve_shards, train_loader
-from data_tools.shard import ShardOptions, shard
+from data_tools.shard import ShardError, ShardOptions, shard
 from data_tools.sources import read_source
 from data_tools.transforms import EvalTransform, TrainTransform
 from data_tools.verify import inspect, verify
@@ -101,6 +103,33 @@ def test_a_killed_upload_resumes_from_the_bucket_byte_identical(s3, tmp_path, cl
     assert subprocess.run(_shard_cmd(src, url), env=cli_env, cwd=ROOT).returncode == 0
     assert _modified("killed", "train/shard-000000.tar") == first  # a complete shard is not uploaded again
     assert objects(s3, "killed/train") == files(tmp_path / "whole")
+
+
+def test_an_upload_failing_mid_run_is_one_line_and_a_rerun_finishes(s3, tmp_path, monkeypatch):
+    """The server is real; the failure is injected (a real server refusing the third upload is out of reach)."""
+    src = write_folder(tmp_path / "src", {"a": 10, "b": 10})
+    opts = ShardOptions(samples_per_shard=4)
+    shard(str(src), tmp_path / "local", opts, progress=False)
+    url = f"s3://{bucket(s3, 'failing')}/set"
+    fs = url_to_fs(url)[0]  # the (cached) client the writer will use
+    real, uploads = fs.put_file, []
+
+    def refuse_the_third(lpath, rpath, **kw):
+        uploads.append(rpath)
+        if len(uploads) == 3:
+            raise PermissionError(errno.EACCES, "Access Denied")
+        return real(lpath, rpath, **kw)
+
+    monkeypatch.setattr(fs, "put_file", refuse_the_third)
+    with pytest.raises(ShardError, match=r"failing/set: stopped \(.*shard-000002.tar: Access Denied\); the complete "
+                                         "shards and the index are kept: rerun"):
+        shard(str(src), url, opts, progress=False)
+    s3.invalidate_cache()
+    index = json.loads(s3.cat_file("failing/set/index.json"))
+    assert [s["name"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar"] and not index["complete"]
+    monkeypatch.setattr(fs, "put_file", real)
+    shard(str(src), url, opts, progress=False)
+    assert objects(s3, "failing/set") == files(tmp_path / "local")
 
 
 def test_sources_on_s3_class_folders_and_manifests(s3, tmp_path):
