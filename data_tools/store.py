@@ -213,10 +213,17 @@ class RemoteFolder:
         bucket = self.root.split("/")[0]
         with remote_errors(self.url):
             try:
+                self.fs.info(self.root)  # the prefix itself first: all that a policy scoped to prefixes may allow
+                return
+            except FileNotFoundError:  # an empty prefix, or no bucket
+                pass
+            try:
                 self.fs.info(bucket)
             except FileNotFoundError:
                 raise StoreError(f"{self.url}: bucket {bucket!r} does not exist (or these credentials cannot see "
                                  "it)") from None
+            except PermissionError:  # listing the bucket's top is not allowed: it exists
+                pass
 
     @contextmanager
     def writing(self, holder: str, lock_name: str):
