@@ -61,12 +61,10 @@ def parent(url: str) -> str:
 
 def filesystem(url: str):
     """(fsspec filesystem, path without the scheme) for ``url``; one line naming the scheme if it cannot be used."""
+    import fsspec
+    from fsspec.core import url_to_fs
+
     name = scheme(url)
-    try:
-        import fsspec
-        from fsspec.core import url_to_fs
-    except ImportError:
-        raise StoreError(f"{url}: reading {name}:// needs fsspec (pip install 'vitpipe[s3]')") from None
     if name not in fsspec.available_protocols():
         raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
     try:
