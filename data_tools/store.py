@@ -185,8 +185,8 @@ class RemoteFolder:
     whole once complete; nothing half-written is ever visible under its final name.
 
     While writing, uploads and index writes run in order on one background thread, so the next shard is
-    encoded while the last one uploads (at most one shard waits on the local disk); every read waits
-    for them, and an upload's error comes back at the next call.
+    encoded while the last one uploads (at most two shards on the local disk); every read waits for
+    them, an upload's error comes back at the next call, and nothing queued after it is written.
     """
 
     def __init__(self, url: str):
