@@ -217,13 +217,6 @@ def main() -> None:
         print(f"3. loader, decode + RRC 224 + flip, batch {args.batch}, {args.workers} workers: {ours:.0f} samples/s "
               f"vs plain Dataset {plain:.0f}: {ours / plain:.2f}x (target >= 1.0)")
 
-        s3_ratio = None
-        if not args.no_s3:
-            t_disk, t_s3 = shard_to_s3_vs_disk(src, tmp)
-            s3_ratio = t_s3 / t_disk
-            print(f"5. pass-through --validate header to local S3 (moto) {t_s3:.2f}s vs local disk {t_disk:.2f}s: "
-                  f"{s3_ratio:.2f}x the time ({mb / t_s3:.0f} vs {mb / t_disk:.0f} MiB/s)")
-
         big = tmp / "big"
         make_corpus(big, 4 * args.images, seed=1)
         shard_code = ("from data_tools.shard import shard, ShardOptions\n"
@@ -241,6 +234,12 @@ def main() -> None:
             base, peak = peak_rss_mb(loader_code.format(str(tmp / "s_header"), buf))
             print(f"   loader with shuffle buffer {buf}: peak RSS {peak:.0f} MB, +{peak - base:.0f} MB above imports "
                   f"(the buffer holds ~{buf * mb / len(files):.0f} MB of encoded images, a batch 38 MB of floats)")
+        s3_ratio = None
+        if not args.no_s3:
+            t_disk, t_s3 = shard_to_s3_vs_disk(src, tmp)
+            s3_ratio = t_s3 / t_disk
+            print(f"5. pass-through --validate header to local S3 (moto) {t_s3:.2f}s vs local disk {t_disk:.2f}s: "
+                  f"{s3_ratio:.2f}x the time ({mb / t_s3:.0f} vs {mb / t_disk:.0f} MiB/s)")
         print(json.dumps({"tar_ratio": t_header / t_tar, "workers_speedup": t1 / t2, "vs_plain_pil": t_plain / t1,
                           "loader_ratio": ours / plain, "shard_memory_ratio": memory_ratio, "s3_vs_disk": s3_ratio}))
     finally:
