@@ -377,8 +377,11 @@ def _read_file(path: str) -> bytes:
 
 
 def _read_object(url: str) -> bytes:
-    """One object's bytes. A missing or forbidden object is that input's skip; an unusable store (unknown
-    scheme, no credentials, endpoint down) is a StoreError that ends the run: every input would fail alike."""
+    """One object's bytes. A missing or forbidden object is that input's skip; an unusable store (its
+    client not installed, no credentials, endpoint down) is a StoreError that ends the run: every input
+    would fail alike. A scheme nothing knows is that row's skip."""
+    if not _is_fsspec_url(url):
+        raise Unreadable(f"unreadable (unknown URL scheme {store.scheme(url)}://)")
     fs, path = store.filesystem(url)
     with store.remote_errors(url):
         try:

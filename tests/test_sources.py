@@ -40,3 +40,12 @@ def test_an_unknown_scheme_is_one_line_never_a_local_folder(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no folder named "foo:" or "s3:"
+
+
+def test_a_manifest_row_with_an_unknown_scheme_is_a_listed_skip(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 2})
+    (tmp_path / "m.csv").write_text(f"path\n{src}/a/00000.jpg\nfoo://bucket/x.jpg\n")
+    index = shard(str(tmp_path / "m.csv"), tmp_path / "out", progress=False)
+    assert index["total_samples"] == 1
+    assert [(s["source"], s["reason"]) for s in index["skipped"]] == [
+        ("foo://bucket/x.jpg", "unreadable (unknown URL scheme foo://)")]
