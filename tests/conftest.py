@@ -56,6 +56,7 @@ def s3():
     """A real S3-compatible server (moto's) on localhost for the whole session, found by the standard
     ``AWS_ENDPOINT_URL`` with throwaway credentials; nothing leaves the machine. Yields an s3fs filesystem."""
     pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
