@@ -315,7 +315,10 @@ class RemoteFolder:
         os.unlink(local)
 
     def discard_shard(self, name: str, f) -> None:
-        f.close()
+        try:
+            f.close()
+        except OSError:  # the staging disk is full; the file goes anyway
+            pass
         Path(self.staging, name).unlink(missing_ok=True)
 
     def clean_partial(self, pattern: str) -> None:
