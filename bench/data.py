@@ -7,17 +7,21 @@
 4. peak memory: sharding N vs 4N images; the loader with a small vs a large shuffle buffer
 5. ``--resize-shorter 256`` with ``--engine ray``, 2 parts at a time on a local 2-CPU Ray instance, vs
    ``--engine local --workers 2``
+6. sharding to an S3-compatible server on localhost (moto's, in its own process) vs to local disk
 
-    python bench/data.py [--images 2000] [--only ray]
+    python bench/data.py [--images 2000] [--only ray] [--no-s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +69,52 @@ def run_shard(src: Path, out: Path, workers: int = 1, **encode) -> float:
     shutil.rmtree(out, ignore_errors=True)
     opts = ShardOptions(samples_per_shard=500, encode=EncodeOptions(**encode))
     return timed(lambda: shard(str(src), out, opts, workers=workers, progress=False))
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3-compatible server in a separate process on a free localhost port, found by AWS_ENDPOINT_URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = dict(os.environ)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        for _ in range(300):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        yield fs
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.terminate()
+        server.wait()
+
+
+def shard_to_s3_vs_disk(src: Path, tmp: Path, rounds: int = 2) -> tuple[float, float]:
+    """Best of ``rounds`` each, alternating: pass-through --validate header, where upload costs show most."""
+    from data_tools.images import EncodeOptions
+    from data_tools.shard import ShardOptions, shard
+
+    opts = ShardOptions(samples_per_shard=500, encode=EncodeOptions(validate="header"))
+    t_disk = t_s3 = float("inf")
+    with s3_server() as fs:
+        for i in range(rounds):
+            t_disk = min(t_disk, run_shard(src, tmp / "disk", validate="header"))
+            url = f"s3://bench/run{i}"
+            t_s3 = min(t_s3, timed(lambda url=url: shard(str(src), url, opts, progress=False)))
+            fs.rm(url, recursive=True)
+    return t_disk, t_s3
 
 
 def peak_rss_mb(code: str) -> tuple[float, float]:
@@ -179,6 +229,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", choices=["ray"], help="run only this section (default: all)")
+    p.add_argument("--no-s3", action="store_true", help="skip 6 (needs pip install 'vitpipe[s3]' 'moto[server]')")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vitpipe-bench-"))
     try:
@@ -241,8 +292,15 @@ def main() -> None:
             print(f"   loader with shuffle buffer {buf}: peak RSS {peak:.0f} MB, +{peak - base:.0f} MB above imports "
                   f"(the buffer holds ~{buf * mb / len(files):.0f} MB of encoded images, a batch 38 MB of floats)")
         ray_ratio = bench_ray(src, tmp)
+        s3_ratio = None
+        if not args.no_s3:
+            t_disk, t_s3 = shard_to_s3_vs_disk(src, tmp)
+            s3_ratio = t_s3 / t_disk
+            print(f"6. pass-through --validate header to local S3 (moto) {t_s3:.2f}s vs local disk {t_disk:.2f}s: "
+                  f"{s3_ratio:.2f}x the time ({mb / t_s3:.0f} vs {mb / t_disk:.0f} MiB/s)")
         print(json.dumps({"tar_ratio": t_header / t_tar, "workers_speedup": t1 / t2, "vs_plain_pil": t_plain / t1,
-                          "loader_ratio": ours / plain, "shard_memory_ratio": memory_ratio, "ray_vs_local": ray_ratio}))
+                          "loader_ratio": ours / plain, "shard_memory_ratio": memory_ratio, "ray_vs_local": ray_ratio,
+                          "s3_vs_disk": s3_ratio}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

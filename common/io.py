@@ -51,6 +51,11 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def json_text(obj) -> str:
+    """How every JSON file we write is laid out (so a file's bytes do not depend on where it is stored)."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json_text(obj))

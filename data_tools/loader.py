@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from common.errors import VitpipeError
+from data_tools import store
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
 log = logging.getLogger(__name__)
@@ -49,23 +50,38 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
-    """A folder with index.json, a list of shards, a brace pattern, ``pipe:`` commands or URLs.
+def _is_folder_url(spec) -> bool:
+    """``s3://bucket/prefix``: a shard folder on an fsspec filesystem (not one tar, not a brace pattern)."""
+    return store.is_url(spec) and store.scheme(spec) not in _WDS_SCHEMES and not spec.endswith(".tar") \
+        and "{" not in spec
 
-    The epoch length comes from index.json (beside local shards) or from ``num_samples``.
+
+def _from_index(spec, num_samples: int | None) -> ShardSet:
+    """The shards a folder's (or a URL's) index.json lists, with its epoch length and classes."""
+    folder = store.shard_folder(spec)
+    with store.errors_for(str(spec)):
+        text = folder.read_json_text("index.json")
+    index_path = folder.where("index.json")
+    if text is None:
+        raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
+    index = json.loads(text)
+    if not index.get("complete", False):
+        raise LoaderError(f"{index_path}: sharding did not finish")
+    if not index["shards"]:
+        raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
+    urls = [folder.where(s["name"]) for s in index["shards"]]
+    return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"),
+                    {u: s["count"] for u, s in zip(urls, index["shards"])})
+
+
+def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
+    """A folder (or fsspec URL, ``s3://bucket/prefix``) with index.json, a list of shards, a brace pattern,
+    ``pipe:`` commands or URLs.
+
+    The epoch length comes from index.json (beside local shards, or under the URL) or from ``num_samples``.
     """
-    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        index_path = Path(spec) / "index.json"
-        if not index_path.is_file():
-            raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
-        index = json.loads(index_path.read_text())
-        if not index.get("complete", False):
-            raise LoaderError(f"{index_path}: sharding did not finish")
-        if not index["shards"]:
-            raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
-        urls = [str(Path(spec) / s["name"]) for s in index["shards"]]
-        return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"),
-                        {u: s["count"] for u, s in zip(urls, index["shards"])})
+    if isinstance(spec, (str, Path)) and (Path(spec).is_dir() or _is_folder_url(spec)):
+        return _from_index(spec, num_samples)
     urls = wds.shardlists.expand_urls(spec) if isinstance(spec, str) else [str(u) for u in spec]
     if not urls:
         raise LoaderError(f"{spec}: no shards")
@@ -89,6 +105,29 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
     return ShardSet(urls, num_samples, classes, shard_counts)
 
 
+_WDS_SCHEMES = ("http", "https")  # webdataset opens these (curl) and pipe: commands; fsspec the other URLs
+
+
+def _open_stream(url: str):
+    """A local file, or an fsspec URL streamed with ranged reads."""
+    return store.open_url(url) if store.is_url(url) else open(url, "rb", buffering=1 << 20)
+
+
+def _foreign_samples(url: str, on_error):
+    """webdataset's reader, for tars in a format other than ours (and for pipe: and http URLs)."""
+    if not store.is_url(url) or store.scheme(url) in _WDS_SCHEMES:
+        return wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=on_error)
+    try:
+        files = wds.tariterators.tar_file_expander(iter([{"url": url, "stream": _open_stream(url)}]),
+                                                   handler=on_error)
+    except Exception as exn:
+        if not store.is_client_error(exn):
+            raise
+        on_error(exn)
+        return iter(())
+    return wds.tariterators.group_by_keys(files, handler=on_error)
+
+
 def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = None):
     """Samples from a stream of shard urls. A damaged shard is read as far as it goes, and what it
     lost goes to ``handler``: the samples ``counts`` (index.json) lists beyond those read, else one
@@ -96,19 +135,21 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
     for url in urls:
         errors: list[Exception] = []
         yielded = 0
-        foreign = "://" in url or url.startswith("pipe:") or not url.endswith(".tar")
+        foreign = url.startswith("pipe:") or store.scheme(url) in _WDS_SCHEMES or not url.endswith(".tar")
         if not foreign:
             try:
-                for sample in read_tar(url):
-                    yielded += 1
-                    yield sample
+                with _open_stream(url) as f:
+                    for sample in read_tar(url, f):
+                        yielded += 1
+                        yield sample
             except ForeignTar:
                 foreign = True
-            except (tarfile.TarError, OSError) as exn:
+            except Exception as exn:  # a damaged tar, a missing file, a store that stopped answering
+                if not (isinstance(exn, tarfile.TarError) or store.is_client_error(exn)):
+                    raise
                 errors.append(exn)
         if foreign:
-            samples = wds.tariterators.tarfile_samples(iter([{"url": url}]),
-                                                       handler=lambda exn, errors=errors: errors.append(exn) or True)
+            samples = _foreign_samples(url, lambda exn, errors=errors: errors.append(exn) or True)
             for sample in itertools.islice(samples, yielded, None):
                 yielded += 1
                 yield sample

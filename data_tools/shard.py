@@ -3,9 +3,10 @@
 The inputs are shuffled (a seeded permutation, unless ``shuffle=False``) so that every shard of
 a class-folder corpus holds a mix of classes; ``--part K/N`` splits the shuffled order. Workers
 only encode; the main process writes samples in that order, so the shards do not depend on the
-number of workers. Each shard is written to ``.tmp`` and renamed when complete,
-then the index (which records where in the input list the next shard starts) is rewritten
-atomically: after a kill, a rerun continues from the last complete shard.
+number of workers. Each shard is written to ``.tmp`` and renamed when complete (on an object
+store: staged locally and uploaded whole, ``data_tools.store``), then the index (which records
+where in the input list the next shard starts) is rewritten atomically: after a kill, a rerun
+continues from the last complete shard the index lists.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import multiprocessing as mp
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
-from common.lock import LOCK, FolderLock
+from common.lock import LOCK
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
+from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
-from common.io import fsync_dir, write_json
 
 INDEX = "index.json"
 INDEX_FORMAT = "vitpipe-shards"
@@ -91,6 +91,8 @@ def _encode_one(inp: Input):
         return encode(read_bytes(inp, _WORKER_CORPUS), _WORKER_OPTS)
     except (BadImage, Unreadable) as e:
         return str(e)
+    except StoreError:  # the store itself is unusable (credentials, endpoint): every input would fail alike
+        raise
     except OSError as e:
         return f"unreadable ({e.strerror or short_error(e)})"
     except Exception as e:  # what one input's bytes make a reader or PIL plugin raise skips that input, not the run
@@ -151,28 +153,28 @@ def check_options(opts: ShardOptions) -> None:
 
 def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
           overwrite: bool = False, progress: bool = True, merge: bool = True) -> dict:
-    """Shard ``src`` into ``out``; returns the (part's) index.
+    """Shard ``src`` into ``out`` (a folder or an fsspec URL); returns the (part's) index.
 
     ``merge=False``: a part does not write ``index.json`` when it completes the set (a driver that runs
     every part merges once, itself).
     """
     check_options(opts)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"{out}: exists and is not a folder")
+    folder = shard_folder(out)
+    folder.prepare()
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
     inputs = _part_inputs(corpus.inputs, opts)
-    out.mkdir(parents=True, exist_ok=True)
     k, n = opts.part
-    with FolderLock(out, "vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
-        return _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress, merge)
+    with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
+        return _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progress, merge)
 
 
-def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress, merge) -> dict:
+def _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progress, merge) -> dict:
     identity = _identity(src, opts)
     fingerprint = _fingerprint(inputs)
-    index_path = out / _index_name(opts)
-    index = json.loads(index_path.read_text()) if index_path.is_file() and not overwrite else None
+    index_name = _index_name(opts)
+    index_path = folder.where(index_name)
+    text = None if overwrite else folder.read_json_text(index_name)
+    index = json.loads(text) if text is not None else None
     if index is not None:
         if index.get("args") != identity:
             diff = sorted(key for key in set(identity) | set(index.get("args", {}))
@@ -182,30 +184,40 @@ def _shard_locked(src, corpus, inputs, out, opts, workers, overwrite, progress, 
         if index.get("input_fingerprint") != fingerprint:
             raise ShardError(f"{index_path}: the source's list of inputs changed since these shards were made; "
                              "use --overwrite to start over")
+        _check_listed_shards(folder, index, opts)
     if index is None:
         if overwrite:
-            for f in out.glob(_shard_name(opts, None)):
-                f.unlink()
-            index_path.unlink(missing_ok=True)
+            for name in folder.sizes(_shard_name(opts, None)):
+                folder.remove(name)
+            folder.remove(index_name)
         index = {
             "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "complete": False,
             "args": identity, "input_fingerprint": fingerprint, "inputs": len(inputs),
             "classes": corpus.classes, "total_samples": 0, "class_counts": {},
             "shards": [], "skipped": [], "next_input": 0,
         }
-    for f in out.glob(_shard_name(opts, None) + ".tmp"):  # left by a killed run of this part
-        f.unlink()
+    folder.clean_partial(_shard_name(opts, None))  # left by a killed run of this part
     if not index["complete"]:
-        _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress)
+        _write_shards(corpus, inputs, folder, index, index_name, opts, workers, progress)
     if opts.part[1] > 1 and merge:
-        merge_parts(out)
+        merge_parts(folder)
     return index
 
 
-def _write_shards(corpus, inputs, out, index, index_path, opts, workers, progress) -> None:
+def _check_listed_shards(folder, index: dict, opts: ShardOptions) -> None:
+    """Every shard the index lists is there, whole; shards it does not list are redone (and replaced)."""
+    present = folder.sizes(_shard_name(opts, None))
+    for s in index["shards"]:
+        if present.get(s["name"]) != s["bytes"]:
+            found = "missing" if s["name"] not in present else f"{present[s['name']]} bytes, not {s['bytes']}"
+            raise ShardError(f"{folder.where(s['name'])}: listed in {_index_name(opts)} but {found}; "
+                             "use --overwrite to start over")
+
+
+def _write_shards(corpus, inputs, folder, index, index_name, opts, workers, progress) -> None:
     start = index["next_input"]
     todo = inputs[start:]
-    bar = tqdm(total=len(inputs), initial=start, unit="img", desc=f"shard {out.name}", disable=not progress)
+    bar = tqdm(total=len(inputs), initial=start, unit="img", desc=f"shard {folder.name}", disable=not progress)
     pool = None
     if workers > 1:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -214,7 +226,7 @@ def _write_shards(corpus, inputs, out, index, index_path, opts, workers, progres
     else:
         _init_worker(corpus, opts.encode)
         results = map(_encode_one, todo)
-    writer = _ShardWriter(out, opts, index, index_path)
+    writer = _ShardWriter(folder, opts, index, index_name)
     try:
         for pos, (inp, result) in enumerate(zip(todo, results), start):
             if isinstance(result, str):
@@ -223,9 +235,10 @@ def _write_shards(corpus, inputs, out, index, index_path, opts, workers, progres
                 writer.add(pos, inp, result, corpus.classes)
             bar.update(1)
         writer.finish(len(inputs))
-    except OSError as e:  # disk full, permission denied: what was complete stays, a rerun continues from it
-        raise ShardError(f"{out}: cannot write shards ({user_message(e)}); the complete shards and the index are "
-                         "kept: rerun the same command to continue") from None
+    except (OSError, StoreError) as e:  # disk full, permission denied, endpoint gone: complete shards stay
+        what = "cannot write shards" if isinstance(e, OSError) else "stopped"
+        raise ShardError(f"{folder}: {what} ({user_message(e)}); the complete shards and the index are kept: "
+                         "rerun the same command to continue") from None
     finally:
         writer.abort()
         bar.close()
@@ -246,18 +259,17 @@ def _in_order(pool, todo: list[Input], window: int):
 
 
 class _ShardWriter:
-    def __init__(self, out: Path, opts: ShardOptions, index: dict, index_path: Path):
-        self.out, self.opts, self.index, self.index_path = out, opts, index, index_path
-        self.tar = self.file = None
+    def __init__(self, folder: LocalFolder | RemoteFolder, opts: ShardOptions, index: dict, index_name: str):
+        self.folder, self.opts, self.index, self.index_name = folder, opts, index, index_name
+        self.tar = self.file = self.name = None
         self.count = self.payload = 0
         self.first_input = index["next_input"]
         self.pending_skips: list[dict] = []
         self.classes: Counter = Counter()
 
     def _open(self) -> None:
-        name = _shard_name(self.opts, len(self.index["shards"]))
-        self.tmp = self.out / (name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        self.name = _shard_name(self.opts, len(self.index["shards"]))
+        self.file = self.folder.open_shard(self.name)
         self.tar = TarWriter(self.file)
         self.count = self.payload = 0
         self.classes = Counter()
@@ -287,16 +299,11 @@ class _ShardWriter:
         self.pending_skips.append({"input": pos, "source": inp.source, "reason": reason})
 
     def _close(self, next_input: int) -> None:
-        """Complete the open shard: rename it into place, then record it (and the skips before it)."""
+        """Complete the open shard: move (upload) it into place, then record it (and the skips before it)."""
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        final = self.tmp.with_suffix("")
-        os.replace(self.tmp, final)
-        fsync_dir(self.out)
+        self.folder.commit_shard(self.name, self.file)
         self.index["shards"].append({
-            "name": final.name, "count": self.count, "bytes": self.tar.size,
+            "name": self.name, "count": self.count, "bytes": self.tar.size,
             "sha256": self.tar.sha.hexdigest(), "inputs": [self.first_input, next_input],
             "class_counts": {k: v for k, v in sorted(self.classes.items(), key=lambda kv: int(kv[0])) if v},
         })
@@ -314,31 +321,29 @@ class _ShardWriter:
         for s in idx["shards"]:
             totals.update(s["class_counts"])
         idx["class_counts"] = {k: totals[k] for k in sorted(totals, key=int)}
-        write_json(self.index_path, idx)
+        self.folder.write_json(self.index_name, idx)
 
     def finish(self, end: int) -> None:
         if self.tar is not None:
             self._close(end)
         self.index["complete"] = True
         self._commit(end)
+        self.folder.flush()  # an object store's last uploads: their errors belong to this run
 
     def abort(self) -> None:
         if self.tar is not None:
-            try:
-                self.file.close()
-            except OSError:  # the buffer cannot be flushed (disk full); the file goes anyway
-                pass
-            self.tmp.unlink(missing_ok=True)
+            self.folder.discard_shard(self.name, self.file)
             self.tar = None
 
 
-def merge_parts(out: Path) -> dict | None:
-    """When every ``--part K/N`` index in ``out`` is complete, write the combined ``index.json``."""
-    parts = sorted(out.glob("index.part-*-of-*.json"))
+def merge_parts(out: str | os.PathLike | LocalFolder | RemoteFolder) -> dict | None:
+    """When every ``--part K/N`` index in ``out`` (a folder or URL) is complete, write the combined ``index.json``."""
+    folder = out if isinstance(out, (LocalFolder, RemoteFolder)) else shard_folder(out)
+    parts = sorted(folder.sizes("index.part-*-of-*.json"))
     if not parts:
         return None
-    loaded = [json.loads(p.read_text()) for p in parts]
-    n = int(parts[0].stem.rsplit("-", 1)[-1])
+    loaded = [json.loads(folder.read_json_text(p)) for p in parts]
+    n = int(parts[0].removesuffix(".json").rsplit("-", 1)[-1])
     if len(loaded) != n or not all(p["complete"] for p in loaded):
         return None
     totals: Counter = Counter()
@@ -352,18 +357,21 @@ def merge_parts(out: Path) -> dict | None:
         "class_counts": {k: totals[k] for k in sorted(totals, key=int)},
         "shards": [s for p in loaded for s in p["shards"]],
         "skipped": [s for p in loaded for s in p["skipped"]],
-        "parts": [p.name for p in parts],
+        "parts": parts,
     }
-    write_json(out / INDEX, merged)
+    folder.write_json(INDEX, merged)
     return merged
 
 
 def read_index(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / INDEX
-    if not path.is_file():
+    """The index of a shard folder or URL."""
+    where = shard_folder(folder)
+    path = where.where(INDEX)
+    text = where.read_json_text(INDEX)
+    if text is None:
         raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if index.get("format") != INDEX_FORMAT:

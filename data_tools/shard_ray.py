@@ -35,6 +35,7 @@ from data_tools.shard import (  # the private names: one package's part layout (
     shard,
 )
 from data_tools.sources import read_source
+from data_tools.store import is_url
 
 RETRIES = 3  # a failed part runs up to 1 + RETRIES times
 LOCK_WAIT_S = 30.0  # a killed run's task may still hold a part's lock until Ray has stopped it
@@ -60,6 +61,9 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
         raise ShardError(f"--workers must be >= 1, got {workers}")
     if parts is not None and not 1 <= parts <= MAX_PARTS:
         raise ShardError(f"--parts must be in [1, {MAX_PARTS}] (part numbers have 3 digits), got {parts}")
+    if is_url(out):
+        raise ShardError(f"{out}: --engine ray writes to a shared filesystem; to an object store, run "
+                         "--engine local --part K/N on each machine (the last part to finish writes index.json)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out}: exists and is not a folder")

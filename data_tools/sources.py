@@ -1,7 +1,9 @@
-"""Corpus readers: an image folder, a manifest (CSV / JSONL / Parquet) or a Hugging Face dataset.
+"""Corpus readers: an image folder, a manifest (CSV / JSONL / Parquet) or a Hugging Face dataset, on a
+local disk or behind any fsspec URL (``s3://bucket/prefix`` of class folders, ``s3://.../list.csv``).
 
 Each reader lists its inputs in a stable order (so every machine and every rerun agrees) as
-``Input`` records; the bytes are read later, in the worker that encodes them.
+``Input`` records; the bytes are read later, in the worker that encodes them. Readers are found
+through ``SOURCES``: a new kind of source is one function registered with ``@source``.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
+import posixpath
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import VitpipeError
+from data_tools import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image_path", "image")
@@ -54,18 +60,89 @@ def sample_key(source: str) -> str:
     return f"{readable}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}"
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    path_column: str | None = None
+    label_column: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # what the user is told when nothing matches
+    matches: Callable[[str], bool]
+    read: Callable[[str, ReadOptions], Corpus]
+
+
+SOURCES: list[Source] = []  # tried in order; the first whose ``matches`` accepts the spec reads it
+
+
+def source(name: str, matches: Callable[[str], bool]):
+    """Register a corpus reader ``read(spec, ReadOptions) -> Corpus`` for the specs ``matches`` accepts."""
+    def register(read):
+        SOURCES.append(Source(name, matches, read))
+        return read
+    return register
+
+
 def read_source(src: str, path_column: str | None = None, label_column: str | None = None,
                 split: str | None = None) -> Corpus:
-    if src.startswith("hf:"):
-        return read_hf_dataset(src[3:], split, label_column)
-    p = Path(src)
-    if p.is_dir():
-        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
-            return read_hf_dataset(src, split, label_column)
-        return read_image_folder(p)
-    if p.is_file():
-        return read_manifest(p, path_column, label_column)
-    raise SourceError(f"{src}: no such folder or manifest file")
+    opts = ReadOptions(path_column, label_column, split)
+    found = next((s for s in SOURCES if s.matches(src)), None)
+    if found is None:
+        kinds = "; ".join(s.name for s in SOURCES)
+        if store.is_url(src):
+            raise SourceError(f"{src}: unknown URL scheme {store.scheme(src)}:// (sources: {kinds}; "
+                              f"known URL schemes: {', '.join(store.known_schemes())})")
+        raise SourceError(f"{src}: no such folder or manifest file (sources: {kinds})")
+    return found.read(src, opts)
+
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def _is_fsspec_url(src: str) -> bool:
+    if not store.is_url(src):
+        return False
+    import fsspec
+
+    return store.scheme(src) in fsspec.available_protocols()
+
+
+@source("hf:NAME or hf:imagefolder:DIR (Hugging Face datasets)",
+        lambda src: src.startswith("hf:") and not src.startswith("hf://"))
+def _hf_spec(src: str, opts: ReadOptions) -> Corpus:
+    return read_hf_dataset(src[3:], opts.split, opts.label_column)
+
+
+@source("a manifest URL (s3://bucket/list.csv, .jsonl or .parquet; any fsspec scheme)",
+        lambda src: _is_fsspec_url(src) and src.lower().endswith(MANIFEST_SUFFIXES))
+def _remote_manifest(src: str, opts: ReadOptions) -> Corpus:
+    with store.remote_errors(src):
+        return read_manifest(src, opts.path_column, opts.label_column)
+
+
+@source("a URL of class folders (s3://bucket/prefix; any fsspec scheme)", _is_fsspec_url)
+def _remote_folder(src: str, opts: ReadOptions) -> Corpus:
+    with store.remote_errors(src):
+        return read_remote_folder(src)
+
+
+@source("a save_to_disk folder", lambda src: not store.is_url(src) and any(
+    (Path(src) / marker).is_file() for marker in HF_MARKERS))
+def _hf_folder(src: str, opts: ReadOptions) -> Corpus:
+    return read_hf_dataset(src, opts.split, opts.label_column)
+
+
+@source("a folder of class folders", lambda src: not store.is_url(src) and Path(src).is_dir())
+def _folder(src: str, opts: ReadOptions) -> Corpus:
+    return read_image_folder(Path(src))
+
+
+@source("a manifest file (.csv, .jsonl or .parquet)", lambda src: not store.is_url(src) and Path(src).is_file())
+def _manifest(src: str, opts: ReadOptions) -> Corpus:
+    return read_manifest(src, opts.path_column, opts.label_column)
 
 
 def read_image_folder(root: Path) -> Corpus:
@@ -115,6 +192,38 @@ def _listing(folder: Path, descend: bool = True) -> list[tuple[Path, str | None]
     return out
 
 
+def read_remote_folder(url: str) -> Corpus:
+    """An fsspec prefix laid out as ``read_image_folder`` expects, listed in one recursive listing and in the
+    same order (and with the same sources) as the same tree on a local disk."""
+    fs, root = store.filesystem(url)
+    root = root.rstrip("/")
+    names = sorted(p[len(root) + 1:].split("/") for p in fs.find(root, detail=False)
+                    if p.startswith(root + "/") and not p.endswith("/"))
+    if not names:
+        raise SourceError(f"{url}: no objects under this prefix (a wrong bucket or prefix?)")
+    classes = sorted({parts[0] for parts in names if len(parts) > 1 and not parts[0].startswith(".")})
+    label = {name: i for i, name in enumerate(classes)}
+    inputs, seen_hidden, base = [], set(), url.rstrip("/")
+    for parts in names:
+        hidden = next((i for i, p in enumerate(parts) if p.startswith(".")), None)
+        if hidden is None:
+            skip = "outside any class folder" if classes and len(parts) == 1 else None
+        elif hidden == len(parts) - 1:
+            skip = "hidden file"
+        else:  # a hidden folder: listed once, as the folder, and not entered (as a local one)
+            parts = parts[:hidden + 1]
+            if tuple(parts) in seen_hidden:
+                continue
+            seen_hidden.add(tuple(parts))
+            skip = "hidden folder (not read)"
+        rel = "/".join(parts)
+        in_class = len(parts) > 1 and parts[0] in label
+        inputs.append(Input(rel, label[parts[0]] if in_class else None, store.join(base, rel), skip=skip))
+    # local order: a class folder's files, class by class, then what lies outside the class folders
+    inputs.sort(key=lambda inp: inp.label is None)
+    return Corpus(inputs, classes or None)
+
+
 def _file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as one image file, or None for a regular file (or a link to one)."""
     try:
@@ -134,15 +243,17 @@ def _file_problem(path: str | os.PathLike) -> str | None:
     return f"not a regular file ({kind})"
 
 
-def _rows(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
+def _rows(path: str) -> list[dict]:
+    suffix = posixpath.splitext(path)[1].lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise SourceError(f"{path}: unknown manifest type {suffix!r} (expected .csv, .jsonl or .parquet)")
     try:
+        data = store.read_bytes(path) if store.is_url(path) else Path(path).read_bytes()
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+            return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
         if suffix in (".jsonl", ".json"):
             rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -152,13 +263,12 @@ def _rows(path: Path) -> list[dict]:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            return pq.read_table(io.BytesIO(data)).to_pylist()
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{path}: cannot read manifest ({e})") from None
-    raise SourceError(f"{path}: unknown manifest type {suffix!r} (expected .csv, .jsonl or .parquet)")
 
 
-def _pick(columns, wanted: str | None, candidates, what: str, path: Path, required: bool) -> str | None:
+def _pick(columns, wanted: str | None, candidates, what: str, path: str, required: bool) -> str | None:
     if wanted:
         if wanted not in columns:
             raise SourceError(f"{path}: no column {wanted!r} (columns: {', '.join(columns)})")
@@ -182,7 +292,9 @@ def label_ids(values: list) -> tuple[list[int | None], list[str] | None]:
     return [None if v is None or v == "" else lookup[str(v)] for v in values], names
 
 
-def read_manifest(path: Path, path_column: str | None, label_column: str | None) -> Corpus:
+def read_manifest(path: str | Path, path_column: str | None, label_column: str | None) -> Corpus:
+    """Rows of (path, label); a row's path is absolute, a URL, or relative to the manifest's folder (or URL)."""
+    path = str(path)
     rows = _rows(path)
     if not rows:
         raise SourceError(f"{path}: manifest has no rows")
@@ -195,9 +307,16 @@ def read_manifest(path: Path, path_column: str | None, label_column: str | None)
         rel = row.get(pcol)
         if not rel:
             raise SourceError(f"{path}: row {n} has an empty {pcol!r}")
-        full = Path(rel) if Path(rel).is_absolute() else path.parent / rel
-        inputs.append(Input(str(rel), label, str(full)))
+        inputs.append(Input(str(rel), label, _resolve(path, str(rel))))
     return Corpus(inputs, classes)
+
+
+def _resolve(manifest: str, rel: str) -> str:
+    if store.is_url(rel) or os.path.isabs(rel):
+        return rel
+    if store.is_url(manifest):
+        return store.join(store.parent(manifest), rel)
+    return str(Path(manifest).parent / rel)
 
 
 def read_hf_dataset(spec: str, split: str | None, label_column: str | None) -> Corpus:
@@ -248,8 +367,24 @@ def read_bytes(inp: Input, corpus: Corpus) -> bytes:
 
 
 def _read_file(path: str) -> bytes:
+    if store.is_url(path):
+        return _read_object(path)
     # a manifest may name a FIFO, whose open() would wait for a writer forever
     if problem := _file_problem(path):
         raise Unreadable(problem)
     with open(path, "rb") as f:
         return f.read()
+
+
+def _read_object(url: str) -> bytes:
+    """One object's bytes. A missing or forbidden object is that input's skip; an unusable store (its
+    client not installed, no credentials, endpoint down) is a StoreError that ends the run: every input
+    would fail alike. A scheme nothing knows is that row's skip."""
+    if not _is_fsspec_url(url):
+        raise Unreadable(f"unreadable (unknown URL scheme {store.scheme(url)}://)")
+    fs, path = store.filesystem(url)
+    with store.remote_errors(url):
+        try:
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise Unreadable(f"unreadable ({store.describe(e)})") from None

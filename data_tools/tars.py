@@ -81,36 +81,42 @@ class ForeignTar(tarfile.TarError):
     """A member type this reader leaves to webdataset (pax headers, long names, links)."""
 
 
-def read_tar(path: str | Path):
-    """Samples of an uncompressed local tar, grouped by key, in order (dicts with ``__key__``).
+def read_tar(path: str | Path, stream=None):
+    """Samples of an uncompressed tar, grouped by key, in order (dicts with ``__key__``): the local file
+    ``path``, or ``stream`` (any binary reader, read front to back; ``path`` then only names it).
 
     About twice as fast as webdataset's streaming tarfile reader (plain header parsing and one
     read per member); tars with other member types raise ForeignTar for webdataset to read. A
     file that ends before its end-of-archive block (empty, cut inside a header or a member)
     raises ReadError after the complete samples before the cut.
     """
-    key, sample = None, {}
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            header = f.read(tarfile.BLOCKSIZE)
-            if header and not header.strip(b"\0"):  # end-of-archive (or a cut inside it: nothing is lost)
-                break
-            if len(header) < tarfile.BLOCKSIZE:
-                where = "empty file" if f.tell() == 0 else \
-                    "cut inside a tar header" if header else "no end-of-archive block (cut between members?)"
-                raise tarfile.ReadError(f"truncated: {where}")
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            if info.type not in tarfile.REGULAR_TYPES:
-                raise ForeignTar(f"{path}: member type {info.type!r}")
-            data = f.read(info.size)
-            if len(data) < info.size:
-                raise tarfile.ReadError(f"truncated inside member {info.name}")
-            f.seek(-info.size % tarfile.BLOCKSIZE, 1)
-            k, _, ext = info.name.rpartition("/")[2].partition(".")
-            if k != key and sample:
-                yield sample
-                sample = {}
-            key = k
-            sample.update({"__key__": k, "__url__": str(path), ext: data})
+    if stream is None:
+        with open(path, "rb", buffering=1 << 20) as f:
+            yield from read_tar(path, f)
+        return
+    f, key, sample, started = stream, None, {}, False
+    while True:
+        header = f.read(tarfile.BLOCKSIZE)
+        if header and not header.strip(b"\0"):  # end-of-archive (or a cut inside it: nothing is lost)
+            break
+        if len(header) < tarfile.BLOCKSIZE:
+            where = "empty file" if not started and not header else \
+                "cut inside a tar header" if header else "no end-of-archive block (cut between members?)"
+            raise tarfile.ReadError(f"truncated: {where}")
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        if info.type not in tarfile.REGULAR_TYPES:
+            raise ForeignTar(f"{path}: member type {info.type!r}")
+        data = f.read(info.size)
+        if len(data) < info.size:
+            raise tarfile.ReadError(f"truncated inside member {info.name}")
+        if pad := -info.size % tarfile.BLOCKSIZE:
+            f.read(pad)  # read, not seek: a stream (hashing, or from an object store) need not seek
+        started = True
+        k, _, ext = info.name.rpartition("/")[2].partition(".")
+        if k != key and sample:
+            yield sample
+            sample = {}
+        key = k
+        sample.update({"__key__": k, "__url__": str(path), ext: data})
     if sample:
         yield sample

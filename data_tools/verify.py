@@ -11,33 +11,56 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_tools.images import decode_rgb
-from data_tools.shard import read_index
-from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
 from common.io import atomic_path
+from data_tools.images import decode_rgb
+from data_tools.shard import INDEX, read_index
+from data_tools.store import LocalFolder, RemoteFolder, errors_for, shard_folder
+from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class _Hashing:
+    """A reader that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
 
 
-def check_shard(folder: Path, entry: dict, decode: bool = True) -> str | None:
-    """One line describing what is wrong with a shard, or None if it is sound."""
-    path = folder / entry["name"]
-    if not path.is_file():
+def check_shard(folder: LocalFolder | RemoteFolder, entry: dict, decode: bool = True) -> str | None:
+    """One line describing what is wrong with a shard, or None if it is sound; the shard is read once."""
+    try:
+        f = folder.open_read(entry["name"])
+    except FileNotFoundError:
         return f"{entry['name']}: missing"
+    with f:
+        stream = _Hashing(f)
+        count, bad, error = _read_samples(folder.where(entry["name"]), stream, decode)
+        while stream.read(1 << 20):  # the end-of-archive padding, for the size and the hash
+            pass
     problems = []
-    if path.stat().st_size != entry["bytes"]:
-        problems.append(f"size {path.stat().st_size} != {entry['bytes']} in index")
-    if _sha256(path) != entry["sha256"]:
+    if stream.size != entry["bytes"]:
+        problems.append(f"size {stream.size} != {entry['bytes']} in index")
+    if stream.sha.hexdigest() != entry["sha256"]:
         problems.append("sha256 differs from index")
+    if error:
+        problems.append(f"unreadable tar after {count} samples ({error})")
+    elif count != entry["count"]:
+        problems.append(f"{count} samples, index says {entry['count']}")
+    if bad:
+        problems.append(f"{len(bad)} sample(s) do not decode: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    return f"{entry['name']}: {'; '.join(problems)}" if problems else None
+
+
+def _read_samples(name: str, stream, decode: bool) -> tuple[int, list[str], Exception | None]:
+    """(samples read, the keys of those that do not decode, the error that ended the tar early or None)."""
     count, bad = 0, []
     try:
-        for sample in read_tar(path):
+        for sample in read_tar(name, stream):
             count += 1
             key = sample["__key__"]
             data = image_bytes(sample)
@@ -49,23 +72,25 @@ def check_shard(folder: Path, entry: dict, decode: bool = True) -> str | None:
                 except Exception as e:  # any decoder failure means a damaged sample
                     bad.append(f"{key} ({type(e).__name__})")
     except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"unreadable tar after {count} samples ({e})")
-    if count != entry["count"] and not any(p.startswith("unreadable") for p in problems):
-        problems.append(f"{count} samples, index says {entry['count']}")
-    if bad:
-        problems.append(f"{len(bad)} sample(s) do not decode: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
-    return f"{entry['name']}: {'; '.join(problems)}" if problems else None
+        return count, bad, e
+    return count, bad, None
+
+
+def _shard_samples(folder: LocalFolder | RemoteFolder, name: str):
+    with folder.open_read(name) as f:
+        yield from read_tar(folder.where(name), f)
 
 
 def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str]]:
     """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file."""
-    folder = Path(folder)
     index = read_index(folder)
-    problems = [p for p in (check_shard(folder, e, decode) for e in index["shards"]) if p]
-    known = {e["name"] for e in index["shards"]}
-    notes = [f"{p.name}: a tar not listed in index.json" for p in sorted(folder.glob("*.tar")) if p.name not in known]
+    where = shard_folder(folder)
+    with errors_for(str(folder)):
+        problems = [p for p in (check_shard(where, e, decode) for e in index["shards"]) if p]
+        known = {e["name"] for e in index["shards"]}
+        notes = [f"{name}: a tar not listed in index.json" for name in sorted(where.sizes("*.tar")) if name not in known]
     if not index.get("complete", False):
-        problems.append(f"{folder / 'index.json'}: sharding did not finish (rerun the same vitpipe shard command)")
+        problems.append(f"{where.where(INDEX)}: sharding did not finish (rerun the same vitpipe shard command)")
     return problems, notes
 
 
@@ -110,8 +135,12 @@ def _quantiles(values: list[int]) -> str:
 def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, grid_size: int = 25,
             seed: int = 0) -> str:
     """A human summary of a shard folder; with ``grid``, also a contact sheet PNG of random samples."""
-    folder = Path(folder)
     index = read_index(folder)
+    with errors_for(str(folder)):
+        return _inspect(shard_folder(folder), index, show, grid, grid_size, seed)
+
+
+def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, grid_size: int, seed: int) -> str:
     classes = index.get("classes")
     lines = [
         f"{folder}: {index['total_samples']} samples in {len(index['shards'])} shards "
@@ -132,7 +161,7 @@ def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, g
     picked: list[tuple[bytes, str]] = []
     seen = 0
     for entry in index["shards"]:
-        for sample in read_tar(folder / entry["name"]):
+        for sample in _shard_samples(folder, entry["name"]):
             key = sample["__key__"]
             meta = json.loads(sample.get("json", b"{}"))
             widths.append(meta.get("width", 0))

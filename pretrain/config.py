@@ -43,7 +43,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | list[str] | None = None  # folder with index.json, shard list, brace pattern, pipe: or URL
+    train: str | list[str] | None = None  # folder or s3://... with index.json, shard list, brace pattern, pipe:, URL
     val: str | list[str] | None = None
     num_samples: int | None = None  # only for shards without an index.json
     batch_size: int = 256  # global: across processes and accumulation steps

@@ -1,4 +1,6 @@
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -47,3 +49,35 @@ def env():
     # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     return e
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto's) on localhost for the whole session, found by the standard
+    ``AWS_ENDPOINT_URL`` with throwaway credentials; nothing leaves the machine. Yields an s3fs filesystem."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in S3_ENV.items():
+            mp.setenv(key, value.format(port=port))
+        mp.delenv("AWS_PROFILE", raising=False)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield s3fs.S3FileSystem()
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+S3_ENV = {"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "vitpipe-test-key",
+          "AWS_SECRET_ACCESS_KEY": "vitpipe-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}

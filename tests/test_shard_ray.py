@@ -182,6 +182,10 @@ def test_bad_engine_arguments_and_an_unreachable_cluster_are_one_line(tmp_path, 
         assert main(["shard", src, out, *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vitpipe shard: error: ") and err.count("\n") == 1 and expected in err, err
+    assert main(["shard", src, "s3://bucket/shards", "--engine", "ray"]) == 2  # before Ray starts or S3 is asked
+    assert capsys.readouterr().err == ("vitpipe shard: error: s3://bucket/shards: --engine ray writes to a shared "
+                                       "filesystem; to an object store, run --engine local --part K/N on each "
+                                       "machine (the last part to finish writes index.json)\n")
     with pytest.raises(SystemExit):
         main(["shard", src, out, "--engine", "spark"])
     assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err

@@ -210,10 +210,12 @@ def _shard_verb(sub) -> None:
   vitpipe shard hf:imagefolder:/data/pets shards/pets --resize-shorter 256 --workers 8
   vitpipe shard /data/corpus shards/corpus --part 3/16     # machine 3 of 16, no coordination
   vitpipe shard /shared/corpus /shared/shards --engine ray --ray-address auto --parts 64   # on a Ray cluster
+  vitpipe shard s3://bucket/photos s3://bucket/shards/train # any fsspec URL, in or out (pip install 'vitpipe[s3]')
 """)
     s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
-                               "or hf:SPEC (hf:imagefolder:DIR, hf:NAME)")
-    s.add_argument("out", help="output folder")
+                               "hf:SPEC (hf:imagefolder:DIR, hf:NAME), or a URL (s3://...) of class folders or a "
+                               "manifest")
+    s.add_argument("out", help="output folder, or a URL (s3://bucket/prefix)")
     s.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="images per tar")
     s.add_argument("--max-shard-size", metavar="BYTES",
                    help="also start a new tar past this size, e.g. 500M, 1G (default: no limit)")
@@ -259,8 +261,9 @@ def _verify_verb(sub) -> None:
     s = _verb(sub, "verify", "re-check every shard against index.json (sha256, counts, every image decodes)", """
   vitpipe verify shards/train
   vitpipe verify shards/train --no-decode      # sha256 and counts only: fast
+  vitpipe verify s3://bucket/shards/train      # streamed, one shard at a time
 """)
-    s.add_argument("shards", help="shard folder (with index.json)")
+    s.add_argument("shards", help="shard folder or URL (with index.json)")
     s.add_argument("--no-decode", action="store_true", help="check sha256 and counts only")
     s.set_defaults(run=_verify)
 
@@ -269,8 +272,9 @@ def _inspect_verb(sub) -> None:
     s = _verb(sub, "inspect", "classes with counts, image sizes, first samples and a contact sheet", """
   vitpipe inspect shards/train
   vitpipe inspect shards/train --grid grid.png --grid-size 49
+  vitpipe inspect s3://bucket/shards/train
 """)
-    s.add_argument("shards", help="shard folder (with index.json)")
+    s.add_argument("shards", help="shard folder or URL (with index.json)")
     s.add_argument("--samples", type=int, default=5, metavar="N", help="samples to list")
     s.add_argument("--grid", metavar="FILE.png", help="write a contact sheet of random samples (default: none)")
     s.add_argument("--grid-size", type=int, default=25, metavar="N", help="images on the contact sheet")

@@ -1,0 +1,339 @@
+"""Shard folders on a local disk or on any fsspec filesystem (s3://, gs://, ...), one interface for both.
+
+An object store has no rename: a shard is written to a local staging file and uploaded only once it
+is complete (an S3 PUT, or a multipart upload, is visible whole or not at all), and ``index.json`` is
+written after the shards it lists, so whatever the index lists is complete and whatever it does not
+list is redone by a rerun. Credentials come from the filesystem's own configuration (for S3,
+botocore's: ``AWS_ACCESS_KEY_ID`` ..., ``AWS_PROFILE``, ``~/.aws``, ``AWS_ENDPOINT_URL``); vitpipe
+neither reads nor records them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from common.errors import VitpipeError
+from common.io import fsync_dir, json_text, write_json
+from common.lock import FolderLock
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
+# the client libraries behind fsspec's object stores: their errors (no credentials, endpoint unreachable) are
+# the user's to fix, not bugs
+_CLIENT_MODULES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp", "fsspec"}
+
+
+class StoreError(VitpipeError):
+    """A remote filesystem that cannot be used: unknown scheme, missing client, credentials, endpoint, bucket."""
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+    """``s3`` for ``s3://bucket/key``; None for a local path."""
+    m = _URL.match(str(path))
+    return m.group(1).lower() if m else None
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and scheme(path) is not None
+
+
+def known_schemes() -> list[str]:
+    import fsspec
+
+    return sorted(set(fsspec.available_protocols()) - {"file", "local"})
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def parent(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/"))
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path without the scheme) for ``url``; one line naming the scheme if it cannot be used."""
+    import fsspec
+    from fsspec.core import url_to_fs
+
+    name = scheme(url)
+    if name not in fsspec.available_protocols():
+        raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
+    try:
+        return url_to_fs(url)
+    except ImportError as e:  # fsspec knows the scheme, its client is not installed ("Install s3fs to access S3")
+        raise StoreError(f"{url}: {e}" + (" (pip install 'vitpipe[s3]')" if name in ("s3", "s3a") else "")) from None
+
+
+def is_client_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in _CLIENT_MODULES
+
+
+@contextmanager
+def remote_errors(url: str, keep: tuple[type[Exception], ...] = ()):
+    """A client library's error (no credentials, unreachable endpoint, missing bucket) as one StoreError line;
+    the types in ``keep`` pass as they are."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as e:
+        if isinstance(e, keep) or not is_client_error(e):
+            raise
+        raise StoreError(f"{url}: {describe(e)}") from None
+
+
+def errors_for(path: str):
+    """``remote_errors`` for a URL; a local path's errors stay as they are."""
+    return remote_errors(path) if is_url(path) else nullcontext()
+
+
+def describe(e: BaseException) -> str:
+    text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        return fs.cat_file(path)
+
+
+def open_url(url: str):
+    """A streaming binary reader (ranged reads; the object is not downloaded first); FileNotFoundError if
+    there is no such object."""
+    fs, path = filesystem(url)
+    with remote_errors(url, keep=(FileNotFoundError,)):
+        return fs.open(path, "rb")
+
+
+class LocalFolder:
+    """A shard folder on this machine: shards are written as ``NAME.tmp``, fsynced and renamed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = self.path.name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def prepare(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path}: exists and is not a folder")
+
+    def writing(self, holder: str, lock_name: str):
+        """The context a writer holds the folder in: its lock (one writer per folder, or per part)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return FolderLock(self.path, holder, lock_name)
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+    def read_json_text(self, name: str) -> str | None:
+        p = self.path / name
+        return p.read_text() if p.is_file() else None
+
+    def write_json(self, name: str, obj) -> None:
+        write_json(self.path / name, obj)
+
+    def sizes(self, pattern: str) -> dict[str, int]:
+        """Name -> size of the files matching a glob pattern."""
+        return {p.name: p.stat().st_size for p in self.path.glob(pattern)}
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def open_shard(self, name: str):
+        return open(self.path / (name + ".tmp"), "wb")
+
+    def commit_shard(self, name: str, f) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self.path / (name + ".tmp"), self.path / name)
+        fsync_dir(self.path)
+
+    def discard_shard(self, name: str, f) -> None:
+        try:
+            f.close()
+        except OSError:  # the buffer cannot be flushed (disk full); the file goes anyway
+            pass
+        (self.path / (name + ".tmp")).unlink(missing_ok=True)
+
+    def clean_partial(self, pattern: str) -> None:
+        """Remove what a killed writer left half-written."""
+        for p in self.path.glob(pattern + ".tmp"):
+            p.unlink()
+
+    def open_read(self, name: str):
+        return open(self.path / name, "rb", buffering=1 << 20)
+
+    def flush(self) -> None:
+        """Nothing to wait for: local writes are done when they return."""
+
+
+class RemoteFolder:
+    """A shard folder on an fsspec filesystem: each shard is staged in a local temporary file and uploaded
+    whole once complete; nothing half-written is ever visible under its final name.
+
+    While writing, uploads and index writes run in order on one background thread, so the next shard is
+    encoded while the last one uploads (at most two shards on the local disk); every read waits for
+    them, an upload's error comes back at the next call, and nothing queued after it is written.
+    """
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.name = posixpath.basename(self.root)
+        self.staging: str | None = None
+        self.uploads: ThreadPoolExecutor | None = None
+        self.pending: list[Future] = []
+        self.failed = False
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _path(self, name: str) -> str:
+        return join(self.root, name)
+
+    def prepare(self) -> None:
+        """Fail before any work when the endpoint, the credentials or the bucket are wrong."""
+        if self.fs.root_marker:  # a hierarchical filesystem: folders are made as needed
+            return
+        bucket = self.root.split("/")[0]
+        with remote_errors(self.url):
+            try:
+                self.fs.info(self.root)  # the prefix itself first: all that a policy scoped to prefixes may allow
+                return
+            except FileNotFoundError:  # an empty prefix, or no bucket
+                pass
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise StoreError(f"{self.url}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                                 "it)") from None
+            except PermissionError:  # listing the bucket's top is not allowed: it exists
+                pass
+
+    @contextmanager
+    def writing(self, holder: str, lock_name: str):
+        """A staging folder for the shard being written; an object store has no lock: one writer per prefix
+        (or per ``--part``) is the user's to ensure."""
+        self.staging = tempfile.mkdtemp(prefix="vitpipe-upload-")
+        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="vitpipe-upload")
+        self.failed = False
+        try:
+            yield self
+            self.flush()
+        finally:
+            self.uploads.shutdown(wait=True, cancel_futures=True)
+            self.uploads, self.pending = None, []
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def _in_order(self, fn, *args) -> None:
+        """Run ``fn`` after what was queued before it: in the background while writing, else now."""
+        if self.uploads is None:
+            return fn(*args)
+        for f in [f for f in self.pending if f.done()]:
+            f.result()  # an earlier upload's error, raised here
+        self.pending = [f for f in self.pending if not f.done()] + [self.uploads.submit(self._unless_failed, fn, *args)]
+
+    def _unless_failed(self, fn, *args) -> None:
+        if self.failed:  # after a failed upload nothing more is written: an index would list the missing shard
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        """Wait for the queued uploads and index writes; raise the first error among them."""
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()
+
+    def where(self, name: str) -> str:
+        return join(self.url, name)
+
+    def read_json_text(self, name: str) -> str | None:
+        self.flush()
+        with remote_errors(self.where(name)):
+            try:
+                return self.fs.cat_file(self._path(name)).decode()
+            except FileNotFoundError:
+                return None
+
+    def write_json(self, name: str, obj) -> None:
+        self._in_order(self._put_bytes, name, json_text(obj).encode())  # the text as it is now
+
+    def _put_bytes(self, name: str, data: bytes) -> None:
+        with remote_errors(self.where(name)):
+            self.fs.pipe_file(self._path(name), data)
+
+    def sizes(self, pattern: str) -> dict[str, int]:
+        self.flush()
+        with remote_errors(self.url):
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return {}
+        names = {posixpath.basename(e["name"].rstrip("/")): e.get("size") or 0 for e in entries
+                 if e.get("type") == "file"}
+        return {n: s for n, s in names.items() if fnmatch.fnmatchcase(n, pattern)}
+
+    def remove(self, name: str) -> None:
+        self.flush()
+        with remote_errors(self.where(name)):
+            try:
+                self.fs.rm_file(self._path(name))
+            except FileNotFoundError:
+                pass
+
+    def open_shard(self, name: str):
+        return open(os.path.join(self.staging, name), "wb")
+
+    def commit_shard(self, name: str, f) -> None:
+        f.close()
+        self.flush()  # the previous shard is up: one shard at a time waits on the local disk
+        self._in_order(self._upload, name)
+
+    def _upload(self, name: str) -> None:
+        local = os.path.join(self.staging, name)
+        with remote_errors(self.where(name)):
+            self.fs.put_file(local, self._path(name))
+        os.unlink(local)
+
+    def discard_shard(self, name: str, f) -> None:
+        try:
+            f.close()
+        except OSError:  # the staging disk is full; the file goes anyway
+            pass
+        Path(self.staging, name).unlink(missing_ok=True)
+
+    def clean_partial(self, pattern: str) -> None:
+        """Nothing to do: a partial shard only ever existed in a staging folder on the writer's disk."""
+
+    def open_read(self, name: str):
+        self.flush()
+        return open_url(self.where(name))
+
+
+def shard_folder(out: str | os.PathLike) -> LocalFolder | RemoteFolder:
+    """The folder ``out`` names: a local path, or an fsspec URL (an unknown scheme is a StoreError)."""
+    if is_url(out):
+        return RemoteFolder(out)
+    m = _SCHEME_WITHOUT_SLASHES.match(str(out))
+    if m and m.group(1).lower() in known_schemes():  # "s3:bucket/x" is a typo, not a local folder named "s3:"
+        raise StoreError(f"{out}: not a URL (write {m.group(1)}://...), and a local folder is not named {m.group(1)}:")
+    return LocalFolder(out)
