@@ -1,9 +1,10 @@
-"""Atomic file writes shared by every stage: a killed process leaves the last good file."""
+"""Atomic writes shared by every stage: a killed process leaves the last good file (or folder), never half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +42,27 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fresh_tmp_dir(path: str | os.PathLike) -> Path:
+    """An empty ``PATH.tmp`` folder beside ``path`` (a killed writer's leftovers removed), to fill and then
+    :func:`replace_dir`; until then no reader mistakes it for ``path``."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync every file and folder under ``tmp``, then rename it to ``path`` (replacing a folder there)."""
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -274,8 +274,8 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
-    sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size]
-    if m.image_size is not None and (len(sizes) not in (1, 2) or min(sizes) < 1):
+    sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size, m.image_size]
+    if m.image_size is not None and (len(sizes) != 2 or min(sizes) < 1):
         raise ConfigError(f"model.image_size: must be N or [H, W] with sizes >= 1, got {m.image_size}")
     within = {"data.crop_scale_min": (d.crop_scale_min, "(0, 1]", lambda v: 0 < v <= 1),
               "schedule.min_lr_ratio": (s.min_lr_ratio, "[0, 1]", lambda v: 0 <= v <= 1),
