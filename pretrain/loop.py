@@ -1,5 +1,9 @@
 """The one training loop (both stages): accelerate (CPU, DDP, DeepSpeed ZeRO), resumable exactly.
 
+Read it as an engine of named steps: ``train`` runs ``set_up`` (accelerator, loaders, optimizer,
+resume), then ``optimizer_step`` until ``train.max_steps`` with ``log_window``, ``evaluate`` and
+``save_training_checkpoint`` on schedule, then ``finish`` (``final/``); the steps share one ``Run``.
+
 Every source of randomness in a step is seeded from (seed, step, rank), and the data stream is
 a pure function of (seed, epoch, rank, worker), so a run resumed from a checkpoint repeats the
 uninterrupted run bit for bit (CPU, float32) without restoring any RNG state.
@@ -18,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +41,9 @@ from pretrain.resume import check_resume, deepspeed_safe_globals, weights_only_l
 from vit import ModelInfo, VisionTransformer
 from vit.checkpoint import save_state_dict
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
 METRICS, VAL_METRICS = "metrics.jsonl", "val_metrics.jsonl"
@@ -45,88 +53,6 @@ class TrainingError(VitpipeError, RuntimeError):
     """The run cannot go on (a non-finite loss, ...); one line for the user."""
 
 
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float = 0.0) -> float:
-    """Linear warmup from 0 over ``warmup`` steps, then linear or cosine decay to ``min_ratio`` at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-def layer_id(name: str, depth: int) -> int:
-    """MAE's (and BEiT's) layer of a ViT parameter: 0 for the patch and position embeddings and the
-    class token, 1..depth for the blocks, depth + 1 for what follows them (norm, fc_norm, head)."""
-    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Weight decay on weight matrices and kernels only: not on biases, norms, embeddings or tokens.
-
-    Each group has an ``lr_scale`` (the loop multiplies the scheduled lr by it): 1, or with
-    ``layer_decay`` (MAE's layer-wise lr decay) ``layer_decay ** (depth + 1 - layer_id)`` for the
-    ViT inside ``module``, one group per layer and decay; parameters outside the ViT (an
-    objective's) count as its top layer. The top layer (scale 1) comes first.
-    """
-    prefix, depth = "", 0
-    if layer_decay is not None:
-        found = next(((n, m) for n, m in module.named_modules() if isinstance(m, VisionTransformer)), None)
-        if found is None:
-            raise ConfigError("optim.layer_decay: the trained module holds no VisionTransformer")
-        prefix, depth = (found[0] + "." if found[0] else ""), len(found[1].blocks)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
-        layer = layer_id(name[len(prefix):], depth) if layer_decay is not None and name.startswith(prefix) \
-            else depth + 1
-        scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - layer)
-        groups.setdefault((layer, flat), {"params": [], "weight_decay": 0.0 if flat else weight_decay,
-                                          "lr_scale": scale})["params"].append(p)
-    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
-
-
-def build_optimizer(cfg: Config, module: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(module, o.weight_decay, o.layer_decay)
-    for g in groups:
-        g["lr"] = o.lr * g["lr_scale"]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-
-
-def train_flops_per_image(model: VisionTransformer) -> float:
-    """Forward + backward (3x forward) FLOPs of the encoder for one image: matmuls and attention."""
-    c = model.cfg
-    n, d = c.num_patches + 1, c.embed_dim
-    per_layer = 2 * n * (4 * d * d + 2 * d * c.mlp_dim) + 4 * n * n * d
-    embed = 2 * c.num_patches * d * c.in_chans * c.patch_size**2
-    return 3.0 * (c.depth * per_layer + embed)
-
-
-def measure_peak_flops(device: torch.device, n: int = 2048) -> float:
-    """Best of three timings of an fp32 n x n matmul: the denominator of MFU on this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 @dataclass
 class Position:
     """Where the run is: optimizer steps done, and the next micro-batch of which epoch."""
@@ -134,171 +60,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-
-
-def find_resume(cfg: Config) -> Path | None:
-    r = cfg.train.resume
-    if r == "none":
-        return None
-    if r != "auto":
-        path = Path(r)
-        if not (path / TRAINER_STATE).is_file():
-            raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
-        return path
-    return latest_checkpoint(cfg.train.output_dir)
-
-
-def step_folders(root: Path) -> list[Path]:
-    """Checkpoint folders that were renamed into place, oldest first (``step_N.tmp`` ones were not)."""
-    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: one still named ``.tmp`` was interrupted mid-write."""
-    done = [p for p in step_folders(Path(output_dir) / CHECKPOINTS) if (p / TRAINER_STATE).is_file()]
-    return done[-1] if done else None
-
-
-def _accelerator(cfg: Config, per_rank_batch_of, hidden: int):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cuda = torch.cuda.is_available()
-    # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
-    accelerator = Accelerator(
-        cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
-        project_dir=cfg.train.output_dir, kwargs_handlers=handlers,
-    )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch_of(accelerator.num_processes)
-        plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
-        zero = plugin.deepspeed_config.get("zero_optimization", {})
-        # what accelerate derives from a transformers model's config.hidden_size, from ours
-        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                           ("stage3_param_persistence_threshold", 10 * hidden),
-                           ("reduce_bucket_size", hidden * hidden)):
-            if zero.get(key) == "auto":
-                zero[key] = value
-    return accelerator
-
-
-def per_rank_batch(cfg: Config, world: int) -> int:
-    g, a = cfg.data.batch_size, cfg.train.grad_accum
-    if g % (world * a):
-        raise ConfigError(f"data.batch_size: global batch {g} is not divisible by {world} processes x "
-                          f"{a} accumulation steps")
-    return g // (world * a)
-
-
-@torch.no_grad()
-def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
-    """The objective's loss and metrics on held-out shards, every sample once across ranks.
-
-    Runs the unwrapped module, so ranks with different batch counts never meet in a collective
-    until the single reduction at the end.
-    """
-    task.eval()
-    names = task.objective.metrics
-    totals = torch.zeros(2 + len(names), dtype=torch.float64)
-    loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, workers=workers)
-    for i, batch in enumerate(loader):
-        n = len(batch["labels"])
-        if not n:
-            continue
-        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
-        gen = torch.Generator(device=accelerator.device)
-        gen.manual_seed(seed_for(seed, "val", accelerator.process_index, i))
-        with accelerator.autocast():
-            loss, extra = task(batch, gen)
-        totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
-    task.train()
-    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-    means = (totals[1:] / totals[0]).tolist()
-    return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
-
-
-@torch.no_grad()
-def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
-            batch_size: int, workers: int) -> dict:
-    """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
-    from accelerate.utils import gather_object
-
-    model.eval()
-    sets = {}
-    for name, shards in (("queries", queries), ("bank", bank)):
-        if shards is not None:
-            mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
-                                   accelerator.num_processes, workers, accelerator.device)
-            parts = gather_object([mine])
-            sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
-    model.train()
-    classes = len(queries.classes)
-    if "bank" in sets:
-        return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}
-    return {"knn_top1": knn_top1(sets["queries"], None, classes), "knn_queries": len(sets["queries"][1])}
-
-
-def _rewind_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric lines the killed run logged past its checkpoint (a torn last line too:
-    it was being written when the run died, so it is past the checkpoint)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise TrainingError(f"{path}:{n}: not a JSON line; fix or remove it to resume") from None
-        if record["step"] <= step:
-            kept.append(line)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
-
-
-def _on_main(accelerator, check) -> object:
-    """Run ``check`` on the main process only; a user error there is raised on every rank (none waits alone
-    in a collective), and its result is returned on every rank."""
-    result = error = None
-    if accelerator.is_main_process:
-        try:
-            result = check()
-        except USER_ERRORS as e:
-            error = e
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        result, error = broadcast_object_list([result, error])
-    if error is not None:
-        raise error
-    return result
-
-
-@contextmanager
-def _launch_lock(accelerator, out: Path, stage: str):
-    """One launch per output folder: its main process holds the lock for all of its ranks and machines (they
-    share the folder), so only another launch is refused."""
-    world = accelerator.num_processes
-    lock = FolderLock(out, f"vitpipe {stage}" + (f" ({world} processes)" if world > 1 else ""))
-
-    def take() -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-
-    _on_main(accelerator, take)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @dataclass
@@ -316,7 +77,7 @@ class Run:
     """What the steps of one run share: made by ``set_up``, then read (and ``pos`` advanced) by the others."""
 
     cfg: Config
-    accelerator: object
+    accelerator: Accelerator
     stage: str
     info: ModelInfo
     task: torch.nn.Module  # model + objective as ``accelerator.prepare`` returned them
@@ -400,19 +161,19 @@ def run_steps(run: Run) -> Path:
         return finish(run)
 
 
-# ---- setting up ---------------------------------------------------------------------------------------------
+# ---- setting up -----------------------------------------------------------------------------------------------------
 
-def set_up(accelerator, cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo,
+def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo,
            stage: str, shards: ShardSet) -> Run:
     """Everything before the first step: resume checks, loaders, evaluation sets, optimizer, restored state,
     the run's config.json and rewound metrics."""
     resume_from = find_resume(cfg)
     if resume_from is not None and (note := _on_main(accelerator, lambda: check_resume(resume_from, cfg, stage))):
         accelerator.print(f"note: {note}")
-    norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
-    transform = TrainTransform(model.cfg.image_size, *norm, (cfg.data.crop_scale_min, 1.0)) if cfg.data.augment \
-        else EvalTransform(model.cfg.image_size, *norm)
     d = cfg.data
+    norm = (tuple(d.mean), tuple(d.std))
+    transform = TrainTransform(model.cfg.image_size, *norm, (d.crop_scale_min, 1.0)) if d.augment \
+        else EvalTransform(model.cfg.image_size, *norm)
     batches = partial(train_loader, shards, transform, per_rank_batch(cfg, accelerator.num_processes),
                       rank=accelerator.process_index, world_size=accelerator.num_processes, workers=d.workers,
                       seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
@@ -465,7 +226,7 @@ def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
     write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
 
 
-# ---- one optimizer step -------------------------------------------------------------------------------------
+# ---- one optimizer step ---------------------------------------------------------------------------------------------
 
 def micro_batches(run: Run) -> Iterator[tuple[dict, tuple[int, int]]]:
     """Micro-batches from where the run is, forever: each with the (epoch, batch) that comes after it."""
@@ -478,7 +239,7 @@ def micro_batches(run: Run) -> Iterator[tuple[dict, tuple[int, int]]]:
         epoch, skip = epoch + 1, 0
 
 
-def optimizer_step(run: Run, stream: Iterator, window: Window):
+def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor | float | None:
     """``train.grad_accum`` micro-batches, one optimizer update; stops the run on a non-finite loss.
     Returns the gradient norm (None when not clipping)."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -525,7 +286,7 @@ def micro_step(run: Run, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([loss.detach().float(), *(extra[m].float() for m in run.metrics[1:])]), grad_norm
 
 
-# ---- logging, evaluating, checkpointing, finishing ----------------------------------------------------------
+# ---- logging, evaluating, checkpointing, finishing ------------------------------------------------------------------
 
 def log_window(run: Run, window: Window, grad_norm, bar) -> None:
     """One metrics line (jsonl + TensorBoard) averaging the steps since the last, then a fresh window."""
@@ -570,31 +331,6 @@ def _append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def finish(run: Run) -> Path:
-    """``final/``: a copy of the last checkpoint's model folder, renamed into place when complete."""
-    final = run.out / "final"
-    if run.accelerator.is_main_process:
-        tmp = fresh_tmp_dir(final)
-        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
-        replace_dir(tmp, final)
-    run.accelerator.wait_for_everyone()
-    return final
-
-
-@contextmanager
-def _writing(folder: Path):
-    """torch's and safetensors' writers report a full (or failing) disk as RuntimeError or SafetensorError,
-    not OSError: one line naming the folder instead."""
-    try:
-        yield
-    except (RuntimeError, SafetensorError) as e:
-        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "I/O error")):
-            raise
-        free = shutil.disk_usage(folder).free / 2**20
-        raise TrainingError(f"{folder}: writing the checkpoint failed ({free:.1f} MiB free on that disk; "
-                            f"{str(e).splitlines()[0]})") from None
-
-
 def save_training_checkpoint(run: Run) -> Path:
     """Full state (for resume) + a model folder, written to ``step_N.tmp`` and renamed when complete."""
     accelerator, pos, cfg = run.accelerator, run.pos, run.cfg
@@ -627,3 +363,285 @@ def save_training_checkpoint(run: Run) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _writing(folder: Path):
+    """torch's and safetensors' writers report a full (or failing) disk as RuntimeError or SafetensorError,
+    not OSError: one line naming the folder instead."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "I/O error")):
+            raise
+        free = shutil.disk_usage(folder).free / 2**20
+        raise TrainingError(f"{folder}: writing the checkpoint failed ({free:.1f} MiB free on that disk; "
+                            f"{str(e).splitlines()[0]})") from None
+
+
+def finish(run: Run) -> Path:
+    """``final/``: a copy of the last checkpoint's model folder, renamed into place when complete."""
+    final = run.out / "final"
+    if run.accelerator.is_main_process:
+        tmp = fresh_tmp_dir(final)
+        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+        replace_dir(tmp, final)
+    run.accelerator.wait_for_everyone()
+    return final
+
+
+# ---- schedule and optimizer -----------------------------------------------------------------------------------------
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 over ``warmup`` steps, then linear or cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def layer_id(name: str, depth: int) -> int:
+    """MAE's (and BEiT's) layer of a ViT parameter: 0 for the patch and position embeddings and the
+    class token, 1..depth for the blocks, depth + 1 for what follows them (norm, fc_norm, head)."""
+    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: not on biases, norms, embeddings or tokens.
+
+    Each group has an ``lr_scale`` (the loop multiplies the scheduled lr by it): 1, or with
+    ``layer_decay`` (MAE's layer-wise lr decay) ``layer_decay ** (depth + 1 - layer_id)`` for the
+    ViT inside ``module``, one group per layer and decay; parameters outside the ViT (an
+    objective's) count as its top layer. The top layer (scale 1) comes first.
+    """
+    prefix, depth = "", 0
+    if layer_decay is not None:
+        found = next(((n, m) for n, m in module.named_modules() if isinstance(m, VisionTransformer)), None)
+        if found is None:
+            raise ConfigError("optim.layer_decay: the trained module holds no VisionTransformer")
+        prefix, depth = (found[0] + "." if found[0] else ""), len(found[1].blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        layer = layer_id(name[len(prefix):], depth) if layer_decay is not None and name.startswith(prefix) \
+            else depth + 1
+        scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - layer)
+        groups.setdefault((layer, flat), {"params": [], "weight_decay": 0.0 if flat else weight_decay,
+                                          "lr_scale": scale})["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
+
+
+def build_optimizer(cfg: Config, module: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(module, o.weight_decay, o.layer_decay)
+    for g in groups:
+        g["lr"] = o.lr * g["lr_scale"]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+# ---- throughput -----------------------------------------------------------------------------------------------------
+
+def train_flops_per_image(model: VisionTransformer) -> float:
+    """Forward + backward (3x forward) FLOPs of the encoder for one image: matmuls and attention."""
+    c = model.cfg
+    n, d = c.num_patches + 1, c.embed_dim
+    per_layer = 2 * n * (4 * d * d + 2 * d * c.mlp_dim) + 4 * n * n * d
+    embed = 2 * c.num_patches * d * c.in_chans * c.patch_size**2
+    return 3.0 * (c.depth * per_layer + embed)
+
+
+def measure_peak_flops(device: torch.device, n: int = 2048) -> float:
+    """Best of three timings of an fp32 n x n matmul: the denominator of MFU on this device."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# ---- checkpoints on disk --------------------------------------------------------------------------------------------
+
+def find_resume(cfg: Config) -> Path | None:
+    r = cfg.train.resume
+    if r == "none":
+        return None
+    if r != "auto":
+        path = Path(r)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        return path
+    return latest_checkpoint(cfg.train.output_dir)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """Checkpoint folders that were renamed into place, oldest first (``step_N.tmp`` ones were not)."""
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: one still named ``.tmp`` was interrupted mid-write."""
+    done = [p for p in step_folders(Path(output_dir) / CHECKPOINTS) if (p / TRAINER_STATE).is_file()]
+    return done[-1] if done else None
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metric lines the killed run logged past its checkpoint (a torn last line too:
+    it was being written when the run died, so it is past the checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise TrainingError(f"{path}:{n}: not a JSON line; fix or remove it to resume") from None
+        if record["step"] <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+# ---- accelerate and the processes of a launch -----------------------------------------------------------------------
+
+def _accelerator(cfg: Config, per_rank_batch_of, hidden: int):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cuda = torch.cuda.is_available()
+    # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
+        project_dir=cfg.train.output_dir, kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch_of(accelerator.num_processes)
+        plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        # what accelerate derives from a transformers model's config.hidden_size, from ours
+        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden),
+                           ("reduce_bucket_size", hidden * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    return accelerator
+
+
+def per_rank_batch(cfg: Config, world: int) -> int:
+    g, a = cfg.data.batch_size, cfg.train.grad_accum
+    if g % (world * a):
+        raise ConfigError(f"data.batch_size: global batch {g} is not divisible by {world} processes x "
+                          f"{a} accumulation steps")
+    return g // (world * a)
+
+
+def _on_main(accelerator, check) -> object:
+    """Run ``check`` on the main process only; a user error there is raised on every rank (none waits alone
+    in a collective), and its result is returned on every rank."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = check()
+        except USER_ERRORS as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise error
+    return result
+
+
+@contextmanager
+def _launch_lock(accelerator, out: Path, stage: str):
+    """One launch per output folder: its main process holds the lock for all of its ranks and machines (they
+    share the folder), so only another launch is refused."""
+    world = accelerator.num_processes
+    lock = FolderLock(out, f"vitpipe {stage}" + (f" ({world} processes)" if world > 1 else ""))
+
+    def take() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+
+    _on_main(accelerator, take)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
+    """The objective's loss and metrics on held-out shards, every sample once across ranks.
+
+    Runs the unwrapped module, so ranks with different batch counts never meet in a collective
+    until the single reduction at the end.
+    """
+    task.eval()
+    names = task.objective.metrics
+    totals = torch.zeros(2 + len(names), dtype=torch.float64)
+    loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=workers)
+    for i, batch in enumerate(loader):
+        n = len(batch["labels"])
+        if not n:
+            continue
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
+        gen = torch.Generator(device=accelerator.device)
+        gen.manual_seed(seed_for(seed, "val", accelerator.process_index, i))
+        with accelerator.autocast():
+            loss, extra = task(batch, gen)
+        totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
+    task.train()
+    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    means = (totals[1:] / totals[0]).tolist()
+    return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
+
+
+@torch.no_grad()
+def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
+            batch_size: int, workers: int) -> dict:
+    """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    sets = {}
+    for name, shards in (("queries", queries), ("bank", bank)):
+        if shards is not None:
+            mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
+                                   accelerator.num_processes, workers, accelerator.device)
+            parts = gather_object([mine])
+            sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
+    model.train()
+    classes = len(queries.classes)
+    if "bank" in sets:
+        return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}
+    return {"knn_top1": knn_top1(sets["queries"], None, classes), "knn_queries": len(sets["queries"][1])}
