@@ -31,7 +31,7 @@ def atomic_path(path: str | os.PathLike):
     used: safetensors, for one, creates its files 0600, which teammates on a shared disk cannot read.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_beside(path)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -44,10 +44,15 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+def tmp_beside(path: str | os.PathLike) -> Path:
+    """``PATH.tmp``: where a write goes before its rename, never taken for ``path`` by a reader."""
+    return Path(path).with_name(Path(path).name + ".tmp")
+
+
 def fresh_tmp_dir(path: str | os.PathLike) -> Path:
-    """An empty ``PATH.tmp`` folder beside ``path`` (a killed writer's leftovers removed), to fill and then
-    :func:`replace_dir`; until then no reader mistakes it for ``path``."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    """An empty :func:`tmp_beside` folder (a killed writer's leftovers removed), to fill and then
+    :func:`replace_dir`."""
+    tmp = tmp_beside(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

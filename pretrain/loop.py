@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from common.errors import USER_ERRORS, VitpipeError
-from common.io import atomic_path, fresh_tmp_dir, replace_dir, write_json
+from common.io import atomic_path, fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from common.lock import FolderLock
 from common.seeding import seed_for
 from data_tools.loader import ShardSet, eval_loader, resolve_shards, train_loader
@@ -336,7 +336,7 @@ def save_training_checkpoint(run: Run) -> Path:
     accelerator, pos, cfg = run.accelerator, run.pos, run.cfg
     root = run.out / CHECKPOINTS
     final = root / f"step_{pos.step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = tmp_beside(final)
     if accelerator.is_main_process:
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
