@@ -4,8 +4,8 @@ One ``Config`` serves both stages: fine-tuning only adds ``init`` and a few mode
 
 The type check is our own, not OmegaConf's or pydantic's: both convert silently where we refuse
 (``data.augment=1`` becomes true, ``train.seed="7"`` 7), OmegaConf resolves ``${...}`` inside any
-string (a ``pipe:`` shard command's shell variables), and neither says in one line which key wanted
-which type; translating their errors back took as much code as checking.
+string (a ``pipe:`` shard command's shell variables), and their multi-line messages would have to be
+translated back into ``key: expected TYPE, got VALUE``, which needs the same walk over the types.
 """
 
 from __future__ import annotations
