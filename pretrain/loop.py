@@ -128,7 +128,7 @@ class Window:
 def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo, stage: str,
           shards: ShardSet) -> Path:
     """Run (or resume) the configured training on ``shards``; returns the final model folder."""
-    accelerator = _accelerator(cfg, lambda world: per_rank_batch(cfg, world), model.cfg.embed_dim)
+    accelerator = _accelerator(cfg, model.cfg.embed_dim)
     try:
         with _launch_lock(accelerator, Path(cfg.train.output_dir), stage):
             run = set_up(accelerator, cfg, model, objective, info, stage, shards)
@@ -523,7 +523,7 @@ def _rewind_metrics(path: Path, step: int) -> None:
 
 # ---- accelerate and the processes of a launch -----------------------------------------------------------------------
 
-def _accelerator(cfg: Config, per_rank_batch_of, hidden: int):
+def _accelerator(cfg: Config, hidden: int) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -540,7 +540,7 @@ def _accelerator(cfg: Config, per_rank_batch_of, hidden: int):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch_of(accelerator.num_processes)
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch(cfg, accelerator.num_processes)
         plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
         zero = plugin.deepspeed_config.get("zero_optimization", {})
         # what accelerate derives from a transformers model's config.hidden_size, from ours
