@@ -18,7 +18,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from common.errors import VitpipeError
-from common.images import INCEPTION_MEAN, INCEPTION_STD
 from vit import convert
 from vit.card import model_card, public
 from vit.model import VisionTransformer, ViTConfig
@@ -28,6 +27,8 @@ FORMAT = "vitpipe"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 class CheckpointError(VitpipeError, ValueError):

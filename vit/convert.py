@@ -11,7 +11,6 @@ import re
 
 import torch
 
-from common.images import INCEPTION_MEAN, INCEPTION_STD
 from vit.model import SIZES, ViTConfig
 
 TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
@@ -119,7 +118,7 @@ def from_timm(meta: dict, state: dict):
     img = args.get("img_size") or pretrained.get("input_size", [3, 224, 224])[1:]
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     cfg = ViTConfig(
-        image_size=img,
+        image_size=img if isinstance(img, int) else tuple(img),
         patch_size=int(args["patch_size"]),
         in_chans=int(args.get("in_chans") or pretrained.get("input_size", [3])[0]),
         embed_dim=int(args["embed_dim"]),
@@ -132,8 +131,8 @@ def from_timm(meta: dict, state: dict):
     )
     state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
     labels = meta.get("label_names")
-    mean = tuple(pretrained.get("mean", INCEPTION_MEAN))
-    std = tuple(pretrained.get("std", INCEPTION_STD))
+    mean = tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
     return cfg, state, labels, mean, std
 
 
@@ -233,7 +232,7 @@ def from_transformers(meta: dict, state: dict, processor: dict | None = None):
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
     image_size = meta.get("image_size", 224)
     cfg = ViTConfig(
-        image_size=image_size,
+        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
         patch_size=int(meta.get("patch_size", 16)),
         in_chans=int(meta.get("num_channels", 3)),
         embed_dim=int(meta["hidden_size"]),
@@ -247,8 +246,8 @@ def from_transformers(meta: dict, state: dict, processor: dict | None = None):
     id2label = meta.get("id2label") or {}
     labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)] if id2label and num_classes else None
     processor = processor or {}
-    mean = tuple(processor.get("image_mean", INCEPTION_MEAN))
-    std = tuple(processor.get("image_std", INCEPTION_STD))
+    mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
     return cfg, reverse, labels, mean, std
 
 
