@@ -77,6 +77,7 @@ def config(args, shards: str, out: str, checkpointing: bool, objective: str = "m
 
 
 def run_ours(args, shards: str, checkpointing: bool, objective: str = "mpp") -> dict:
+    from data_tools.loader import resolve_shards
     from pretrain.objectives import build_objective
     from pretrain.run import build_model
 
@@ -86,7 +87,8 @@ def run_ours(args, shards: str, checkpointing: bool, objective: str = "mpp") -> 
         from pretrain.loop import train
 
         with PeakRSS(args.device) as mem:
-            train(cfg, model, build_objective(cfg, model), __import__("vit").ModelInfo(), "bench")
+            train(cfg, model, build_objective(cfg, model), __import__("vit").ModelInfo(), "bench",
+                  resolve_shards(cfg.data.train, cfg.data.num_samples))
         records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     timed = records[1:]  # the first window holds the warm-up steps
     return {"images_per_s": sum(r["images_per_s"] for r in timed) / len(timed), "mfu": timed[-1]["mfu"],

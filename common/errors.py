@@ -7,6 +7,9 @@ builtin base it always had (``ValueError``, ``RuntimeError``), so code that caug
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class VitpipeError(Exception):
     """Bad input, or a state the user has to fix; the message is one line naming the file, key or folder."""
@@ -26,3 +29,13 @@ def user_message(e: Exception) -> str:
         # torch re-raises an error from a DataLoader worker with the worker's traceback as its message
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def exit_status(prog: str, work: Callable[[], int | None]) -> int:
+    """Run an entry point's ``work`` and return its exit status (0 unless it returns another): a user error
+    becomes one line ``PROG: error: MESSAGE`` on stderr and status 2; anything else keeps its traceback."""
+    try:
+        return work() or 0
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
+        return 2

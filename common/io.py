@@ -1,9 +1,10 @@
-"""Atomic file writes shared by every stage: a killed process leaves the last good file."""
+"""Atomic writes shared by every stage: a killed process leaves the last good file (or folder), never half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def atomic_path(path: str | os.PathLike):
     used: safetensors, for one, creates its files 0600, which teammates on a shared disk cannot read.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_beside(path)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -41,6 +42,32 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def tmp_beside(path: str | os.PathLike) -> Path:
+    """``PATH.tmp``: where a write goes before its rename, never taken for ``path`` by a reader."""
+    return Path(path).with_name(Path(path).name + ".tmp")
+
+
+def fresh_tmp_dir(path: str | os.PathLike) -> Path:
+    """An empty :func:`tmp_beside` folder (a killed writer's leftovers removed), to fill and then
+    :func:`replace_dir`."""
+    tmp = tmp_beside(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync every file and folder under ``tmp``, then rename it to ``path`` (replacing a folder there)."""
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -11,7 +11,6 @@ Do not hand these loaders to ``accelerator.prepare``: they split by rank themsel
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from common.errors import VitpipeError
+from common.seeding import seed_for
 from data_tools import store
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
@@ -44,10 +44,6 @@ class ShardSet:
     num_samples: int
     classes: list[str] | None = None
     counts: dict[str, int] | None = None  # url -> samples index.json lists: what a damaged shard lost
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 def _is_folder_url(spec) -> bool:
@@ -260,7 +256,7 @@ class ShardStream(IterableDataset):
         batch, reported = [], handler.count
         failing: Counter = Counter()  # shard -> samples that did not decode since the last one that did
         for i, sample in samples:
-            rng = random.Random(_seed("augment", self.seed, self.epoch, self.rank, logical, i))
+            rng = random.Random(seed_for("augment", self.seed, self.epoch, self.rank, logical, i))
             try:
                 img, label = _open(sample)
                 batch.append((self.transform(img, rng), label))
@@ -298,7 +294,7 @@ class ShardStream(IterableDataset):
             def passes():
                 for n in itertools.count():
                     order = list(urls)
-                    random.Random(_seed("resample", self.seed, self.epoch, self.rank, logical, n)).shuffle(order)
+                    random.Random(seed_for("resample", self.seed, self.epoch, self.rank, logical, n)).shuffle(order)
                     count = 0
                     for sample in read_samples(order, handler, self.shards.counts):
                         count += 1
@@ -308,13 +304,13 @@ class ShardStream(IterableDataset):
                                           f"({', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})")
 
             yield from shuffled(passes(), self.shuffle_buffer,
-                                random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical)))
+                                random.Random(seed_for("shuffle", self.seed, self.epoch, self.rank, logical)))
             return
         order = list(urls)
-        random.Random(_seed("shards", self.seed, self.epoch)).shuffle(order)  # the same on every rank
+        random.Random(seed_for("shards", self.seed, self.epoch)).shuffle(order)  # the same on every rank
         mine = order[self.rank::self.world_size][logical::self.workers]
         for n in itertools.count():
-            rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, logical, n))
+            rng = random.Random(seed_for("shuffle", self.seed, self.epoch, self.rank, logical, n))
             count = 0
             for sample in shuffled(read_samples(mine, handler, self.shards.counts), self.shuffle_buffer, rng):
                 count += 1

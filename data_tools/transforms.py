@@ -10,13 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.images import INCEPTION_MEAN, INCEPTION_STD, image_pair
 from data_tools.images import to_rgb
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
@@ -72,14 +69,14 @@ class TrainTransform:
     """Random-resized crop + horizontal flip + normalise: the paper's (Inception) augmentation."""
 
     size: tuple[int, int] | int
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = INCEPTION_MEAN
+    std: tuple[float, ...] = INCEPTION_STD
     scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     interpolation: str = "bicubic"
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        h, w = _pair(self.size)
+        h, w = image_pair(self.size)
         left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng, self.scale, (3 / 4 * w / h, 4 / 3 * w / h))
         img, box = decode_region(img, (left, top, left + cw, top + ch), (w, h))
         img = img.resize((w, h), RESAMPLE[self.interpolation], box=box)
@@ -93,13 +90,13 @@ class EvalTransform:
     """Resize the shorter side to size / crop_pct, centre crop, normalise."""
 
     size: tuple[int, int] | int
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = INCEPTION_MEAN
+    std: tuple[float, ...] = INCEPTION_STD
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        h, w = _pair(self.size)
+        h, w = image_pair(self.size)
         scale = max(h / img.height, w / img.width) / self.crop_pct
         # resize the shorter side and centre-crop in one resampling: the crop in source pixels
         cw, ch = min(img.width, w / scale), min(img.height, h / scale)

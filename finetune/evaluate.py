@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.io import write_json
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer
-from common.io import write_json
 
 
 def _dist():

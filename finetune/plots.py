@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vit import ModelInfo, VisionTransformer
+from common.images import unnormalize
 from common.io import atomic_path
+from vit import ModelInfo, VisionTransformer
 
 
 def position_similarity(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -233,9 +234,7 @@ def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8)
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     batch = next(iter(train_loader(resolve_shards(shards), transform, n, shuffle_buffer=2000)))
     x = batch["pixel_values"]
-    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
-    std = torch.tensor(info.std).view(1, 3, 1, 1)
-    raw = ((x * std + mean).clamp(0, 1) * 255).permute(0, 2, 3, 1).byte().numpy()
+    raw = (unnormalize(x, info.mean, info.std).clamp(0, 1) * 255).permute(0, 2, 3, 1).byte().numpy()
     return x, list(raw)
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from vit import VisionTransformer, resample_abs_pos_embed
+from vit import VisionTransformer
 
 
 def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size: tuple[int, int] | None = None,
@@ -20,17 +18,11 @@ def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size:
         raise ValueError(f"model.num_classes: need at least one class, got {num_classes}")
     if head not in ("linear", "pretrain"):
         raise ValueError(f"model.head: fine-tuning needs a classifier head (linear or pretrain), got {head!r}")
-    cfg = model.cfg
-    if image_size is not None and tuple(image_size) != cfg.image_size:
-        h, w = image_size
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"model.image_size: {h}x{w} is not divisible by the checkpoint's patch size "
-                             f"{cfg.patch_size}")
-        old_grid = cfg.grid_size
-        cfg.image_size = (h, w)
-        with torch.no_grad():
-            new = resample_abs_pos_embed(model.pos_embed.data, cfg.grid_size, old_grid, 1, interpolation)
-        model.pos_embed = torch.nn.Parameter(new)
+    if image_size is not None:
+        (h, w), p = image_size, model.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"model.image_size: {h}x{w} is not divisible by the checkpoint's patch size {p}")
+        model.set_image_size((h, w), interpolation)
     if global_pool is not None:
         model.set_global_pool(global_pool)
     model.reset_head(num_classes=num_classes, head=head)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from common.errors import USER_ERRORS, user_message
+from common.errors import exit_status
+from common.images import image_pair
 from data_tools.loader import resolve_shards
 from finetune.prepare import prepare_for_finetune
 from pretrain.config import (
@@ -26,9 +26,9 @@ from pretrain.config import (
     TrainConfig,
     load_config,
 )
+from pretrain.config_help import stage_parser
 from pretrain.loop import train
 from pretrain.objectives import build_objective
-from pretrain.run import stage_parser
 from vit import ModelInfo, load_model, save_checkpoint
 
 
@@ -59,8 +59,7 @@ def finetune(cfg: Config) -> Path:
     num_classes = cfg.model.num_classes or (len(shards.classes) if shards.classes else None)
     if not num_classes:
         raise ConfigError("model.num_classes: not set and the training shards' index lists no classes")
-    size = cfg.model.image_size
-    size = None if size is None else (tuple(size) if isinstance(size, list) else (size, size))
+    size = None if cfg.model.image_size is None else image_pair(cfg.model.image_size)
     try:
         prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation, cfg.model.head,
                              cfg.model.global_pool)
@@ -85,10 +84,8 @@ def parser(prog: str = "finetune") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
-    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
-        print(f"finetune: error: {user_message(e)}", file=sys.stderr)
-        return 2
-    print(f"final model: {final}")
-    return 0
+
+    def run() -> None:
+        print(f"final model: {finetune(load_config(args.config, args.overrides, base=finetune_defaults()))}")
+
+    return exit_status("finetune", run)

@@ -1,6 +1,11 @@
 """Typed run configs: YAML files plus ``key=value`` overrides; unknown keys and wrong types are errors.
 
 One ``Config`` serves both stages: fine-tuning only adds ``init`` and a few model keys.
+
+The type check is our own, not OmegaConf's or pydantic's: both convert silently where we refuse
+(``data.augment=1`` becomes true, ``train.seed="7"`` 7), OmegaConf resolves ``${...}`` inside any
+string (a ``pipe:`` shard command's shell variables), and their multi-line messages would have to be
+translated back into ``key: expected TYPE, got VALUE``, which needs the same walk over the types.
 """
 
 from __future__ import annotations
@@ -274,8 +279,8 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
-    sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size]
-    if m.image_size is not None and (len(sizes) not in (1, 2) or min(sizes) < 1):
+    sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size, m.image_size]
+    if m.image_size is not None and (len(sizes) != 2 or min(sizes) < 1):
         raise ConfigError(f"model.image_size: must be N or [H, W] with sizes >= 1, got {m.image_size}")
     within = {"data.crop_scale_min": (d.crop_scale_min, "(0, 1]", lambda v: 0 < v <= 1),
               "schedule.min_lr_ratio": (s.min_lr_ratio, "[0, 1]", lambda v: 0 <= v <= 1),

@@ -1,4 +1,4 @@
-"""The config keys, their types and a stage's defaults, as help text: read from the typed config itself.
+"""A stage's command line, and its help: the config keys, their types and defaults, read from the typed config.
 
 ``--help`` of ``vitpipe pretrain`` / ``finetune`` (and ``python -m pretrain`` / ``-m finetune``) ends
 with this list, so it never goes stale: a new key, objective or default shows up by itself. The
@@ -7,6 +7,7 @@ words after a key's type are the comment beside its field in the dataclass sourc
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import io
@@ -81,3 +82,13 @@ def config_help(defaults: Config) -> str:
         options = defaults.objective if defaults.objective.name == name else objective.Options()
         out += [f"  {name}:", *(_lines(options, "objective.", "    ", skip=("name",)) or ["    (no other keys)"])]
     return "\n".join(out)
+
+
+def stage_parser(prog: str, doc: str, defaults: Config) -> argparse.ArgumentParser:
+    """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=config_help(defaults),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys listed below, e.g. train.max_steps=100 data.batch_size=64")
+    return p

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from common.io import write_json
 from pretrain.config import Config, ConfigError
 from vit.checkpoint import CheckpointError
-from common.io import write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"

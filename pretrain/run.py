@@ -10,12 +10,12 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 
-from common.errors import USER_ERRORS, user_message
+from common.errors import exit_status
+from common.images import INCEPTION_MEAN, INCEPTION_STD
 from data_tools.loader import resolve_shards
 from pretrain.config import Config, ConfigError, load_config
-from pretrain.config_help import config_help
+from pretrain.config_help import stage_parser
 from pretrain.loop import train
 from pretrain.objectives import OBJECTIVES, build_objective
 from vit import ModelInfo, create_model
@@ -30,18 +30,18 @@ def build_model(cfg: Config, classes: list[str] | None):
     if uses_labels and not num_classes:
         raise ConfigError(f"model.num_classes: the training shards have no classes; set it (or use a "
                           f"self-supervised objective.name: {', '.join(n for n, o in OBJECTIVES.items() if not o.uses_labels)})")
-    size = tuple(m.image_size) if isinstance(m.image_size, list) else m.image_size
     try:
-        return create_model(m.name, image_size=size, num_classes=num_classes, head=m.head if num_classes else "none",
-                            global_pool=m.global_pool, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                            mlp_dim=m.mlp_dim, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+        return create_model(m.name, image_size=m.image_size, num_classes=num_classes,
+                            head=m.head if num_classes else "none", global_pool=m.global_pool, embed_dim=m.embed_dim,
+                            depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, drop_rate=m.drop_rate,
+                            drop_path_rate=m.drop_path_rate)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
 
 def pretrain(cfg: Config):
-    cfg.data.mean = cfg.data.mean or [0.5, 0.5, 0.5]
-    cfg.data.std = cfg.data.std or [0.5, 0.5, 0.5]
+    cfg.data.mean = cfg.data.mean or list(INCEPTION_MEAN)
+    cfg.data.std = cfg.data.std or list(INCEPTION_STD)
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
     import torch
 
@@ -54,26 +54,14 @@ def pretrain(cfg: Config):
     return train(cfg, model, build_objective(cfg, model), info, "pretrain", shards)
 
 
-def stage_parser(prog: str, doc: str, defaults: Config) -> argparse.ArgumentParser:
-    """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=config_help(defaults),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config keys listed below, e.g. train.max_steps=100 data.batch_size=64")
-    return p
-
-
 def parser(prog: str = "pretrain") -> argparse.ArgumentParser:
     return stage_parser(prog, __doc__, Config())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        final = pretrain(load_config(args.config, args.overrides))
-    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
-        print(f"pretrain: error: {user_message(e)}", file=sys.stderr)
-        return 2
-    print(f"final model: {final}")
-    return 0
+
+    def run() -> None:
+        print(f"final model: {pretrain(load_config(args.config, args.overrides))}")
+
+    return exit_status("pretrain", run)

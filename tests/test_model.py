@@ -44,6 +44,36 @@ def test_bad_sizes_fail_clearly():
         m(torch.randn(1, 3, 48, 48))
 
 
+@pytest.mark.parametrize("old,new,mode", [((32, 32), (48, 64), "bicubic"), ((48, 32), (24, 40), "bicubic"),
+                                          ((32, 32), (64, 40), "bilinear")])
+def test_set_image_size_resamples_like_timm(old, new, mode):
+    timm = pytest.importorskip("timm")
+    ours = randomize(create_model("vit_ti8", image_size=old, depth=2, num_classes=5))
+    before = ours.pos_embed.detach().clone()
+    ours.set_image_size(list(new), mode)
+    assert ours.cfg.image_size == new and ours.cfg.grid_size == (new[0] // 8, new[1] // 8)
+    theirs = timm.layers.resample_abs_pos_embed(before, list(ours.cfg.grid_size), [old[0] // 8, old[1] // 8],
+                                                num_prefix_tokens=1, interpolation=mode, antialias=True)
+    torch.testing.assert_close(ours.pos_embed.detach(), theirs, rtol=0, atol=1e-5)
+    assert ours.pos_embed.requires_grad and dict(ours.named_parameters())["pos_embed"] is ours.pos_embed
+    assert ours(torch.randn(2, 3, *new)).shape == (2, 5)
+
+
+def test_set_image_size_equals_timms_model_at_the_new_size():
+    timm = pytest.importorskip("timm")
+    ours = randomize(create_model("vit_ti8", image_size=32, depth=2, num_classes=5))
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8, img_size=32, depth=2,
+                               num_classes=5).eval()
+    theirs.load_state_dict(ours.state_dict())
+    ours.set_image_size((40, 56))
+    theirs.set_input_size(img_size=(40, 56))
+    x = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="image size 40x50 is not divisible by the patch size 8"):
+        ours.set_image_size((40, 50))
+    assert ours.cfg.image_size == (40, 56)
+
+
 def test_init_follows_the_paper():
     m = create_model("vit_s16", num_classes=10)
     assert torch.count_nonzero(m.cls_token) == 0

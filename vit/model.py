@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.images import image_pair
+from vit.pos_embed import resample_abs_pos_embed
+
 # width, depth, heads, mlp width: Table 1 of the paper, plus DeiT's Ti and S
 SIZES = {
     "ti": (192, 12, 3, 768),
@@ -25,13 +28,6 @@ SIZES = {
 }
 HEADS = ("linear", "pretrain", "none")
 POOLS = ("token", "avg")
-
-
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 @dataclass
@@ -56,7 +52,7 @@ class ViTConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
-        self.image_size = _pair(self.image_size)
+        self.image_size = image_pair(self.image_size)
         self.validate()
 
     def validate(self) -> None:
@@ -265,6 +261,21 @@ class VisionTransformer(nn.Module):
         if pool != self.cfg.global_pool:
             self.norm, self.fc_norm = self.fc_norm, self.norm
             self.cfg.global_pool = pool
+
+    def set_image_size(self, image_size, interpolation: str = "bicubic") -> None:
+        """Move to another input resolution with the same patches (paper §3.2): the patch grid follows, and
+        the position embeddings are 2D-interpolated from the old grid to the new one (the class token's kept)."""
+        h, w = image_pair(image_size)
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+        if (h, w) == self.cfg.image_size:
+            return
+        old_grid = self.cfg.grid_size
+        self.cfg.image_size = (h, w)
+        with torch.no_grad():
+            resampled = resample_abs_pos_embed(self.pos_embed, self.cfg.grid_size, old_grid, 1, interpolation)
+        self.pos_embed = nn.Parameter(resampled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

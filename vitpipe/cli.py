@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.errors import USER_ERRORS, VitpipeError, user_message
+from common.errors import VitpipeError, exit_status
 
 
 def _init(args) -> None:
@@ -410,8 +410,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except USER_ERRORS as e:  # bad input, disk full, permission denied: one line; a bug keeps its traceback
-        print(f"vitpipe {args.verb}: error: {user_message(e)}", file=sys.stderr)
-        return 2
+    return exit_status(f"vitpipe {args.verb}", lambda: args.run(args))

@@ -8,6 +8,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from common.images import unnormalize
+
 
 @dataclass
 class ObjectiveOptions:
@@ -35,9 +37,7 @@ class Normalization:
     std: tuple[float, ...]
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return x * s + m
+        return unnormalize(x, self.mean, self.std)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
