@@ -13,6 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
+from common.devices import is_main_process
 from common.errors import exit_status
 from common.images import image_pair
 from data_tools.loader import resolve_shards
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        print(f"final model: {finetune(load_config(args.config, args.overrides, base=finetune_defaults()))}")
+        final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
+        if is_main_process():  # once per launch
+            print(f"final model: {final}")
 
     return exit_status("finetune", run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from common.devices import is_main_process
 from common.errors import exit_status
 from common.images import INCEPTION_MEAN, INCEPTION_STD
 from data_tools.loader import resolve_shards
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        print(f"final model: {pretrain(load_config(args.config, args.overrides))}")
+        final = pretrain(load_config(args.config, args.overrides))
+        if is_main_process():  # once per launch
+            print(f"final model: {final}")
 
     return exit_status("pretrain", run)

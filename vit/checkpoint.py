@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from common.errors import VitpipeError
+from common.images import INCEPTION_MEAN, INCEPTION_STD
 from common.io import atomic_path, write_json
 from vit.model import VisionTransformer, ViTConfig
 
@@ -25,8 +26,6 @@ FORMAT = "vitpipe"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 class CheckpointError(VitpipeError, ValueError):

@@ -127,23 +127,12 @@ def _stage(module: str):
     def run(args) -> int:
         import importlib
 
-        _cpu_for_deepspeed_without_a_gpu()
+        from common.devices import cpu_for_deepspeed_without_a_gpu
+
+        cpu_for_deepspeed_without_a_gpu()
         return importlib.import_module(module).main(["--config", args.config, *args.overrides] if args.config
                                                     else args.overrides)
     return run
-
-
-def _cpu_for_deepspeed_without_a_gpu() -> None:
-    """DeepSpeed (imported with accelerate) looks for a GPU and, finding none, warns in every process that it
-    could not detect one. Where torch sees none (CUDA, XPU, Apple's MPS), tell it the CPU is meant, before its
-    import; a ``DS_ACCELERATOR`` the user set stays."""
-    import os
-
-    import torch
-
-    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    if not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available()):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):

@@ -10,7 +10,8 @@ import math
 import re
 from pathlib import Path
 
-from vit.checkpoint import INCEPTION_MEAN, INCEPTION_STD, ModelInfo
+from common.images import INCEPTION_MEAN, INCEPTION_STD
+from vit.checkpoint import ModelInfo
 from vit.formats.base import Export, exportable_head
 from vit.model import SIZES, ViTConfig
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vit.checkpoint import INCEPTION_MEAN, INCEPTION_STD, ModelInfo
+from common.images import INCEPTION_MEAN, INCEPTION_STD
+from vit.checkpoint import ModelInfo
 from vit.formats.base import Export, exportable_head
 from vit.model import ViTConfig
 
