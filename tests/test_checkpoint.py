@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from vit import CheckpointError, ModelInfo, create_model, load_model, save_checkpoint
 
-from .conftest import randomize
+from .helpers import randomize
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from finetune.plots import attention_rollout, mean_attention_distance, position_similarity
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def test_position_similarity():

@@ -16,7 +16,7 @@ from vit import CheckpointError, ModelInfo, create_model, export_checkpoint, loa
 from vit.card import describe, public, public_text
 from vit.convert import mlp_ratio
 
-from .conftest import ROOT, randomize
+from .helpers import ROOT, randomize
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -19,8 +19,8 @@ from pretrain.loop import build_optimizer, lr_factor, param_groups
 from vit import ModelInfo, create_model, load_model, resample_abs_pos_embed, save_checkpoint
 from vitpipe.cli import main as cli_main
 
-from .conftest import ROOT, randomize
 from .corpus import write_folder
+from .helpers import ROOT, randomize
 
 timm = pytest.importorskip("timm")
 

@@ -26,8 +26,8 @@ from pretrain.objectives import (
 )
 from vit import create_model
 
-from .conftest import randomize
 from .corpus import pattern_images
+from .helpers import randomize
 
 
 def test_patchify_order():

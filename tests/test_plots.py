@@ -14,8 +14,8 @@ from data_tools.verify import inspect
 from finetune import plots
 from vit import ModelInfo, create_model
 
-from .conftest import randomize
 from .corpus import write_patterns
+from .helpers import randomize
 
 
 def _run(folder, stage, objective, rows):

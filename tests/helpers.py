@@ -1,0 +1,53 @@
+"""What the tests share besides fixtures: paths, the stages run in this process or launched, random weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
+TINY_MAE = str(ROOT / "configs" / "pretrain" / "tiny_mae.yaml")
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Random, non-zero weights everywhere (heads and norms included), so parity means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise + 1.0 if "norm" in name and name.endswith(".weight") else noise)
+    return model.eval()
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a launched process: one thread, this checkout on the path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+def launch(cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """A command in its own process, from the checkout's root, its output captured as text."""
+    return subprocess.run(cmd, env=env or launch_env(), capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def pretrain_cmd(*overrides: str, config: str = TINY, launcher: str | None = None) -> list[str]:
+    """``python -m pretrain`` (or under ``accelerate launch --config_file configs/accelerate/LAUNCHER``)."""
+    head = [sys.executable, "-m", "pretrain"] if launcher is None else \
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "configs" / "accelerate" / launcher), "-m", "pretrain"]
+    return [*head, "--config", config, *overrides]
+
+
+def finetune_cmd(*overrides: str, config: str = "tiny.yaml") -> list[str]:
+    return [sys.executable, "-m", "finetune", "--config", str(ROOT / "configs" / "finetune" / config), *overrides]
+
+
+def vitpipe_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vitpipe", *args]
