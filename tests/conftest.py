@@ -1,12 +1,13 @@
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from .helpers import ROOT, launch_env
+from .helpers import ROOT, deepspeed_args, launch, launch_env, pretrain_cmd
 
 MAINS = {"pretrain": "pretrain.run", "finetune": "finetune.run", "vitpipe": "vitpipe.cli"}
 
@@ -36,6 +37,26 @@ def shards(tmp_path_factory):
     write_folder(root / "src", {"a": 32, "b": 32}, size=(40, 56))
     shard(str(root / "src"), root / "shards", ShardOptions(samples_per_shard=16), progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def deepspeed_run(shards, env, tmp_path_factory):
+    """``deepspeed_run(zero, dest)`` copies to ``dest`` a 2-process ZeRO-``zero`` run of 3 steps on ``shards``,
+    checkpointed at step 3, for a test to resume or tamper with. Each stage is launched once per session:
+    DeepSpeed launches are the slowest thing in this suite."""
+    made = {}
+
+    def copy(zero: int, dest):
+        if zero not in made:
+            out = tmp_path_factory.mktemp(f"zero{zero}") / "run"
+            res = launch(pretrain_cmd(*deepspeed_args(shards, out), "train.max_steps=3",
+                                      launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
+            assert res.returncode == 0, res.stderr[-3000:]
+            made[zero] = out
+        shutil.copytree(made[zero], dest)
+        return dest
+
+    return copy
 
 
 @pytest.fixture

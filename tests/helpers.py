@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,23 @@ def launch(cmd: list[str], env: dict[str, str] | None = None, **kw) -> subproces
     return subprocess.run(cmd, env=env or launch_env(), capture_output=True, text=True, cwd=ROOT, **kw)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config: str | Path) -> list[str]:
+    """``accelerate launch`` with a launch config, on a free port: launches running side by side (pytest-xdist,
+    another checkout's tests) would otherwise meet on the config's fixed port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(free_port())]
+
+
 def pretrain_cmd(*overrides: str, config: str = TINY, launcher: str | None = None) -> list[str]:
     """``python -m pretrain`` (or under ``accelerate launch --config_file configs/accelerate/LAUNCHER``)."""
-    head = [sys.executable, "-m", "pretrain"] if launcher is None else \
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "configs" / "accelerate" / launcher), "-m", "pretrain"]
-    return [*head, "--config", config, *overrides]
+    head = [sys.executable] if launcher is None else accelerate_launch(ROOT / "configs" / "accelerate" / launcher)
+    return [*head, "-m", "pretrain", "--config", config, *overrides]
 
 
 def finetune_cmd(*overrides: str, config: str = "tiny.yaml") -> list[str]:
@@ -51,3 +63,8 @@ def finetune_cmd(*overrides: str, config: str = "tiny.yaml") -> list[str]:
 
 def vitpipe_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vitpipe", *args]
+
+
+def deepspeed_args(shards: Path, out: Path) -> list[str]:
+    """The DeepSpeed tests' run: checkpointed at step 3 (see the deepspeed_run fixture)."""
+    return [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3", "data.workers=0"]

@@ -23,7 +23,7 @@ from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
 from .corpus import write_folder
-from .helpers import ROOT, TINY, launch, pretrain_cmd
+from .helpers import ROOT, TINY, deepspeed_args, free_port, launch, pretrain_cmd
 
 
 def wait_for(condition, proc=None):
@@ -268,7 +268,7 @@ num_processes: 2
 num_machines: 2
 machine_rank: 0
 main_process_ip: 127.0.0.1
-main_process_port: 29547
+main_process_port: {port}
 rdzv_backend: static
 same_network: true
 use_cpu: true
@@ -280,7 +280,7 @@ mixed_precision: "no"
 def test_two_machines_of_one_launch_share_the_output_dir(shards, tmp_path, env):
     """Two `accelerate launch --machine_rank K` on one host (one process each): one launch, one folder."""
     config = tmp_path / "two_machines.yaml"
-    config.write_text(MACHINE)
+    config.write_text(MACHINE.format(port=free_port()))
     out = tmp_path / "run"
     procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                                "--machine_rank", str(k), "-m", "pretrain", "--config", TINY, f"data.train={shards}",
@@ -349,14 +349,11 @@ def test_weights_only_loads_refuse_code_and_name_damaged_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env):
+def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env, deepspeed_run):
     """DeepSpeed's own loader unpickles anything: a ZeRO-2 checkpoint whose model states file runs code."""
     pytest.importorskip("deepspeed")
-    out, marker = tmp_path / "zero2", tmp_path / "code-ran"
-    zero2 = pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3",
-                         "data.workers=0", launcher="deepspeed_zero2.yaml")
-    first = launch([*zero2, "train.max_steps=3"], env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    out, marker = deepspeed_run(2, tmp_path / "zero2"), tmp_path / "code-ran"  # 3 steps, checkpointed at step 3
+    zero2 = pretrain_cmd(*deepspeed_args(shards, out), launcher="deepspeed_zero2.yaml")
     ckpt = out / "checkpoints" / "step_00000003"
     states = ckpt / "state" / "pytorch_model" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, states)

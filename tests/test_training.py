@@ -14,7 +14,7 @@ from vit import load_model
 from vit.checkpoint import read_weights
 
 from .corpus import write_patterns
-from .helpers import ROOT, TINY_MAE, finetune_cmd, launch, pretrain_cmd, vitpipe_cmd
+from .helpers import ROOT, TINY_MAE, deepspeed_args, finetune_cmd, launch, pretrain_cmd, vitpipe_cmd
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,11 @@ def metrics(out):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, env):
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, env, run_here):
+    """The run to kill is a process of its own; the uninterrupted run and the resume run here."""
     args = [f"data.train={shards}", "train.max_steps=24", "train.checkpoint_every=8", "train.log_every=2",
             "data.workers=2", "model.drop_path_rate=0.1"]
-    whole = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"), env)
+    whole = run_here(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(pretrain_cmd(*args, f"train.output_dir={out}"), env=env, cwd=ROOT,
@@ -47,7 +48,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, en
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "final").exists()
-    resumed = launch(pretrain_cmd(*args, f"train.output_dir={out}"), env)
+    resumed = run_here(pretrain_cmd(*args, f"train.output_dir={out}"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert metrics(out) == metrics(tmp_path / "whole")
@@ -80,14 +81,11 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env, run_here):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, zero):
+def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, deepspeed_run, zero):
     pytest.importorskip("deepspeed")
-    out = tmp_path / f"zero{zero}"
-    args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3", "data.workers=0"]
-    first = launch(pretrain_cmd(*args, "train.max_steps=3", launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(pretrain_cmd(*args, "train.max_steps=6", launcher=f"deepspeed_zero{zero}.yaml"), env,
-                    timeout=900)
+    out = deepspeed_run(zero, tmp_path / f"zero{zero}")  # 3 steps, checkpointed at step 3
+    second = launch(pretrain_cmd(*deepspeed_args(shards, out), "train.max_steps=6",
+                                 launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     steps = [r["step"] for r in metrics(out)]
