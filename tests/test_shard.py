@@ -20,6 +20,7 @@ from data_tools.verify import class_sorting, inspect, verify
 from vitpipe.cli import main
 
 from .corpus import awkward_images, bad_files, write_files, write_folder
+from .helpers import vitpipe_cmd
 
 
 def read_all(out):
@@ -313,7 +314,7 @@ def test_parts_are_disjoint_and_merge(tmp_path):
     assert sources != sorted(sources)
 
 
-def test_verify_and_inspect(tmp_path, cli_env):
+def test_verify_and_inspect(tmp_path, run_here):
     src = write_folder(tmp_path / "src", {"a": 12, "b": 9})
     out = tmp_path / "out"
     shard(str(src), out, ShardOptions(samples_per_shard=5), progress=False)
@@ -326,7 +327,7 @@ def test_verify_and_inspect(tmp_path, cli_env):
     data[2000] ^= 0xFF
     damaged.write_bytes(bytes(data))
     (out / "shard-000003.tar").unlink()
-    run = subprocess.run(["vitpipe", "verify", str(out)], env=cli_env, capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("verify", str(out)))
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 2
@@ -383,12 +384,10 @@ def test_interop_with_hf_datasets_and_tar(tmp_path):
         assert all(m.mtime == 0 for m in t.getmembers())
 
 
-def test_cli_shard_bad_arguments(tmp_path, cli_env):
-    run = subprocess.run(["vitpipe", "shard", str(tmp_path / "nope"), str(tmp_path / "out")], env=cli_env,
-                         capture_output=True, text=True)
+def test_cli_shard_bad_arguments(tmp_path, run_here):
+    run = run_here(vitpipe_cmd("shard", str(tmp_path / "nope"), str(tmp_path / "out")))
     assert run.returncode == 2 and "no such folder or manifest" in run.stderr
-    run = subprocess.run(["vitpipe", "shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"], env=cli_env,
-                         capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"))
     assert run.returncode == 2 and "--part" in run.stderr
 
 
