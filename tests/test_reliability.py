@@ -324,6 +324,16 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, run_here):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
 
 
+def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_00000010").mkdir(parents=True)
+    (root / "step_00000010" / "trainer.json").write_text("{}")
+    (root / "step_00000020.tmp").mkdir()  # killed mid-write
+    (root / "step_00000020.tmp" / "trainer.json").write_text("{}")
+    (root / "step_00000030").mkdir()  # no trainer.json: incomplete
+    assert latest_checkpoint(tmp_path) == root / "step_00000010"
+
+
 class Payload:
     def __init__(self, marker):
         self.marker = marker
