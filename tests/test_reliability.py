@@ -359,6 +359,7 @@ def test_weights_only_loads_refuse_code_and_name_damaged_files(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")
 def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env, deepspeed_run):
     """DeepSpeed's own loader unpickles anything: a ZeRO-2 checkpoint whose model states file runs code."""
     pytest.importorskip("deepspeed")

@@ -80,6 +80,7 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env, run_here):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")  # with -n N --dist loadgroup: one worker makes the deepspeed_run launches
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, deepspeed_run, zero):
     pytest.importorskip("deepspeed")
