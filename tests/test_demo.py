@@ -1,14 +1,18 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
-from .helpers import vitpipe_cmd
+from .helpers import ROOT
 
 
-def test_reduced_demo_end_to_end(tmp_path, run_here):
+@pytest.mark.slow
+def test_reduced_demo_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "demo"
-    res = run_here(vitpipe_cmd("demo", "--reduced", "--dataset", "digits", "--out", str(out)))
+    res = subprocess.run([sys.executable, "-m", "vitpipe", "demo", "--reduced", "--dataset", "digits", "--out",
+                          str(out)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     for key in ("pretrained_top1", "scratch_top1", "baseline_top1", "objective", "dataset", "seconds", "fewshot"):
