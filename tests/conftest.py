@@ -1,5 +1,4 @@
 import importlib
-import os
 import shutil
 import subprocess
 import sys
@@ -10,15 +9,6 @@ import torch
 from .helpers import ROOT, deepspeed_args, launch, launch_env, pretrain_cmd
 
 MAINS = {"pretrain": "pretrain.run", "finetune": "finetune.run", "vitpipe": "vitpipe.cli"}
-
-
-@pytest.fixture
-def cli_env():
-    """The environment of a `vitpipe ...` process: this venv's scripts first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return env
 
 
 @pytest.fixture(scope="session")

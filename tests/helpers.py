@@ -26,8 +26,10 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
 
 
 def launch_env() -> dict[str, str]:
-    """The environment of a launched process: one thread, this checkout on the path."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    """The environment of a launched process: one thread, this checkout on the path, this venv's scripts
+    (``vitpipe``) first on PATH."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     return env

@@ -240,11 +240,11 @@ def _shard_cmd(src, out, env):
 
 
 @pytest.mark.parametrize("kill_after_shards", [1, 3])
-def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cli_env, kill_after_shards):
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, env, kill_after_shards):
     src = write_folder(tmp_path / "src", {"a": 60, "b": 60}, size=(120, 200))
     write_files(src / "b", bad_files())
-    assert _shard_cmd(src, tmp_path / "whole", cli_env).wait() == 0
-    proc = _shard_cmd(src, tmp_path / "killed", cli_env)
+    assert _shard_cmd(src, tmp_path / "whole", env).wait() == 0
+    proc = _shard_cmd(src, tmp_path / "killed", env)
     index_path = tmp_path / "killed" / "index.json"
     while proc.poll() is None:
         if index_path.is_file() and len(json.loads(index_path.read_text())["shards"]) >= kill_after_shards:
@@ -254,7 +254,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cli_env, ki
     proc.wait()
     first = tmp_path / "killed" / "shard-000000.tar"
     stamp = first.stat().st_mtime_ns
-    assert _shard_cmd(src, tmp_path / "killed", cli_env).wait() == 0
+    assert _shard_cmd(src, tmp_path / "killed", env).wait() == 0
     assert first.stat().st_mtime_ns == stamp  # a completed shard is not redone
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())  # no .tmp left behind
