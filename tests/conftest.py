@@ -1,35 +1,24 @@
+import importlib
 import logging
-import os
+import shutil
 import socket
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from .helpers import ROOT, S3_ENV, deepspeed_args, launch, launch_env, pretrain_cmd
+
+MAINS = {"pretrain": "pretrain.run", "finetune": "finetune.run", "vitpipe": "vitpipe.cli"}
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Random, non-zero weights everywhere (heads and norms included), so parity means something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            p.copy_(noise + 1.0 if "norm" in name and name.endswith(".weight") else noise)
-    return model.eval()
+@pytest.fixture(scope="session")
+def env():
+    return launch_env()
 
 
-@pytest.fixture
-def cli_env():
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return env
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """64 real-photo crops in 2 classes, 4 shards of 16: the small training set of the launch tests."""
     from data_tools.shard import ShardOptions, shard
@@ -42,13 +31,58 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-@pytest.fixture(scope="module")
-def env():
-    """The environment of a launched training process: one thread, this checkout on the path."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    # DeepSpeed JIT-compiles ops on first use; one cache for the whole test session (and CI run)
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return e
+@pytest.fixture(scope="session")
+def deepspeed_run(shards, env, tmp_path_factory):
+    """``deepspeed_run(zero, dest)`` copies to ``dest`` a 2-process ZeRO-``zero`` run of 3 steps on ``shards``,
+    checkpointed at step 3, for a test to resume or tamper with. Each stage is launched once per session:
+    DeepSpeed launches are the slowest thing in this suite."""
+    made = {}
+
+    def copy(zero: int, dest):
+        if zero not in made:
+            out = tmp_path_factory.mktemp(f"zero{zero}") / "run"
+            res = launch(pretrain_cmd(*deepspeed_args(shards, out), "train.max_steps=3",
+                                      launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
+            assert res.returncode == 0, res.stderr[-3000:]
+            made[zero] = out
+        shutil.copytree(made[zero], dest)
+        return dest
+
+    return copy
+
+
+@pytest.fixture
+def run_here(capfd, monkeypatch):
+    """``python -m pretrain|finetune|vitpipe ARGS`` as that module's ``main(ARGS)`` in this process, for tests
+    where no process boundary is under test: a CompletedProcess with the exit code and everything written to
+    file descriptors 1 and 2 (so also what a library writes past sys.stderr)."""
+    monkeypatch.chdir(ROOT)
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        assert cmd[:2] == [sys.executable, "-m"], cmd
+        main = importlib.import_module(MAINS[cmd[2]]).main
+        capfd.readouterr()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a launched process (helpers.launch_env)
+        try:
+            code = main(cmd[3:])
+        except SystemExit as e:  # argparse: --help, or a usage error
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+            _forget_accelerate_state()
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(cmd, code, out, err)
+
+    return run
+
+
+def _forget_accelerate_state():
+    """Accelerate keeps its process state in singletons: the next run in this process starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +110,3 @@ def s3():
         yield s3fs.S3FileSystem()
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
-
-
-S3_ENV = {"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "vitpipe-test-key",
-          "AWS_SECRET_ACCESS_KEY": "vitpipe-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}

@@ -1,5 +1,4 @@
 import json
-import subprocess
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from safetensors.torch import save_file
 
 from vit import CheckpointError, ModelInfo, create_model, load_model, save_checkpoint
 
-from .conftest import randomize
+from .helpers import randomize, vitpipe_cmd
 
 
 @pytest.fixture
@@ -86,27 +85,24 @@ def test_unknown_architecture_and_version(ckpt):
         load_model(folder)
 
 
-def test_cli_init_and_export(tmp_path, cli_env):
+def test_cli_init_and_export(tmp_path, run_here):
     out = tmp_path / "init"
-    run = subprocess.run(["vitpipe", "init", "vit_ti16", str(out), "--img-size", "32", "64", "--num-classes", "2",
-                          "--labels", "a", "b", "--seed", "1"], env=cli_env, capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("init", "vit_ti16", str(out), "--img-size", "32", "64", "--num-classes", "2",
+                               "--labels", "a", "b", "--seed", "1"))
     assert run.returncode == 0, run.stderr
     model, info = load_model(out)
     assert model.cfg.image_size == (32, 64) and info.labels == ["a", "b"]
     assert torch.count_nonzero(model.head.weight) == 0
     for fmt in ("vitpipe", "timm", "transformers"):
-        run = subprocess.run(["vitpipe", "export", str(out), str(tmp_path / fmt), "--format", fmt],
-                             env=cli_env, capture_output=True, text=True)
+        run = run_here(vitpipe_cmd("export", str(out), str(tmp_path / fmt), "--format", fmt))
         assert run.returncode == 0, run.stderr
         again, _ = load_model(tmp_path / fmt)
         assert torch.equal(again.pos_embed, model.pos_embed)
 
 
-def test_cli_bad_input_is_one_line(tmp_path, cli_env):
-    run = subprocess.run(["vitpipe", "init", "vit_ti16", str(tmp_path / "x"), "--img-size", "30"],
-                         env=cli_env, capture_output=True, text=True)
+def test_cli_bad_input_is_one_line(tmp_path, run_here):
+    run = run_here(vitpipe_cmd("init", "vit_ti16", str(tmp_path / "x"), "--img-size", "30"))
     assert run.returncode == 2
     assert run.stderr.strip() == "vitpipe init: error: image size 30x30 is not divisible by the patch size 16"
-    run = subprocess.run(["vitpipe", "export", str(tmp_path / "missing"), str(tmp_path / "y")],
-                         env=cli_env, capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("export", str(tmp_path / "missing"), str(tmp_path / "y")))
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "does not exist" in run.stderr

@@ -15,7 +15,7 @@ from pretrain.config import Config
 from pretrain.objectives import OBJECTIVES
 from vitpipe.cli import build_parser, main
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 PIPELINE = ["shard", "verify", "inspect", "pretrain", "finetune", "init", "eval", "plot", "export", "push", "demo"]
 

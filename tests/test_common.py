@@ -12,7 +12,7 @@ from common.images import INCEPTION_MEAN, INCEPTION_STD, image_pair, unnormalize
 from common.io import fresh_tmp_dir, replace_dir
 from common.seeding import seed_for
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def test_seed_for_is_the_same_in_every_process():

@@ -3,8 +3,6 @@
 import json
 import os
 import stat
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -28,7 +26,7 @@ from vit.formats.base import Export
 from vit.formats.timm import mlp_ratio
 from vitpipe.cli import main
 
-from .conftest import ROOT, randomize
+from .helpers import randomize, vitpipe_cmd
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -107,13 +105,12 @@ def test_timm_export_through_the_hub_path(tmp_path, monkeypatch):
         torch.testing.assert_close(theirs(x), ours(x), **TOL)
 
 
-def test_timm_refuses_a_layer_norm_eps_it_cannot_express(tmp_path, cli_env):
+def test_timm_refuses_a_layer_norm_eps_it_cannot_express(tmp_path, run_here):
     model = randomize(create_model("vit_ti16", image_size=32, depth=1, num_classes=3, layer_norm_eps=1e-12))
     with pytest.raises(CheckpointError, match="cannot export to timm: the model's LayerNorm eps is 1e-12"):
         export_checkpoint(model, ModelInfo(), tmp_path / "timm", "timm")
     save_checkpoint(model, tmp_path / "ckpt")
-    res = subprocess.run([sys.executable, "-m", "vitpipe", "export", str(tmp_path / "ckpt"), str(tmp_path / "out"),
-                          "--format", "timm"], capture_output=True, text=True, cwd=ROOT, env=cli_env)
+    res = run_here(vitpipe_cmd("export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "timm"))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "LayerNorm eps" in res.stderr and not (tmp_path / "out").exists()
 

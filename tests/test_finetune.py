@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ from pretrain.loop import build_optimizer, lr_factor, param_groups
 from vit import ModelInfo, create_model, load_model, resample_abs_pos_embed, save_checkpoint
 from vitpipe.cli import main as cli_main
 
-from .conftest import ROOT, randomize
 from .corpus import write_folder
+from .helpers import finetune_cmd, randomize, vitpipe_cmd
 
 timm = pytest.importorskip("timm")
 
@@ -65,18 +63,9 @@ def data(tmp_path_factory):
     return root
 
 
-def finetune_cmd(*overrides, config="tiny.yaml"):
-    return [sys.executable, "-m", "finetune", "--config", str(ROOT / "configs" / "finetune" / config), *overrides]
-
-
-def run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-
-
-def test_zero_steps_writes_the_prepared_model(data, tmp_path):
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=0",
-                           f"train.output_dir={tmp_path}", "model.image_size=[48, 40]"))
+def test_zero_steps_writes_the_prepared_model(data, tmp_path, run_here):
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=0",
+                                f"train.output_dir={tmp_path}", "model.image_size=[48, 40]"))
     assert res.returncode == 0, res.stderr[-2000:]
     model, info = load_model(tmp_path / "final")
     assert model.cfg.image_size == (48, 40) and model.cfg.num_classes == 3 and info.labels == ["cat", "dog", "eel"]
@@ -93,9 +82,9 @@ def _encode_by_hand(model, x):
     return h
 
 
-def test_token_checkpoint_finetuned_with_avg_pooling_carries_the_norm(data, tmp_path):
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=0",
-                           f"train.output_dir={tmp_path / 'avg'}", "model.global_pool=avg", "model.image_size=32"))
+def test_token_checkpoint_finetuned_with_avg_pooling_carries_the_norm(data, tmp_path, run_here):
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=0",
+                                f"train.output_dir={tmp_path / 'avg'}", "model.global_pool=avg", "model.image_size=32"))
     assert res.returncode == 0, res.stderr[-2000:]
     pre, _ = load_model(data / "pretrained")
     ft, _ = load_model(tmp_path / "avg" / "final")  # a strict load
@@ -108,8 +97,8 @@ def test_token_checkpoint_finetuned_with_avg_pooling_carries_the_norm(data, tmp_
         torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True), by_hand,
                                    rtol=0, atol=1e-5)
     # fine-tuning the avg-pooled model again without model.global_pool keeps its pooling
-    res = run(finetune_cmd(f"init={tmp_path / 'avg' / 'final'}", f"data.train={data / 'train'}", "train.max_steps=0",
-                           f"train.output_dir={tmp_path / 'again'}", "model.image_size=null"))
+    res = run_here(finetune_cmd(f"init={tmp_path / 'avg' / 'final'}", f"data.train={data / 'train'}",
+                                "train.max_steps=0", f"train.output_dir={tmp_path / 'again'}", "model.image_size=null"))
     assert res.returncode == 0, res.stderr[-2000:]
     again, _ = load_model(tmp_path / "again" / "final")
     assert again.cfg.global_pool == "avg" and torch.equal(again.fc_norm.weight, pre.norm.weight)
@@ -174,11 +163,11 @@ def test_drop_path_rates_increase_linearly_and_apply(tmp_path):
     torch.testing.assert_close(model.eval()(x), plain(x), rtol=0, atol=1e-6)
 
 
-def test_ssl_finetune_config_trains_with_avg_pooling_layer_decay_and_drop_path(data, tmp_path):
+def test_ssl_finetune_config_trains_with_avg_pooling_layer_decay_and_drop_path(data, tmp_path, run_here):
     out = tmp_path / "ssl"
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=4",
-                           "train.checkpoint_every=4", "schedule.warmup_steps=1", f"train.output_dir={out}",
-                           "model.global_pool=avg", config="ssl_tiny.yaml"))
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=4",
+                                "train.checkpoint_every=4", "schedule.warmup_steps=1", f"train.output_dir={out}",
+                                "model.global_pool=avg", config="ssl_tiny.yaml"))
     assert res.returncode == 0, res.stderr[-2000:]
     model, _ = load_model(out / "final")
     assert model.cfg.global_pool == "avg" and model.head.weight.abs().sum() > 0
@@ -194,17 +183,16 @@ def test_ssl_finetune_config_trains_with_avg_pooling_layer_decay_and_drop_path(d
     assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
 
 
-def test_finetuned_model_matches_timm_and_transformers_at_the_new_resolution(data, tmp_path):
+def test_finetuned_model_matches_timm_and_transformers_at_the_new_resolution(data, tmp_path, run_here):
     transformers = pytest.importorskip("transformers")
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=6",
-                           f"train.output_dir={tmp_path / 'ft'}", "schedule.warmup_steps=1"))
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}", "train.max_steps=6",
+                                f"train.output_dir={tmp_path / 'ft'}", "schedule.warmup_steps=1"))
     assert res.returncode == 0, res.stderr[-2000:]
     model, info = load_model(tmp_path / "ft" / "final")
     assert model.cfg.image_size == (48, 48) and model.head.weight.abs().sum() > 0
     x = torch.randn(2, 3, 48, 48)
     for fmt in ("timm", "transformers"):
-        out = subprocess.run([sys.executable, "-m", "vitpipe", "export", str(tmp_path / "ft" / "final"),
-                              str(tmp_path / fmt), "--format", fmt], capture_output=True, text=True, cwd=ROOT)
+        out = run_here(vitpipe_cmd("export", str(tmp_path / "ft" / "final"), str(tmp_path / fmt), "--format", fmt))
         assert out.returncode == 0, out.stderr
     theirs_timm = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     theirs_hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "transformers").eval()
@@ -215,13 +203,13 @@ def test_finetuned_model_matches_timm_and_transformers_at_the_new_resolution(dat
     assert card.data.license == "apache-2.0" and card.data.library_name == "timm" and "local-dir:" in card.text
 
 
-def test_scratch_model_card_is_truthful_and_no_export_names_a_local_path(data, tmp_path):
+def test_scratch_model_card_is_truthful_and_no_export_names_a_local_path(data, tmp_path, run_here):
     """vitpipe init + fine-tuning + eval, then every export and a push: read what a hub visitor would read."""
     init = tmp_path / "init"
     assert cli_main(["init", "vit_ti8", str(init), "--img-size", "32", "--embed-dim", "48", "--depth", "2",
                      "--num-heads", "2", "--mlp-dim", "96", "--num-classes", "3", "--seed", "0"]) == 0
-    res = run(finetune_cmd(f"init={init}", f"data.train={data / 'train'}", "train.max_steps=2",
-                           f"train.output_dir={tmp_path / 'ft'}", "schedule.warmup_steps=1"))
+    res = run_here(finetune_cmd(f"init={init}", f"data.train={data / 'train'}", "train.max_steps=2",
+                                f"train.output_dir={tmp_path / 'ft'}", "schedule.warmup_steps=1"))
     assert res.returncode == 0, res.stderr[-2000:]
     final = tmp_path / "ft" / "final"
     assert cli_main(["eval", str(final), "--data", str(data / "val")]) == 0
@@ -363,9 +351,9 @@ def test_push_uploads_through_the_hub_api(data, tmp_path):
     (["model.image_size=50"], "not divisible by the checkpoint's patch size 8"),
     (["init=/no/such/ckpt"], "checkpoint folder does not exist"),
 ])
-def test_bad_finetune_input(data, tmp_path, overrides, message):
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}",
-                           f"train.output_dir={tmp_path}", *overrides))
+def test_bad_finetune_input(data, tmp_path, overrides, message, run_here):
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}",
+                                f"train.output_dir={tmp_path}", *overrides))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -383,22 +371,21 @@ def test_bad_finetune_recipe(data, tmp_path, capsys, override, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_unlabelled_shards_and_corrupt_checkpoint(data, tmp_path):
+def test_unlabelled_shards_and_corrupt_checkpoint(data, tmp_path, run_here):
     (tmp_path / "src").mkdir()
     for i, img in enumerate(sorted((data / "src" / "cat").glob("*.jpg"))[:4]):
         (tmp_path / "src" / f"{i}.jpg").write_bytes(img.read_bytes())
     shard(str(tmp_path / "src"), tmp_path / "unlabelled", progress=False)
-    res = run(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={tmp_path / 'unlabelled'}",
-                           f"train.output_dir={tmp_path / 'o'}"))
+    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={tmp_path / 'unlabelled'}",
+                                f"train.output_dir={tmp_path / 'o'}"))
     assert res.returncode == 2 and "model.num_classes: not set" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "vitpipe", "eval", str(data / "pretrained"), "--data",
-                          str(tmp_path / "unlabelled")], capture_output=True, text=True, cwd=ROOT)
+    res = run_here(vitpipe_cmd("eval", str(data / "pretrained"), "--data", str(tmp_path / "unlabelled")))
     assert res.returncode == 2 and "eval shards without labels" in res.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text((data / "pretrained" / "config.json").read_text())
     (bad / "model.safetensors").write_bytes((data / "pretrained" / "model.safetensors").read_bytes()[:5000])
-    res = run(finetune_cmd(f"init={bad}", f"data.train={data / 'train'}", f"train.output_dir={tmp_path / 'o2'}"))
+    res = run_here(finetune_cmd(f"init={bad}", f"data.train={data / 'train'}", f"train.output_dir={tmp_path / 'o2'}"))
     assert res.returncode == 2 and "truncated" in res.stderr
 
 

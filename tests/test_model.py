@@ -4,7 +4,7 @@ import torch
 from vit import VisionTransformer, ViTConfig, config_for, create_model
 from vit.model import drop_path
 
-from .conftest import randomize
+from .helpers import randomize
 
 
 @pytest.mark.parametrize("name,params", [("vit_ti16", 5.7e6), ("vit_s16", 22.0e6), ("vit_b16", 86.6e6), ("vit_b32", 88.2e6)])

@@ -19,8 +19,8 @@ from data_tools.transforms import EvalTransform, TrainTransform
 from data_tools.verify import inspect, verify
 from vitpipe.cli import main
 
-from .conftest import ROOT, S3_ENV
 from .corpus import bad_files, write_files, write_folder
+from .helpers import ROOT, S3_ENV
 
 
 def bucket(s3, name: str) -> str:

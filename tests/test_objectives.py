@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
-from pretrain.loop import latest_checkpoint, lr_factor, param_groups
 from pretrain.monitor import knn_predict, knn_top1
 from pretrain.objectives import (
     OBJECTIVES,
@@ -26,8 +24,8 @@ from pretrain.objectives import (
 )
 from vit import create_model
 
-from .conftest import randomize
 from .corpus import pattern_images
+from .helpers import randomize
 
 
 def test_patchify_order():
@@ -229,68 +227,3 @@ def test_knn_predict_matches_a_hand_computed_vote():
     # leave-one-out never lets a sample vote for itself
     lonely = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
     assert knn_top1((lonely, torch.tensor([0, 1, 1])), None, 2, k=1) == pytest.approx(2 / 3)
-
-
-def test_lr_schedule():
-    assert lr_factor(0, 10, 100, "linear") == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, "linear") == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5)
-    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
-    assert lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_factor(50, 0, 100, "constant") == 1.0
-
-
-def test_no_weight_decay_on_biases_norms_and_embeddings():
-    model = create_model("vit_ti16", image_size=32, depth=1, num_classes=3)
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token", "norm.weight", "head.bias"}
-    assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
-
-
-def test_config_errors_name_the_key(tmp_path):
-    base = ["data.train=x"]
-    with pytest.raises(ConfigError, match="optim.lrr: unknown config key"):
-        load_config(None, [*base, "optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match="train.max_steps: expected int, got 'many'"):
-        load_config(None, [*base, "train.max_steps=many"])
-    with pytest.raises(ConfigError, match=r"objective.name: unknown objective 'simclr' \(known: mae, mpp, supervised\)"):
-        load_config(None, [*base, "objective.name=simclr"])
-    with pytest.raises(ConfigError, match="objective.mask_ratio: unknown config key for objective mpp"):
-        load_config(None, [*base, "objective.name=mpp", "objective.mask_ratio=0.5"])
-    with pytest.raises(ConfigError, match=r"objective.mask_ratio: must be in \[0, 1\)"):
-        load_config(None, [*base, "objective.name=mae", "objective.mask_ratio=1.5"])
-    with pytest.raises(ConfigError, match="objective.color_bits: must be in"):
-        load_config(None, [*base, "objective.name=mpp", "objective.color_bits=0"])
-    mae = load_config(None, [*base, "objective.name=mae", "objective.decoder_depth=2"])
-    assert mae.objective.decoder_depth == 2 and mae.objective.mask_ratio == 0.75
-    # a file's objective section belongs to its objective: switching on the command line replaces it
-    (tmp_path / "mpp.yaml").write_text("objective:\n  name: mpp\n  color_bits: 2\n")
-    switched = load_config(tmp_path / "mpp.yaml", [*base, "objective.decoder_dim=64", "objective.name=mae"])
-    assert switched.objective.name == "mae" and switched.objective.decoder_dim == 64
-    assert load_config(tmp_path / "mpp.yaml", base).objective.color_bits == 2
-    with pytest.raises(ConfigError, match="data.train: required"):
-        load_config(None, [])
-    (tmp_path / "c.yaml").write_text("train:\n  bogus: 1\n")
-    with pytest.raises(ConfigError, match="train.bogus: unknown config key"):
-        load_config(tmp_path / "c.yaml", base)
-    cfg = load_config(None, [*base, "optim.lr=1", "model.image_size=[32, 48]", "train.resume=none"])
-    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.model.image_size == [32, 48]
-
-
-def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
-    root = tmp_path / "checkpoints"
-    (root / "step_00000010").mkdir(parents=True)
-    (root / "step_00000010" / "trainer.json").write_text("{}")
-    (root / "step_00000020.tmp").mkdir()  # killed mid-write
-    (root / "step_00000020.tmp" / "trainer.json").write_text("{}")
-    (root / "step_00000030").mkdir()  # no trainer.json: incomplete
-    assert latest_checkpoint(tmp_path) == root / "step_00000010"
-
-
-def test_unknown_objective_is_one_line_and_exit_2(capsys):
-    from pretrain.run import main
-
-    assert main(["data.train=x", "objective.name=simclr"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["pretrain: error: objective.name: unknown objective 'simclr' (known: mae, mpp, supervised)"]

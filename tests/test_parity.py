@@ -7,7 +7,7 @@ import torch
 
 from vit import ModelInfo, create_model, export_checkpoint, load_model, save_checkpoint
 
-from .conftest import randomize
+from .helpers import randomize
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -6,16 +6,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_tools.shard import ShardOptions, shard
 from data_tools.tars import image_bytes, read_tar
 from data_tools.verify import inspect
 from finetune import plots
+from finetune.plots import attention_rollout, mean_attention_distance, position_similarity
 from vit import ModelInfo, create_model
 
-from .conftest import randomize
 from .corpus import write_patterns
+from .helpers import randomize
 
 
 def _run(folder, stage, objective, rows):
@@ -118,3 +120,30 @@ def test_contact_sheet_scales_small_images_up_by_whole_pixels(tmp_path):
     assert small.shape == (16, 16, 3)
     # a 128-pixel cell holds the 16-pixel image 8x larger, each pixel an 8x8 block (nearest, not blurred)
     np.testing.assert_array_equal(sheet[:128, :128], np.kron(small, np.ones((8, 8, 1), dtype=np.uint8)))
+
+
+def test_position_similarity():
+    pe = torch.randn(1, 1 + 12, 8)
+    sim = position_similarity(pe, (3, 4))
+    assert sim.shape == (3, 4, 3, 4)
+    assert torch.allclose(sim[1, 2, 1, 2], torch.tensor(1.0)) and torch.allclose(sim[0, 1, 2, 3], sim[2, 3, 0, 1])
+
+
+def test_mean_attention_distance():
+    n = 1 + 4  # a 2x2 grid of 16-pixel patches
+    to_self = torch.eye(n).expand(1, 2, n, n)
+    assert torch.allclose(mean_attention_distance(to_self, (2, 2), 16), torch.zeros(2))
+    uniform = torch.full((1, 1, n, n), 1 / n)
+    # from any patch: itself 0, two neighbours 16, the diagonal 16*sqrt(2); averaged uniformly
+    expected = (0 + 16 + 16 + 16 * 2**0.5) / 4
+    assert mean_attention_distance(uniform, (2, 2), 16).item() == pytest.approx(expected)
+
+
+def test_attention_rollout():
+    n = 5
+    uniform = [torch.full((2, 3, n, n), 1 / n)] * 3
+    r = attention_rollout(uniform)
+    assert r.shape == (2, 4) and torch.allclose(r, r[:, :1].expand_as(r))
+    cls_only = torch.zeros(1, 1, n, n)
+    cls_only[..., 0] = 1.0  # every token attends to the class token only
+    assert torch.allclose(attention_rollout([cls_only]), torch.zeros(1, 4))

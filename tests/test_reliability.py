@@ -17,22 +17,13 @@ from common.lock import LOCK, FolderBusy, FolderLock
 from data_tools.shard import ShardOptions, shard
 from data_tools.verify import verify
 from pretrain.config import ConfigError, load_config
+from pretrain.loop import latest_checkpoint
 from pretrain.resume import weights_only_loads, write_manifest
 from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
-from .conftest import ROOT
 from .corpus import write_folder
-
-TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
-
-
-def pretrain(*overrides):
-    return [sys.executable, "-m", "pretrain", "--config", TINY, *overrides]
-
-
-def run(cmd, env, **kw):
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, **kw)
+from .helpers import ROOT, TINY, deepspeed_args, free_port, launch, pretrain_cmd
 
 
 def wait_for(condition, proc=None):
@@ -165,9 +156,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_disk_full_while_training_is_one_line(shards, small_disk, env):
-    res = run(pretrain(f"data.train={shards}", f"train.output_dir={small_disk / 'run'}", "train.max_steps=4",
-                       "train.checkpoint_every=2"), env)
+def test_disk_full_while_training_is_one_line(shards, small_disk, run_here):
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={small_disk / 'run'}", "train.max_steps=4",
+                                "train.checkpoint_every=2"))
     err = res.stderr.strip().splitlines()
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "pretrain: error:" in err[-1] and "writing the checkpoint failed" in err[-1] and "MiB free" in err[-1]
@@ -252,20 +243,21 @@ def test_two_shard_runs_into_one_folder(tmp_path, capsys):
     assert verify(parts) == ([], []) and json.loads((parts / "index.json").read_text())["total_samples"] == 20
 
 
-def test_two_pretrain_runs_on_one_output_dir(shards, tmp_path, env):
+@pytest.mark.slow
+def test_two_pretrain_runs_on_one_output_dir(shards, tmp_path, env, run_here):
     out = tmp_path / "run"
     args = [f"data.train={shards}", f"train.output_dir={out}", "data.workers=2"]
-    first = subprocess.Popen(pretrain(*args, "train.max_steps=100000", "train.checkpoint_every=2"), env=env,
+    first = subprocess.Popen(pretrain_cmd(*args, "train.max_steps=100000", "train.checkpoint_every=2"), env=env,
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: holder_pid(out) == first.pid and (out / "checkpoints").is_dir(), first)
-    second = run(pretrain(*args, "train.max_steps=2"), env)
+    wait_for(lambda: holder_pid(out) == first.pid and latest_checkpoint(out) is not None, first)
+    second = run_here(pretrain_cmd(*args, "train.max_steps=2"))
     assert second.returncode == 2, second.stderr[-2000:]
     assert second.stderr.strip().splitlines() == [
         f"pretrain: error: {out}: in use by vitpipe pretrain (pid {first.pid} on {socket.gethostname()}, started "
         f"{json.loads((out / LOCK).read_text())['started']}); wait for it to finish or use another folder"]
     os.kill(first.pid, signal.SIGKILL)  # its DataLoader workers may outlive it for a moment
     first.wait()
-    third = run(pretrain(*args, "train.max_steps=2"), env)  # resumes the killed run's checkpoint, past step 2
+    third = run_here(pretrain_cmd(*args, "train.max_steps=2"))  # resumes the killed run's checkpoint, past step 2
     assert third.returncode == 0 and "resumed from" in third.stdout, third.stderr[-2000:]
     assert not (out / LOCK).exists()
 
@@ -276,7 +268,7 @@ num_processes: 2
 num_machines: 2
 machine_rank: 0
 main_process_ip: 127.0.0.1
-main_process_port: 29547
+main_process_port: {port}
 rdzv_backend: static
 same_network: true
 use_cpu: true
@@ -284,10 +276,11 @@ mixed_precision: "no"
 """
 
 
+@pytest.mark.slow
 def test_two_machines_of_one_launch_share_the_output_dir(shards, tmp_path, env):
     """Two `accelerate launch --machine_rank K` on one host (one process each): one launch, one folder."""
     config = tmp_path / "two_machines.yaml"
-    config.write_text(MACHINE)
+    config.write_text(MACHINE.format(port=free_port()))
     out = tmp_path / "run"
     procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                                "--machine_rank", str(k), "-m", "pretrain", "--config", TINY, f"data.train={shards}",
@@ -301,13 +294,13 @@ def test_two_machines_of_one_launch_share_the_output_dir(shards, tmp_path, env):
 
 # ---- resume checks ------------------------------------------------------------------------------------------
 
-def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, env):
+def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, run_here):
     out = tmp_path / "run"
     args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=2"]
-    assert run(pretrain(*args, "train.max_steps=2"), env).returncode == 0
+    assert run_here(pretrain_cmd(*args, "train.max_steps=2")).returncode == 0
     ckpt = out / "checkpoints" / "step_00000002"
 
-    changed = run(pretrain(*args, "train.max_steps=4", "optim.lr=0.01", "train.seed=1"), env)
+    changed = run_here(pretrain_cmd(*args, "train.max_steps=4", "optim.lr=0.01", "train.seed=1"))
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
         f"pretrain: error: train.resume: {ckpt} was made with other values of optim.lr (0.001, now 0.01); "
@@ -317,7 +310,7 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, env):
     optimizer = ckpt / "state" / "optimizer.bin"
     good = optimizer.read_bytes()
     optimizer.write_bytes(b"garbage")
-    damaged = run(pretrain(*args, "train.max_steps=4"), env)
+    damaged = run_here(pretrain_cmd(*args, "train.max_steps=4"))
     assert damaged.returncode == 2 and damaged.stderr.strip().splitlines() == [
         f"pretrain: error: {optimizer}: changed since the checkpoint was written (sha256 differs from "
         f"manifest.json); refusing to resume from {ckpt}"]
@@ -325,10 +318,20 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, env):
     optimizer.write_bytes(good)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 5.1, "acc')  # the killed run was writing this line
-    allowed = run(pretrain(*args, "train.max_steps=4", "optim.lr=0.01", "train.resume_mismatch=allow"), env)
+    allowed = run_here(pretrain_cmd(*args, "train.max_steps=4", "optim.lr=0.01", "train.resume_mismatch=allow"))
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert f"note: resuming {ckpt} although these keys changed: optim.lr (0.001, now 0.01)" in allowed.stdout
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_00000010").mkdir(parents=True)
+    (root / "step_00000010" / "trainer.json").write_text("{}")
+    (root / "step_00000020.tmp").mkdir()  # killed mid-write
+    (root / "step_00000020.tmp" / "trainer.json").write_text("{}")
+    (root / "step_00000030").mkdir()  # no trainer.json: incomplete
+    assert latest_checkpoint(tmp_path) == root / "step_00000010"
 
 
 class Payload:
@@ -355,23 +358,21 @@ def test_weights_only_loads_refuse_code_and_name_damaged_files(tmp_path):
         torch.load(tmp_path / "garbage.pt", weights_only=True)
 
 
-def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env):
+@pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")
+def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_path, env, deepspeed_run):
     """DeepSpeed's own loader unpickles anything: a ZeRO-2 checkpoint whose model states file runs code."""
     pytest.importorskip("deepspeed")
-    out, marker = tmp_path / "zero2", tmp_path / "code-ran"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "-m", "pretrain", "--config", TINY,
-              f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3", "data.workers=0"]
-    first = run([*launch, "train.max_steps=3"], env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    out, marker = deepspeed_run(2, tmp_path / "zero2"), tmp_path / "code-ran"  # 3 steps, checkpointed at step 3
+    zero2 = pretrain_cmd(*deepspeed_args(shards, out), launcher="deepspeed_zero2.yaml")
     ckpt = out / "checkpoints" / "step_00000003"
     states = ckpt / "state" / "pytorch_model" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, states)
-    tampered = run([*launch, "train.max_steps=6"], env, timeout=900)
+    tampered = launch([*zero2, "train.max_steps=6"], env, timeout=900)
     assert tampered.returncode != 0 and f"pretrain: error: {states}: changed since the checkpoint was written" \
         in tampered.stderr, tampered.stderr[-3000:]
     write_manifest(ckpt)  # a forger who rewrites the manifest as well
-    forged = run([*launch, "train.max_steps=6"], env, timeout=900)
+    forged = launch([*zero2, "train.max_steps=6"], env, timeout=900)
     assert forged.returncode != 0 and f"pretrain: error: {states}: refused to load: it names code" \
         in forged.stderr, forged.stderr[-3000:]
     assert not marker.exists()

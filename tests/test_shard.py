@@ -20,6 +20,7 @@ from data_tools.verify import class_sorting, inspect, verify
 from vitpipe.cli import main
 
 from .corpus import awkward_images, bad_files, write_files, write_folder
+from .helpers import vitpipe_cmd
 
 
 def read_all(out):
@@ -239,11 +240,11 @@ def _shard_cmd(src, out, env):
 
 
 @pytest.mark.parametrize("kill_after_shards", [1, 3])
-def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cli_env, kill_after_shards):
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, env, kill_after_shards):
     src = write_folder(tmp_path / "src", {"a": 60, "b": 60}, size=(120, 200))
     write_files(src / "b", bad_files())
-    assert _shard_cmd(src, tmp_path / "whole", cli_env).wait() == 0
-    proc = _shard_cmd(src, tmp_path / "killed", cli_env)
+    assert _shard_cmd(src, tmp_path / "whole", env).wait() == 0
+    proc = _shard_cmd(src, tmp_path / "killed", env)
     index_path = tmp_path / "killed" / "index.json"
     while proc.poll() is None:
         if index_path.is_file() and len(json.loads(index_path.read_text())["shards"]) >= kill_after_shards:
@@ -253,7 +254,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, cli_env, ki
     proc.wait()
     first = tmp_path / "killed" / "shard-000000.tar"
     stamp = first.stat().st_mtime_ns
-    assert _shard_cmd(src, tmp_path / "killed", cli_env).wait() == 0
+    assert _shard_cmd(src, tmp_path / "killed", env).wait() == 0
     assert first.stat().st_mtime_ns == stamp  # a completed shard is not redone
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())  # no .tmp left behind
@@ -313,7 +314,7 @@ def test_parts_are_disjoint_and_merge(tmp_path):
     assert sources != sorted(sources)
 
 
-def test_verify_and_inspect(tmp_path, cli_env):
+def test_verify_and_inspect(tmp_path, run_here):
     src = write_folder(tmp_path / "src", {"a": 12, "b": 9})
     out = tmp_path / "out"
     shard(str(src), out, ShardOptions(samples_per_shard=5), progress=False)
@@ -326,7 +327,7 @@ def test_verify_and_inspect(tmp_path, cli_env):
     data[2000] ^= 0xFF
     damaged.write_bytes(bytes(data))
     (out / "shard-000003.tar").unlink()
-    run = subprocess.run(["vitpipe", "verify", str(out)], env=cli_env, capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("verify", str(out)))
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 2
@@ -383,12 +384,10 @@ def test_interop_with_hf_datasets_and_tar(tmp_path):
         assert all(m.mtime == 0 for m in t.getmembers())
 
 
-def test_cli_shard_bad_arguments(tmp_path, cli_env):
-    run = subprocess.run(["vitpipe", "shard", str(tmp_path / "nope"), str(tmp_path / "out")], env=cli_env,
-                         capture_output=True, text=True)
+def test_cli_shard_bad_arguments(tmp_path, run_here):
+    run = run_here(vitpipe_cmd("shard", str(tmp_path / "nope"), str(tmp_path / "out")))
     assert run.returncode == 2 and "no such folder or manifest" in run.stderr
-    run = subprocess.run(["vitpipe", "shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"], env=cli_env,
-                         capture_output=True, text=True)
+    run = run_here(vitpipe_cmd("shard", str(tmp_path), str(tmp_path / "out"), "--part", "3/2"))
     assert run.returncode == 2 and "--part" in run.stderr
 
 

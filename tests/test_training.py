@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,12 +13,8 @@ from data_tools.shard import ShardOptions, shard
 from vit import load_model
 from vit.checkpoint import read_weights
 
-from .conftest import ROOT
 from .corpus import write_patterns
-
-TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
-TINY_MAE = str(ROOT / "configs" / "pretrain" / "tiny_mae.yaml")
-SSL_FINETUNE = str(ROOT / "configs" / "finetune" / "ssl_tiny.yaml")
+from .helpers import ROOT, TINY_MAE, deepspeed_args, finetune_cmd, launch, pretrain_cmd, vitpipe_cmd
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +26,17 @@ def patterns(tmp_path_factory):
     return root / "shards"
 
 
-def pretrain_cmd(*overrides, launcher=None):
-    head = [sys.executable, "-m", "pretrain"] if launcher is None else \
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "configs" / "accelerate" / launcher), "-m", "pretrain"]
-    return [*head, "--config", TINY, *overrides]
-
-
-def run(cmd, env, **kw):
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, **kw)
-
-
 def metrics(out):
     keep = ("step", "epoch", "loss", "accuracy", "lr", "grad_norm", "skipped_samples")
     return [{k: r[k] for k in keep} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, env):
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, env, run_here):
+    """The run to kill is a process of its own; the uninterrupted run and the resume run here."""
     args = [f"data.train={shards}", "train.max_steps=24", "train.checkpoint_every=8", "train.log_every=2",
             "data.workers=2", "model.drop_path_rate=0.1"]
-    whole = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"), env)
+    whole = run_here(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(pretrain_cmd(*args, f"train.output_dir={out}"), env=env, cwd=ROOT,
@@ -62,7 +48,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, en
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "final").exists()
-    resumed = run(pretrain_cmd(*args, f"train.output_dir={out}"), env)
+    resumed = run_here(pretrain_cmd(*args, f"train.output_dir={out}"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert metrics(out) == metrics(tmp_path / "whole")
@@ -71,14 +57,15 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shards, tmp_path, en
     assert len(list((out / "checkpoints").glob("step_*"))) == 2  # keep_last
 
 
-def test_two_cpu_ranks_match_one_process(shards, tmp_path, env):
+@pytest.mark.slow
+def test_two_cpu_ranks_match_one_process(shards, tmp_path, env, run_here):
     """Same global batch (all 64 samples, no augmentation): one SGD step gives the same weights."""
     args = [f"data.train={shards}", "objective.name=supervised", "model.head=linear", "data.batch_size=64", "data.augment=false",
             "train.max_steps=1", "optim.name=sgd", "optim.lr=0.5", "optim.clip_grad_norm=null",
             "schedule.warmup_steps=0", "schedule.decay=constant", "data.workers=0", f"data.val={shards}"]
-    one = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'one'}"), env)
+    one = run_here(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'one'}"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
+    two = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
     assert two.returncode == 0, two.stderr[-2000:]
     a, _ = load_model(tmp_path / "one" / "final")
     b, _ = load_model(tmp_path / "two" / "final")
@@ -92,14 +79,14 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env):
     assert val[0]["val_loss"] == pytest.approx(val[1]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")  # with -n N --dist loadgroup: one worker makes the deepspeed_run launches
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, zero):
+def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, deepspeed_run, zero):
     pytest.importorskip("deepspeed")
-    out = tmp_path / f"zero{zero}"
-    args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=3", "data.workers=0"]
-    first = run(pretrain_cmd(*args, "train.max_steps=3", launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run(pretrain_cmd(*args, "train.max_steps=6", launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
+    out = deepspeed_run(zero, tmp_path / f"zero{zero}")  # 3 steps, checkpointed at step 3
+    second = launch(pretrain_cmd(*deepspeed_args(shards, out), "train.max_steps=6",
+                                 launcher=f"deepspeed_zero{zero}.yaml"), env, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     steps = [r["step"] for r in metrics(out)]
@@ -115,49 +102,51 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, ze
     ("data.batch_size=30", "global batch 30 is not divisible by 1 processes x 4 accumulation steps"),
     ("train.resume=/no/such/ckpt", "train.resume: /no/such/ckpt does not exist"),
 ])
-def test_bad_input_fails_before_training(shards, tmp_path, env, override, message):
+def test_bad_input_fails_before_training(shards, tmp_path, run_here, override, message):
     out = tmp_path / "out"
-    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.grad_accum=4", override), env)
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.grad_accum=4", override))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_missing_and_empty_shards(tmp_path, env):
-    res = run(pretrain_cmd(f"data.train={tmp_path / 'nothing'}"), env)
+def test_missing_and_empty_shards(tmp_path, run_here):
+    res = run_here(pretrain_cmd(f"data.train={tmp_path / 'nothing'}"))
     assert res.returncode == 2 and "shard does not exist" in res.stderr
     empty = tmp_path / "empty"
     (empty / "src" / "a").mkdir(parents=True)
     (empty / "src" / "a" / "x.jpg").write_bytes(b"not a jpeg")
     shard(str(empty / "src"), empty / "shards", progress=False)
-    res = run(pretrain_cmd(f"data.train={empty / 'shards'}"), env)
+    res = run_here(pretrain_cmd(f"data.train={empty / 'shards'}"))
     assert res.returncode == 2 and "no shards (every input was skipped?)" in res.stderr
 
 
-def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, env):
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards, tmp_path, run_here):
     out = tmp_path / "nan"
-    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "optim.name=sgd", "optim.lr=1e12",
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "optim.name=sgd", "optim.lr=1e12",
                            "optim.clip_grad_norm=null", "schedule.warmup_steps=0", "train.checkpoint_every=1",
-                           "objective.mpp_target=pixels", "data.workers=0"), env)
+                                "objective.mpp_target=pixels", "data.workers=0"))
     assert res.returncode == 2 and "loss is" in res.stderr and "Last good checkpoint" in res.stderr, res.stderr[-1500:]
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_torch_compile_run_writes_a_loadable_model(shards, tmp_path, env):
+    """In its own process: torch.compile's caches and compile workers stay out of the test process."""
     out = tmp_path / "compiled"
-    res = run(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.compile=true",
-                           "train.max_steps=2", "train.checkpoint_every=2", "data.workers=0"), env)
+    res = launch(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.compile=true",
+                              "train.max_steps=2", "train.checkpoint_every=2", "data.workers=0"), env)
     assert res.returncode == 0, res.stderr[-2000:]
     model, _ = load_model(out / "final")
     assert model.cfg.depth == 2
 
 
-def test_mae_pretraining_with_knn_monitor_then_finetuning_beats_chance(patterns, tmp_path, env):
+def test_mae_pretraining_with_knn_monitor_then_finetuning_beats_chance(patterns, tmp_path, run_here):
     pre = tmp_path / "mae"
-    res = run([sys.executable, "-m", "pretrain", "--config", TINY_MAE, f"data.train={patterns}",
-               f"data.monitor={patterns}", "model.image_size=16", "data.resampled=true", "train.max_steps=40",
-               "train.checkpoint_every=20", "objective.decoder_dim=32", "optim.lr=0.003", "data.workers=0",
-               f"train.output_dir={pre}"], env)
+    res = run_here(pretrain_cmd(f"data.train={patterns}", f"data.monitor={patterns}", "model.image_size=16",
+                                "data.resampled=true", "train.max_steps=40", "train.checkpoint_every=20",
+                                "objective.decoder_dim=32", "optim.lr=0.003", "data.workers=0",
+                                f"train.output_dir={pre}", config=TINY_MAE))
     assert res.returncode == 0, res.stderr[-2000:]
     losses = [r["loss"] for r in map(json.loads, (pre / "metrics.jsonl").read_text().splitlines())]
     assert losses[-1] < 0.8 * losses[0] and all("accuracy" not in r for r in metrics_rows(pre))
@@ -168,11 +157,10 @@ def test_mae_pretraining_with_knn_monitor_then_finetuning_beats_chance(patterns,
     assert info.provenance["objective"] == "mae" and not any("decoder" in k for k in model.state_dict())
 
     ft = tmp_path / "ft"
-    res = run([sys.executable, "-m", "finetune", "--config", SSL_FINETUNE, f"init={pre / 'final'}",
-               f"data.train={patterns}", "train.max_steps=40", "optim.lr=0.003", "data.workers=0",
-               f"train.output_dir={ft}"], env)
+    res = run_here(finetune_cmd(f"init={pre / 'final'}", f"data.train={patterns}", "train.max_steps=40",
+                                "optim.lr=0.003", "data.workers=0", f"train.output_dir={ft}", config="ssl_tiny.yaml"))
     assert res.returncode == 0, res.stderr[-2000:]
-    res = run([sys.executable, "-m", "vitpipe", "eval", str(ft / "final"), "--data", str(patterns)], env)
+    res = run_here(vitpipe_cmd("eval", str(ft / "final"), "--data", str(patterns)))
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((ft / "final" / "eval.json").read_text())["top1"] > 1 / 3 + 0.3
 

@@ -1,0 +1,43 @@
+"""Stage configs: typed keys, overrides and files, errors that name the key."""
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = ["data.train=x"]
+    with pytest.raises(ConfigError, match="optim.lrr: unknown config key"):
+        load_config(None, [*base, "optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected int, got 'many'"):
+        load_config(None, [*base, "train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"objective.name: unknown objective 'simclr' \(known: mae, mpp, supervised\)"):
+        load_config(None, [*base, "objective.name=simclr"])
+    with pytest.raises(ConfigError, match="objective.mask_ratio: unknown config key for objective mpp"):
+        load_config(None, [*base, "objective.name=mpp", "objective.mask_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"objective.mask_ratio: must be in \[0, 1\)"):
+        load_config(None, [*base, "objective.name=mae", "objective.mask_ratio=1.5"])
+    with pytest.raises(ConfigError, match="objective.color_bits: must be in"):
+        load_config(None, [*base, "objective.name=mpp", "objective.color_bits=0"])
+    mae = load_config(None, [*base, "objective.name=mae", "objective.decoder_depth=2"])
+    assert mae.objective.decoder_depth == 2 and mae.objective.mask_ratio == 0.75
+    # a file's objective section belongs to its objective: switching on the command line replaces it
+    (tmp_path / "mpp.yaml").write_text("objective:\n  name: mpp\n  color_bits: 2\n")
+    switched = load_config(tmp_path / "mpp.yaml", [*base, "objective.decoder_dim=64", "objective.name=mae"])
+    assert switched.objective.name == "mae" and switched.objective.decoder_dim == 64
+    assert load_config(tmp_path / "mpp.yaml", base).objective.color_bits == 2
+    with pytest.raises(ConfigError, match="data.train: required"):
+        load_config(None, [])
+    (tmp_path / "c.yaml").write_text("train:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match="train.bogus: unknown config key"):
+        load_config(tmp_path / "c.yaml", base)
+    cfg = load_config(None, [*base, "optim.lr=1", "model.image_size=[32, 48]", "train.resume=none"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.model.image_size == [32, 48]
+
+
+def test_unknown_objective_is_one_line_and_exit_2(capsys):
+    from pretrain.run import main
+
+    assert main(["data.train=x", "objective.name=simclr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pretrain: error: objective.name: unknown objective 'simclr' (known: mae, mpp, supervised)"]
