@@ -84,12 +84,13 @@ def _modified(name: str, key: str):
     return s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[name].keys[key].last_modified
 
 
-def test_a_killed_upload_resumes_from_the_bucket_byte_identical(s3, tmp_path, cli_env):
+def test_a_killed_upload_resumes_from_the_bucket_byte_identical(s3, tmp_path, env):
+    env = {**env, **{k: os.environ[k] for k in S3_ENV}}  # the server's address, set after the session's env
     src = write_folder(tmp_path / "src", {"a": 60, "b": 60}, size=(120, 200))
     write_files(src / "b", bad_files())
-    assert subprocess.run(_shard_cmd(src, tmp_path / "whole"), env=cli_env, cwd=ROOT).returncode == 0
+    assert subprocess.run(_shard_cmd(src, tmp_path / "whole"), env=env, cwd=ROOT).returncode == 0
     url = f"s3://{bucket(s3, 'killed')}/train"
-    proc = subprocess.Popen(_shard_cmd(src, url), env=cli_env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_shard_cmd(src, url), env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         if _listed(s3, "killed/train/index.json") >= 1:
             os.kill(proc.pid, signal.SIGKILL)
@@ -100,7 +101,7 @@ def test_a_killed_upload_resumes_from_the_bucket_byte_identical(s3, tmp_path, cl
     # what a store without atomic uploads could leave: the next shard, half there, not in the index
     s3.pipe_file(f"killed/train/shard-{listed:06d}.tar", b"half a shard")
     first = _modified("killed", "train/shard-000000.tar")
-    assert subprocess.run(_shard_cmd(src, url), env=cli_env, cwd=ROOT).returncode == 0
+    assert subprocess.run(_shard_cmd(src, url), env=env, cwd=ROOT).returncode == 0
     assert _modified("killed", "train/shard-000000.tar") == first  # a complete shard is not uploaded again
     assert objects(s3, "killed/train") == files(tmp_path / "whole")
 
