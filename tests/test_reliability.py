@@ -170,9 +170,12 @@ HOLD_AND_FORK = """
 import os, sys, time
 from common.lock import FolderLock
 FolderLock(sys.argv[1], "a test holder").acquire()
+started, child_runs = os.pipe()
 if os.fork() == 0:  # a worker forked while the lock is held (a DataLoader or pool worker) outlives the holder
+    os.write(child_runs, b"1")  # past fork(), so past the at-fork hooks: killing the holder now is no race
     time.sleep(60)
     os._exit(0)
+os.read(started, 1)
 print("held", flush=True)
 time.sleep(60)
 """
