@@ -128,6 +128,9 @@ def _check(value, hint, key: str):
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off (yes/on) as a bool: mixed_precision=no
+            value = next((w for w in (("no", "off", "false") if not value else ("yes", "on", "true"))
+                          if w in typing.get_args(hint)), value)
         if value not in typing.get_args(hint):
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, typing.get_args(hint)))}; got {value!r}")
         return value

@@ -41,3 +41,13 @@ def test_unknown_objective_is_one_line_and_exit_2(capsys):
     assert main(["data.train=x", "objective.name=simclr"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pretrain: error: objective.name: unknown objective 'simclr' (known: mae, mpp, supervised)"]
+
+
+def test_a_bare_yaml_no_is_the_word_where_the_key_takes_words(tmp_path):
+    """YAML 1.1 reads a bare `no` as false: the README's train.mixed_precision=no must still mean "no"."""
+    base = ["data.train=x"]
+    assert load_config(None, [*base, "train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "p.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "p.yaml", base).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: must be one of no, bf16, fp16; got True"):
+        load_config(None, [*base, "train.mixed_precision=yes"])
