@@ -229,7 +229,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", choices=["ray"], help="run only this section (default: all)")
-    p.add_argument("--no-s3", action="store_true", help="skip 6 (needs pip install 'vitpipe[s3]' 'moto[server]')")
+    p.add_argument("--no-s3", action="store_true", help="skip 6 (needs s3fs and 'moto[server]': make install includes them)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vitpipe-bench-"))
     try:

@@ -91,7 +91,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ShardError("--engine ray needs Ray: pip install 'vitpipe[ray]'") from None
+        raise ShardError("--engine ray needs Ray: pip install 'ray>=2.10' (make install includes it)") from None
     return ray
 
 

@@ -70,7 +70,7 @@ def filesystem(url: str):
     try:
         return url_to_fs(url)
     except ImportError as e:  # fsspec knows the scheme, its client is not installed ("Install s3fs to access S3")
-        raise StoreError(f"{url}: {e}" + (" (pip install 'vitpipe[s3]')" if name in ("s3", "s3a") else "")) from None
+        raise StoreError(f"{url}: {e}" + (" (pip install s3fs; make install includes it)" if name in ("s3", "s3a") else "")) from None
 
 
 def is_client_error(e: BaseException) -> bool:

@@ -199,7 +199,7 @@ def _shard_verb(sub) -> None:
   vitpipe shard hf:imagefolder:/data/pets shards/pets --resize-shorter 256 --workers 8
   vitpipe shard /data/corpus shards/corpus --part 3/16     # machine 3 of 16, no coordination
   vitpipe shard /shared/corpus /shared/shards --engine ray --ray-address auto --parts 64   # on a Ray cluster
-  vitpipe shard s3://bucket/photos s3://bucket/shards/train # any fsspec URL, in or out (pip install 'vitpipe[s3]')
+  vitpipe shard s3://bucket/photos s3://bucket/shards/train # any fsspec URL, in or out (s3fs: make install includes it)
 """)
     s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
                                "hf:SPEC (hf:imagefolder:DIR, hf:NAME), or a URL (s3://...) of class folders or a "
