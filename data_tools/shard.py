@@ -144,6 +144,11 @@ def _fingerprint(inputs: list[Input]) -> str:
     return h.hexdigest()
 
 
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ between two runs' recorded arguments (missing counts as different)."""
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
 def check_options(opts: ShardOptions) -> None:
     if opts.samples_per_shard < 1:
         raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
@@ -177,8 +182,7 @@ def _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progres
     index = json.loads(text) if text is not None else None
     if index is not None:
         if index.get("args") != identity:
-            diff = sorted(key for key in set(identity) | set(index.get("args", {}))
-                          if identity.get(key) != index.get("args", {}).get(key))
+            diff = differing_keys(identity, index.get("args", {}))
             raise ShardError(f"{index_path}: shards there were made with different arguments ({', '.join(diff)}); "
                              "use --overwrite to start over or another OUT")
         if index.get("input_fingerprint") != fingerprint:

@@ -31,6 +31,7 @@ from data_tools.shard import (  # the private names: one package's part layout (
     _part_inputs,
     _shard_name,
     check_options,
+    differing_keys,
     merge_parts,
     shard,
 )
@@ -155,8 +156,7 @@ def _other_runs(out: Path, src: str, opts: ShardOptions, n: int) -> list[str]:
         if want is None:
             found.append(f"{path.name} (another --parts)")
         elif got != want:
-            keys = sorted(key for key in set(want) | set(got) if want.get(key) != got.get(key))
-            found.append(f"{path.name} (different {', '.join(keys)})")
+            found.append(f"{path.name} (different {', '.join(differing_keys(want, got))})")
     return found
 
 

@@ -1,14 +1,13 @@
 import importlib
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from .helpers import ROOT, S3_ENV, deepspeed_args, launch, launch_env, pretrain_cmd
+from .helpers import ROOT, S3_ENV, deepspeed_args, free_port, launch, launch_env, pretrain_cmd
 
 MAINS = {"pretrain": "pretrain.run", "finetune": "finetune.run", "vitpipe": "vitpipe.cli"}
 
@@ -95,9 +94,7 @@ def s3():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as mp:

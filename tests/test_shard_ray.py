@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from data_tools.verify import verify
 from vitpipe.cli import main
 
 from .corpus import bad_files, write_files, write_folder
+from .helpers import free_port
 
 PARTS = 3
 OPTS = ShardOptions(samples_per_shard=5, encode=EncodeOptions(resize_shorter=40))
@@ -168,9 +168,7 @@ def test_a_part_that_keeps_failing_is_reported_with_its_inputs(ray_address, corp
 
 def test_bad_engine_arguments_and_an_unreachable_cluster_are_one_line(tmp_path, capsys):
     src, out = str(write_folder(tmp_path / "src", {"a": 2})), str(tmp_path / "out")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there once free_port's socket is closed
     # in a process of its own: this one may already hold the module's Ray instance, which the engine would use
     run = subprocess.run([sys.executable, "-m", "vitpipe", "shard", src, out, "--engine", "ray", "--ray-address", closed],
                          capture_output=True, text=True, timeout=120)
