@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from common.errors import VitpipeError
 from common.seeding import seed_for
 from data_tools import store
+from data_tools.shard import parts_progress
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ def _from_index(spec, num_samples: int | None) -> ShardSet:
         text = folder.read_json_text("index.json")
     index_path = folder.where("index.json")
     if text is None:
-        raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
+        with store.errors_for(str(spec)):
+            parts = parts_progress(folder)
+        raise LoaderError(f"{spec}: no index.json " + (f"yet: a --part K/N run is there ({parts[0]})" if parts else
+                                                       "(shard it with vitpipe shard, or list the tars)"))
     index = json.loads(text)
     if not index.get("complete", False):
         raise LoaderError(f"{index_path}: sharding did not finish")

@@ -75,8 +75,35 @@ def _shard(args) -> None:
     )
     index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
                        ray_address=args.ray_address, parts=args.parts)
-    print(f"{args.out}: {index['total_samples']} samples in {len(index['shards'])} shards, "
-          f"{len(index['skipped'])} inputs skipped (listed with reasons in the index)")
+    for line in _shard_summary(args.out, index):
+        print(line)
+
+
+SKIPS_SHOWN = 5  # skipped inputs named on the console; index.json lists them all
+
+
+def _shard_summary(out: str, index: dict) -> list[str]:
+    """What a shard run wrote (a part's share, and what its set still waits for), and the first skipped inputs."""
+    from common.text import plural
+    from data_tools.shard import parts_progress
+    from data_tools.store import shard_folder
+
+    skipped = index["skipped"]
+    part = f"part {index['part']}: " if "part" in index else ""
+    lines = [f"{out}: {part}{plural(index['total_samples'], 'sample')} in {plural(len(index['shards']), 'shard')}, "
+             f"{plural(len(skipped), 'input')} skipped" + (", the first:" if len(skipped) > SKIPS_SHOWN else
+                                                           ":" if skipped else "")]
+    lines += [f"  {s['source']}: {s['reason']}" for s in skipped[:SKIPS_SHOWN]]
+    if len(skipped) > SKIPS_SHOWN:
+        lines.append(f"  ... and {len(skipped) - SKIPS_SHOWN} more")
+    if skipped:
+        lines.append(f"every skipped input is listed with its reason in {'its part record' if part else 'index.json'} "
+                     "('skipped')")
+    if part and (progress := parts_progress(shard_folder(out))):
+        words, every_part = progress
+        lines.append(f"{out}: {words}; " + ("index.json lists the whole set" if every_part else
+                                            "the last part to complete writes index.json"))
+    return lines
 
 
 def _verify(args) -> int:
