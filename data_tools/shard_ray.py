@@ -144,11 +144,10 @@ def _clear_or_refuse_other_runs(folder: LocalFolder | RemoteFolder, src: str, op
         if isinstance(folder, LocalFolder):
             for name in [LOCK] + [_lock_name(replace(opts, part=(k, n))) for k in range(n)]:
                 locks.enter_context(FolderLock(folder.path, "vitpipe shard --engine ray --overwrite", name))
-            folder.clean_partial(f"{opts.prefix}-*.tar", lambda name: is_shard_file(name, opts.prefix))
-        for pattern in (INDEX, "index.part-*-of-*.json", f"{opts.prefix}-*.tar"):
-            for name in folder.sizes(pattern):
-                if pattern != f"{opts.prefix}-*.tar" or is_shard_file(name, opts.prefix):
-                    folder.remove(name)
+        shards, ours = f"{opts.prefix}-*.tar", lambda name: is_shard_file(name, opts.prefix)
+        folder.clean_partial(shards, ours)
+        for name in [*folder.sizes(INDEX), *folder.sizes("index.part-*-of-*.json"), *filter(ours, folder.sizes(shards))]:
+            folder.remove(name)
 
 
 def _other_runs(folder: LocalFolder | RemoteFolder, src: str, opts: ShardOptions, n: int) -> list[str]:
