@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from common.errors import VitpipeError
 from common.seeding import seed_for
 from data_tools import store
+from data_tools.index import parse_index
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _from_index(spec, num_samples: int | None) -> ShardSet:
     index_path = folder.where("index.json")
     if text is None:
         raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
-    index = json.loads(text)
+    index = parse_index(text, index_path)
     if not index.get("complete", False):
         raise LoaderError(f"{index_path}: sharding did not finish")
     if not index["shards"]:
@@ -90,7 +91,7 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
         parents = {p.parent for p in local}
         index_path = parents.pop() / "index.json" if len(parents) == 1 else None
         if index_path and index_path.is_file():
-            index = json.loads(index_path.read_text())
+            index = parse_index(index_path.read_text(), str(index_path))
             counts = {s["name"]: s["count"] for s in index["shards"]}
             if all(p.name in counts for p in local):
                 shard_counts = {u: counts[p.name] for u, p in zip(urls, local)}
