@@ -186,3 +186,123 @@ def test_yaml_aliases_within_the_limit_still_work(tmp_path):
     path.write_text("data:\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\n  train: x\n")
     cfg = load_config(path)
     assert cfg.data.std == [0.5, 0.5, 0.5]
+
+
+# ---- damaged shards: inspect and eval -----------------------------------------------------------------------
+
+def zero_images(folder):
+    """Overwrite every stored image with zeros in place: the tars stay valid and the same size, nothing decodes."""
+    import tarfile
+
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            spans = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+        with open(path, "r+b") as f:
+            for offset, size in spans:
+                f.seek(offset)
+                f.write(bytes(size))
+
+
+@pytest.fixture
+def undecodable(small_shards, tmp_path):
+    folder = tmp_path / "undecodable"
+    shutil.copytree(small_shards, folder)
+    zero_images(folder)
+    return folder
+
+
+def test_inspect_lists_empty_cut_and_undecodable_shards(small_shards, tmp_path, capsys):
+    folder = tmp_path / "shards"
+    shutil.copytree(small_shards, folder)
+    zero_images(folder)  # whole tars in which no image decodes
+    (folder / "shard-000000.tar").write_bytes(b"")
+    cut = folder / "shard-000001.tar"
+    cut.write_bytes(cut.read_bytes()[:1500])
+    capsys.readouterr()
+    assert cli(["inspect", str(folder), "--grid", str(tmp_path / "grid.png")]) == 1
+    out, err = capsys.readouterr()
+    assert "12 samples in 3 shards" in out and f"wrote {tmp_path / 'grid.png'} (0 images)" in out
+    lines = err.strip().splitlines()
+    assert lines[0] == "shard-000000.tar: unreadable after 0 samples (truncated: empty file)"
+    assert lines[1] == "shard-000001.tar: unreadable after 0 samples (truncated: cut inside a tar header)"
+    assert sum("does not decode" in line for line in lines) == 4 and "Traceback" not in err
+    assert lines[-1].endswith("problem(s) above; vitpipe verify " + str(folder) + " checks every shard")
+
+
+def test_eval_where_nothing_decodes_is_one_line(undecodable, tiny_ckpt, tmp_path, capsys):
+    line = one_line_error(capsys, ["eval", str(tiny_ckpt), "--data", str(undecodable), "--out", str(tmp_path / "e")])
+    assert line == (f"vitpipe eval: error: {undecodable}: no sample decodes (12 lost to damaged shards or images; "
+                    f"vitpipe verify {undecodable} names them)")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_eval_refuses_more_shots_than_a_class_has(small_shards, tiny_ckpt, tmp_path, capsys):
+    argv = ["eval", str(tiny_ckpt), "--data", str(small_shards), "--fewshot-train", str(small_shards),
+            "--out", str(tmp_path / "e"), "--seeds", "1", "--shots"]
+    assert one_line_error(capsys, argv + ["1", "1000"]) == (
+        f"vitpipe eval: error: --shots 1000: {small_shards} has only 6 decodable images of class 'a' (the fewest of "
+        "any class); use --shots up to 6")
+    capsys.readouterr()
+    assert cli(argv + ["6"]) == 0
+    assert "6-shot linear" in capsys.readouterr().out
+
+
+# ---- a diverged (NaN) model ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def nan_ckpt(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_ckpt, folder)
+    state = load_file(folder / "model.safetensors")
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_a_nan_model_is_named_by_eval_and_refused_by_export_and_push_unless_forced(
+        nan_ckpt, small_shards, tmp_path, capsys):
+    line = one_line_error(capsys, ["eval", str(nan_ckpt), "--data", str(small_shards), "--out", str(tmp_path / "e")])
+    assert line == (f"vitpipe eval: error: {nan_ckpt}: the model's weights hold NaN or inf "
+                    "(blocks.0.attn.qkv.weight): the training run diverged")
+    refusal = (f"{nan_ckpt}: the model's weights hold NaN or inf (blocks.0.attn.qkv.weight); refusing to share it "
+               "(--force to export it anyway)")
+    assert one_line_error(capsys, ["export", str(nan_ckpt), str(tmp_path / "x")]) == f"vitpipe export: error: {refusal}"
+    assert not (tmp_path / "x").exists()
+    assert one_line_error(capsys, ["push", str(nan_ckpt), "--repo-id", "team/m", "--dry-run"]) == \
+        f"vitpipe push: error: {refusal}"
+    assert cli(["export", str(nan_ckpt), str(tmp_path / "x"), "--force"]) == 0
+    assert (tmp_path / "x" / "model.safetensors").is_file()
+    assert cli(["push", str(nan_ckpt), "--repo-id", "team/m", "--dry-run", "--force"]) == 0
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc", "team/../x", "a/b/c", "x-", "team/m.git", "team--m", ""])
+def test_push_dry_run_refuses_a_repo_id_the_hub_would_not_take(tiny_ckpt, capsys, repo_id):
+    line = one_line_error(capsys, ["push", str(tiny_ckpt), "--repo-id", repo_id, "--dry-run"])
+    assert line.startswith(f"vitpipe push: error: --repo-id: {repo_id!r} is not a hub repository id (")
+
+
+# ---- checkpoints that ask for more than they hold ----------------------------------------------------------
+
+@pytest.mark.parametrize("change,message", [
+    ({"depth": 1_000_000}, "asks for depth 1000000 but {weights} holds 1 blocks"),
+    ({"embed_dim": 65536, "num_heads": 2}, "{weights} (against {config}): tensor cls_token has shape (1, 1, 16), "
+                                           "the model expects (1, 1, 65536)"),
+    ({"mlp_dim": 10**9}, "{weights} (against {config}): tensor blocks.0.mlp.fc1.weight has shape (32, 16), "
+                         "the model expects (1000000000, 16)"),
+])
+def test_a_checkpoint_config_asking_for_a_huge_model_is_refused_before_allocating(
+        tiny_ckpt, tmp_path, capsys, change, message):
+    import resource
+
+    folder = tmp_path / "huge"
+    shutil.copytree(tiny_ckpt, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"].update(change)
+    (folder / "config.json").write_text(json.dumps(meta))
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = one_line_error(capsys, ["export", str(folder), str(tmp_path / "x")])
+    assert line.endswith(message.format(weights=weights, config=config))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing near the model's size

@@ -32,7 +32,7 @@ def _init(args) -> None:
 def _export(args) -> None:
     from finetune.share import export_with_card
 
-    for note in export_with_card(args.ckpt, args.out, args.format):
+    for note in export_with_card(args.ckpt, args.out, args.format, force=args.force):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out} ({args.format} format, with a model card)")
 
@@ -44,7 +44,7 @@ def _eval(args) -> None:
     model, info = load_model(args.ckpt)
     report = evaluate(model, info, args.data, args.out or args.ckpt, fewshot_train=args.fewshot_train,
                       shots=tuple(args.shots), seeds=args.seeds, probe=args.linear_probe,
-                      batch_size=args.batch_size, workers=args.workers)
+                      batch_size=args.batch_size, workers=args.workers, where=args.ckpt)
     print(summary(report))
     print(f"report: {args.out or args.ckpt}/eval.json")
 
@@ -52,7 +52,7 @@ def _eval(args) -> None:
 def _push(args) -> None:
     from finetune.share import push
 
-    files = push(args.ckpt, args.repo_id, args.format, args.private, args.revision, args.dry_run)
+    files = push(args.ckpt, args.repo_id, args.format, args.private, args.revision, args.dry_run, force=args.force)
     verb = "would upload" if args.dry_run else "uploaded"
     for name, size in files:
         print(f"{verb} {name} ({size} bytes)")
@@ -96,10 +96,18 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
-def _inspect(args) -> None:
+def _inspect(args) -> int:
     from data_tools.verify import inspect
 
-    print(inspect(args.shards, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
+    text, problems = inspect(args.shards, show=args.samples, grid=args.grid, grid_size=args.grid_size,
+                             seed=args.seed)
+    print(text)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"{args.shards}: {len(problems)} problem(s) above; vitpipe verify {args.shards} checks every shard",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _plot(args) -> None:
@@ -349,6 +357,7 @@ def _export_verb(sub) -> None:
     s.add_argument("out", help="folder to write")
     s.add_argument("--format", choices=EXPORT_FORMATS, default="vitpipe", metavar="FORMAT",
                    help="layout to write: %(choices)s")
+    s.add_argument("--force", action="store_true", help="export even a model whose weights hold NaN or inf")
     s.set_defaults(run=_export)
 
 
@@ -364,6 +373,7 @@ def _push_verb(sub) -> None:
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--revision", help="branch to upload to (created if missing; default: main)")
     s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
+    s.add_argument("--force", action="store_true", help="upload even a model whose weights hold NaN or inf")
     s.set_defaults(run=_push)
 
 
