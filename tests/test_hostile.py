@@ -306,3 +306,122 @@ def test_a_checkpoint_config_asking_for_a_huge_model_is_refused_before_allocatin
     line = one_line_error(capsys, ["export", str(folder), str(tmp_path / "x")])
     assert line.endswith(message.format(weights=weights, config=config))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing near the model's size
+
+
+# ---- images: exotic pixel modes, tiny files that decode or resize huge --------------------------------------
+
+def _encoded_pixels(img, fmt: str = "TIFF", **kw):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_tools.images import EncodeOptions, encode
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    enc = encode(buf.getvalue(), EncodeOptions())
+    return np.asarray(Image.open(io.BytesIO(enc.data)).convert("RGB"))
+
+
+def test_exotic_pixel_modes_become_the_right_rgb():
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    got = _encoded_pixels(Image.fromarray(ramp, "F"))  # a scientific float TIFF, values 0..1
+    np.testing.assert_allclose(got[..., 0], np.round(ramp * 255), atol=1)
+    assert got.max() == 255 and (got[..., 0] == got[..., 2]).all()
+    wide = Image.fromarray((ramp * 200).astype(np.float32), "F")  # a float TIFF already in 0..255 stays as it is
+    np.testing.assert_allclose(_encoded_pixels(wide)[..., 1], np.round(ramp * 200), atol=1)
+    sixteen = Image.fromarray((ramp * 65535).astype(np.uint16))  # mode I;16
+    np.testing.assert_allclose(_encoded_pixels(sixteen, "PNG")[..., 0], np.round(ramp * 255), atol=1)
+    la = Image.fromarray(np.dstack([np.full((8, 8), 40, np.uint8), np.where(ramp > 0.5, 255, 0).astype(np.uint8)]),
+                         "LA")
+    got = _encoded_pixels(la, "PNG")
+    assert (got[ramp > 0.5] == 40).all() and (got[ramp <= 0.5] == 255).all()  # transparent -> white
+    p = Image.fromarray(np.where(ramp > 0.5, 1, 0).astype(np.uint8), "P")
+    p.putpalette([200, 10, 10, 0, 0, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    got = _encoded_pixels(p, "PNG", transparency=1)
+    assert (got[ramp <= 0.5] == [200, 10, 10]).all() and (got[ramp > 0.5] == 255).all()
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in ink
+    got = _encoded_pixels(cmyk, "JPEG", quality=100)
+    assert got[..., 0].min() > 230 and got[..., 1:].max() < 25
+
+
+def test_a_pixel_mode_with_no_rgb_conversion_is_a_skip_naming_it():
+    from PIL import Image
+
+    from data_tools.images import BadImage, to_rgb
+
+    with pytest.raises(BadImage, match="^unsupported pixel mode La "):
+        to_rgb(Image.new("La", (4, 4)))  # PIL has no conversion from premultiplied gray + alpha
+    assert to_rgb(Image.new("LAB", (4, 4))).mode == "RGB"
+
+
+def test_a_tiny_image_that_would_resize_huge_is_a_listed_skip_decided_before_decoding(tmp_path):
+    import resource
+
+    from PIL import Image
+
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    Image.new("L", (100_000, 1)).save(src / "line.png")
+    assert (src / "line.png").stat().st_size < 1000
+    write_folder(tmp_path / "src", {"a": 2}, size=(24, 32))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    index = shard(str(tmp_path / "src"), tmp_path / "out",
+                  ShardOptions(encode=__import__("data_tools.images").images.EncodeOptions(resize_shorter=64)),
+                  progress=False)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # KiB; 1.2 GB unchecked
+    assert index["total_samples"] == 2
+    assert [(s["source"], s["reason"]) for s in index["skipped"]] == [
+        ("a/line.png", "resized image too large (100000x1 resized to 6400000x64 = 409600000 pixels > 89478485; "
+                       "--max-side caps it)")]
+
+
+# ---- corpus listings: names, labels -------------------------------------------------------------------------
+
+def test_a_file_name_that_is_not_utf8_is_a_listed_skip_with_its_bytes_escaped(tmp_path):
+    import os
+
+    src = write_folder(tmp_path / "src", {"a": 3, "b": 3}, size=(24, 32))
+    os.rename(src / "a" / "00000.jpg", os.fsencode(src / "a") + b"/bad\xff\xfe.jpg")
+    os.mkdir(os.fsencode(src) + b"/c\xff")
+    (src / "b" / "00000.jpg").rename(os.fsdecode(os.fsencode(src) + b"/c\xff/x.jpg"))
+    index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=4), progress=False)
+    assert index["complete"] and index["total_samples"] == 4 and index["classes"] == ["a", "b"]
+    assert sorted((s["source"], s["reason"]) for s in index["skipped"]) == [
+        ("a/bad\\xff\\xfe.jpg", "file name is not valid UTF-8 (skipped; rename it)"),
+        ("c\\xff", "folder name is not valid UTF-8 (skipped; rename it)")]
+    assert verify(tmp_path / "out") == ([], [])
+
+
+def test_manifest_rows_without_a_label_are_refused_when_others_have_one(tmp_path):
+    from data_tools.sources import SourceError, read_manifest
+
+    write_folder(tmp_path, {"a": 3}, size=(24, 32))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na/00000.jpg,cat\na/00001.jpg,\na/00002.jpg,dog\n")
+    with pytest.raises(SourceError) as e:
+        read_manifest(manifest, None, None)
+    assert str(e.value) == (f"{manifest}: row 2 has no 'label' but 2 of 3 rows do; label every row (or none, for an "
+                            "unlabelled corpus)")
+    manifest.write_text("path,label\na/00000.jpg,\na/00001.jpg,\n")  # no labels at all: an unlabelled corpus
+    assert [i.label for i in read_manifest(manifest, None, None).inputs] == [None, None]
+
+
+def test_one_path_listed_with_two_labels_is_refused_and_listed_twice_is_one_sample(tmp_path):
+    from data_tools.sources import SourceError, read_manifest
+
+    write_folder(tmp_path, {"a": 2}, size=(24, 32))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na/00000.jpg,cat\na/00001.jpg,dog\na/00000.jpg,dog\n")
+    with pytest.raises(SourceError) as e:
+        read_manifest(manifest, None, None)
+    assert str(e.value) == f"{manifest}: a/00000.jpg is listed with different labels ('cat' in row 1, 'dog' in row 3)"
+    manifest.write_text("path,label\na/00000.jpg,cat\na/00001.jpg,dog\na/00000.jpg,cat\n")
+    index = shard(str(manifest), tmp_path / "out", progress=False)
+    assert index["total_samples"] == 2
+    assert [(s["source"], s["reason"]) for s in index["skipped"]] == [("a/00000.jpg", "listed again (row 1 has it)")]
