@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import random
 import tarfile

@@ -30,7 +30,6 @@ from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
 
 
-
 class ShardError(VitpipeError, ValueError):
     """Bad arguments or an output folder in a state we must not touch; one line for the user."""
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from common.errors import VitpipeError
 from common.disk import free_space
+from common.errors import VitpipeError
 from finetune.evaluate import load_report
 from vit import export_checkpoint, load_model, nonfinite_parameters
 

@@ -425,3 +425,95 @@ def test_one_path_listed_with_two_labels_is_refused_and_listed_twice_is_one_samp
     index = shard(str(manifest), tmp_path / "out", progress=False)
     assert index["total_samples"] == 2
     assert [(s["source"], s["reason"]) for s in index["skipped"]] == [("a/00000.jpg", "listed again (row 1 has it)")]
+
+
+# ---- training: evaluation sets where nothing decodes, resuming another shape, file modes, final/ on a full disk
+
+def _pretrain(run_here, *overrides):
+    from .helpers import pretrain_cmd
+
+    return run_here(pretrain_cmd("data.workers=0", "data.batch_size=4", "train.checkpoint_every=1", *overrides))
+
+
+@pytest.mark.parametrize("key", ["data.val", "data.monitor"])
+def test_validation_and_monitor_where_nothing_decodes_stop_in_one_line(small_shards, undecodable, tmp_path, run_here,
+                                                                      key):
+    res = _pretrain(run_here, f"data.train={small_shards}", f"{key}={undecodable}", "train.max_steps=1",
+                    f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {key}: no sample of {undecodable} decodes; the "
+        f"{'validation loss' if key == 'data.val' else 'kNN monitor'} would be NaN (vitpipe verify names the damage)")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resuming_a_model_of_another_depth_is_one_line_whatever_resume_mismatch_says(small_shards, tmp_path, run_here):
+    out = tmp_path / "run"
+    first = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=1", f"train.output_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    res = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=2", f"train.output_dir={out}",
+                    "model.depth=3", "train.resume_mismatch=allow")
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert line == (f"pretrain: error: train.resume: {out / 'checkpoints' / 'step_00000001'} holds a model of another "
+                    "shape than this run's (12 tensors differ, e.g. blocks.2.attn.proj.bias missing vs (64,): "
+                    "checkpoint vs run); it cannot be resumed whatever train.resume_mismatch says: "
+                    "train.resume=none with another train.output_dir to start over")
+
+
+def test_checkpoint_state_files_follow_the_umask(small_shards, tmp_path, run_here):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        res = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=1",
+                        f"train.output_dir={tmp_path / 'run'}")
+    finally:
+        os.umask(old)
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = [p for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" and p.parent.name == "state" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs), for writes that run out of room; needs the right to mount."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_writing_final_on_a_full_disk_is_one_line_with_the_folder_and_free_space(small_disk):
+    from types import SimpleNamespace
+
+    from common.errors import TrainingError
+    from pretrain.checkpoints import finish
+
+    model = small_disk / "checkpoints" / "step_00000005" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(bytes(150_000))  # the checkpoint fits, a second copy does not
+    (model / "config.json").write_text("{}")
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(TrainingError) as e:
+        finish(SimpleNamespace(accelerator=accelerator, out=small_disk, pos=SimpleNamespace(step=5)))
+    assert str(e.value).startswith(f"{small_disk / 'final'}: writing the final model failed (No space left on "
+                                   f"device; 0.")
+    assert str(e.value).endswith(f"GiB free on {small_disk}); the checkpoint it copies is complete: {model}")
+    assert not (small_disk / "final").exists()
+
+
+def test_export_on_a_full_disk_is_one_line_with_the_folder_and_free_space(small_disk, tmp_path, capsys):
+    ckpt = tmp_path / "wide"
+    assert cli(["init", "vit_ti4", str(ckpt), "--img-size", "16", "--embed-dim", "64", "--depth", "2",
+                "--num-heads", "2", "--mlp-dim", "256", "--num-classes", "2", "--seed", "0"]) == 0
+    assert (ckpt / "model.safetensors").stat().st_size > 300_000
+    line = one_line_error(capsys, ["export", str(ckpt), str(small_disk / "out")])
+    assert line.startswith(f"vitpipe export: error: {small_disk / 'out'}: cannot write the export (")
+    assert line.endswith(f"GiB free on {small_disk / 'out'})")
