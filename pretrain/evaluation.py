@@ -118,7 +118,7 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()
-    for (name, (_, labels)), key, shards in zip(sets.items(), ("data.monitor", "data.monitor_bank"), (queries, bank)):
+    for (_, labels), key, shards in zip(sets.values(), ("data.monitor", "data.monitor_bank"), (queries, bank)):
         if len(labels) == 0:  # gathered: the same on every rank
             raise TrainingError(f"{key}: no sample of {_named(shards)} decodes; the kNN monitor would be NaN "
                                 f"(vitpipe verify names the damage)")
