@@ -517,3 +517,30 @@ def test_export_on_a_full_disk_is_one_line_with_the_folder_and_free_space(small_
     line = one_line_error(capsys, ["export", str(ckpt), str(small_disk / "out")])
     assert line.startswith(f"vitpipe export: error: {small_disk / 'out'}: cannot write the export (")
     assert line.endswith(f"GiB free on {small_disk / 'out'})")
+
+
+def test_a_relative_deepspeed_config_is_found_from_any_folder_or_named_in_one_line(tmp_path, monkeypatch):
+    from pretrain.launch import CHECKOUT, DEEPSPEED_CONFIG, resolve_deepspeed_config
+
+    monkeypatch.chdir(tmp_path)  # a launch from outside the checkout
+    env = {DEEPSPEED_CONFIG: "configs/deepspeed/zero2.json"}
+    resolve_deepspeed_config(env)
+    assert env[DEEPSPEED_CONFIG] == str(CHECKOUT / "configs" / "deepspeed" / "zero2.json")
+    (tmp_path / "mine.json").write_text("{}")
+    env = {DEEPSPEED_CONFIG: "mine.json"}  # the user's own, beside them: kept as it is
+    resolve_deepspeed_config(env)
+    assert env[DEEPSPEED_CONFIG] == "mine.json"
+    with pytest.raises(ConfigError) as e:
+        resolve_deepspeed_config({DEEPSPEED_CONFIG: "configs/deepspeed/zero9.json"})
+    assert str(e.value) == (f"configs/deepspeed/zero9.json: the DeepSpeed config that the accelerate config's "
+                            f"deepspeed_config_file names does not exist (a relative path is looked for in {tmp_path} "
+                            f"and in {CHECKOUT})")
+
+
+def test_an_uppercase_url_scheme_is_the_same_store(s3, tmp_path):
+    s3.mkdir("upper")
+    write_folder(tmp_path / "src", {"a": 2, "b": 2}, size=(24, 32))
+    index = shard(str(tmp_path / "src"), "S3://upper/shards", ShardOptions(samples_per_shard=2), progress=False)
+    assert index["total_samples"] == 4 and s3.exists("upper/shards/index.json")
+    assert verify("S3://upper/shards") == ([], [])
+    assert resolve_shards("S3://upper/shards").num_samples == 4
