@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import tarfile
@@ -15,20 +14,7 @@ from common.io import atomic_path
 from data_tools.images import decode_rgb
 from data_tools.shard import INDEX, read_index
 from data_tools.store import LocalFolder, RemoteFolder, errors_for, shard_folder
-from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
-
-
-class _Hashing:
-    """A reader that hashes and counts what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
+from data_tools.tars import IMAGE_EXTS, HashingReader, image_bytes, read_tar
 
 
 def check_shard(folder: LocalFolder | RemoteFolder, entry: dict, decode: bool = True) -> str | None:
@@ -38,10 +24,9 @@ def check_shard(folder: LocalFolder | RemoteFolder, entry: dict, decode: bool = 
     except FileNotFoundError:
         return f"{entry['name']}: missing"
     with f:
-        stream = _Hashing(f)
+        stream = HashingReader(f)
         count, bad, error = _read_samples(folder.where(entry["name"]), stream, decode)
-        while stream.read(1 << 20):  # the end-of-archive padding, for the size and the hash
-            pass
+        stream.drain()
     problems = []
     if stream.size != entry["bytes"]:
         problems.append(f"size {stream.size} != {entry['bytes']} in index")

@@ -324,7 +324,7 @@ def validate(cfg: Config) -> None:
                 "train.max_steps": (t.max_steps, 0), "schedule.warmup_steps": (s.warmup_steps, 0),
                 "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
                 "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),
-                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0)}
+                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0), "train.seed": (t.seed, 0)}
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
@@ -342,6 +342,8 @@ def validate(cfg: Config) -> None:
     for key, (value, text, ok) in within.items():
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be in {text}, got {value}")
+    if t.seed >= 2**63:
+        raise ConfigError(f"train.seed: must be < 2**63, got {t.seed}")
     if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
         raise ConfigError(f"optim.betas: must be two values in [0, 1), got {op.betas}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):

@@ -544,3 +544,36 @@ def test_an_uppercase_url_scheme_is_the_same_store(s3, tmp_path):
     assert index["total_samples"] == 4 and s3.exists("upper/shards/index.json")
     assert verify("S3://upper/shards") == ([], [])
     assert resolve_shards("S3://upper/shards").num_samples == 4
+
+
+def test_a_shard_replaced_by_another_whole_tar_of_the_same_size_stops_training(small_shards, tmp_path, run_here):
+    from data_tools.tars import TarWriter, read_tar
+
+    folder = tmp_path / "shards"
+    shutil.copytree(small_shards, folder)
+    victim = folder / "shard-000001.tar"
+    samples = list(read_tar(victim))
+    size = victim.stat().st_size
+    with open(victim, "wb") as f:  # the same samples in another order: a sound tar, every image decodes
+        writer = TarWriter(f)
+        for sample in reversed(samples):
+            writer.write(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+        writer.close()
+    assert victim.stat().st_size == size
+    problems, _ = verify(folder)
+    assert problems == ["shard-000001.tar: sha256 differs from index"]
+    res = _pretrain(run_here, f"data.train={folder}", "train.max_steps=4", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {victim}: reads as a whole tar but its sha256 is not the one index.json lists: another "
+        "file replaced it (vitpipe verify checks every shard); stopping rather than training on it")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.seed=-1", "train.seed: must be >= 0, got -1"),
+    ("train.seed=9223372036854775808", "train.seed: must be < 2**63, got 9223372036854775808"),
+])
+def test_the_seed_is_range_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["data.train=x", override])
+    assert str(e.value) == message
