@@ -245,6 +245,20 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping, read with the strict loader (no duplicate keys, bounded aliases)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
     """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults).
 
@@ -254,15 +268,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     cfg = base or Config()
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file does not exist")
-        try:
-            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
-        except yaml.YAMLError as e:
-            raise _yaml_error(str(path), e) from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = read_yaml(path)
     given: dict = {}
     seen: dict[str, str] = {}
     for text in overrides:

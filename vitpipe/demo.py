@@ -327,9 +327,9 @@ def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed
 
 def objective_name(budget: Budget) -> str:
     """The pretraining objective the demo runs: its config's, unless an override changes it."""
-    import yaml
+    from pretrain.config import read_yaml
 
-    name = yaml.safe_load((CONFIGS / "pretrain" / budget.pretrain_config).read_text())["objective"]["name"]
+    name = read_yaml(CONFIGS / "pretrain" / budget.pretrain_config)["objective"]["name"]
     overrides = [a.split("=", 1)[1] for a in budget.pretrain_args if a.startswith("objective.name=")]
     return overrides[-1] if overrides else name
 
