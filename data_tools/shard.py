@@ -183,7 +183,7 @@ def _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progres
     index_name = _index_name(opts)
     index_path = folder.where(index_name)
     text = None if overwrite else folder.read_json_text(index_name)
-    index = json.loads(text) if text is not None else None
+    index = parse_index(text, index_path) if text is not None else None
     if index is not None:
         if index.get("args") != identity:
             diff = differing_keys(identity, index.get("args", {}))

@@ -577,3 +577,14 @@ def test_the_seed_is_range_checked(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["data.train=x", override])
     assert str(e.value) == message
+
+
+def test_rerunning_shard_into_a_folder_with_a_malformed_index_is_one_line(small_shards, tmp_path, capsys):
+    folder = tmp_path / "shards"
+    shutil.copytree(small_shards, folder)
+    _tamper(folder, lambda i: dict(i, shards=None))
+    src = small_shards.parent / "src"
+    line = one_line_error(capsys, ["shard", str(src), str(folder), "--samples-per-shard", "4"])
+    assert line == f"vitpipe shard: error: {folder / 'index.json'}: field 'shards': expected a list of shards, got null"
+    assert cli(["shard", str(src), str(folder), "--samples-per-shard", "4", "--overwrite"]) == 0
+    assert verify(folder) == ([], [])
