@@ -168,7 +168,7 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
 def _check_digest(url: str, stream: HashingReader, digests: dict[str, str] | None) -> None:
     if digests and url in digests and stream.sha.hexdigest() != digests[url]:
         raise LoaderError(f"{url}: reads as a whole tar but its sha256 is not the one index.json lists: another "
-                          "file replaced it (vitpipe verify checks every shard); stopping rather than training on it")
+                          "file replaced it (vitpipe verify checks every shard); stopping rather than using it")
 
 
 class _SkipCounter:

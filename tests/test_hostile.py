@@ -205,9 +205,14 @@ def zero_images(folder):
 
 @pytest.fixture
 def undecodable(small_shards, tmp_path):
+    """Shards whose index matches them (sha256 included) and in which no image decodes."""
+    import hashlib
+
     folder = tmp_path / "undecodable"
     shutil.copytree(small_shards, folder)
     zero_images(folder)
+    _tamper(folder, lambda i: dict(i, shards=[dict(s, sha256=hashlib.sha256((folder / s["name"]).read_bytes())
+                                                   .hexdigest()) for s in i["shards"]]))
     return folder
 
 
@@ -566,7 +571,7 @@ def test_a_shard_replaced_by_another_whole_tar_of_the_same_size_stops_training(s
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
         f"pretrain: error: {victim}: reads as a whole tar but its sha256 is not the one index.json lists: another "
-        "file replaced it (vitpipe verify checks every shard); stopping rather than training on it")
+        "file replaced it (vitpipe verify checks every shard); stopping rather than using it")
 
 
 @pytest.mark.parametrize("override,message", [
