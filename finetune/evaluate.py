@@ -193,10 +193,10 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
 
 def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
     """Every class has at least max(shots) examples, else a K-shot result would silently be a fewer-shot one."""
-    counts = torch.bincount(labels, minlength=len(classes))
-    fewest = int(counts.argmin())
     if len(labels) == 0:
         raise EvalError(f"{data}: no few-shot training sample decodes (vitpipe verify {data} names the damage)")
+    counts = torch.bincount(labels, minlength=len(classes))
+    fewest = int(counts.argmin())
     if max(shots) > counts[fewest]:
         raise EvalError(f"--shots {max(shots)}: {data} has only {int(counts[fewest])} decodable images of class "
                         f"{classes[fewest]!r} (the fewest of any class); use --shots up to {int(counts[fewest])}")
