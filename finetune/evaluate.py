@@ -199,7 +199,8 @@ def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
     fewest = int(counts.argmin())
     if max(shots) > counts[fewest]:
         raise EvalError(f"--shots {max(shots)}: {data} has only {int(counts[fewest])} decodable images of class "
-                        f"{classes[fewest]!r} (the fewest of any class); use --shots up to {int(counts[fewest])}")
+                        f"{classes[fewest] if fewest < len(classes) else fewest!r} (the fewest of any class); use "
+                        f"--shots up to {int(counts[fewest])}")
 
 
 def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Path | None = None,
