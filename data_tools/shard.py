@@ -40,14 +40,10 @@ from tqdm import tqdm
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
+from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT, parse_index
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
-
-INDEX = "index.json"
-INDEX_FORMAT = "vitpipe-shards"
-INDEX_VERSION = 2  # 2: shards are fixed ranges of the input order (1: boundaries followed the parts)
-LAYOUT = "fixed-ranges"
 
 
 class ShardError(VitpipeError, ValueError):
@@ -221,9 +217,16 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
-def check_options(opts: ShardOptions) -> None:
-    if opts.samples_per_shard < 1:
-        raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
+def check_options(opts: ShardOptions, workers: int = 1) -> None:
+    """Every number the CLI range-checks, checked again here for callers of the Python API."""
+    e = opts.encode
+    at_least_one = {"--samples-per-shard": opts.samples_per_shard, "--workers": workers,
+                    "--resize-shorter": e.resize_shorter, "--max-side": e.max_side, "--max-pixels": e.max_pixels}
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ShardError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= e.quality <= 100:
+        raise ShardError(f"--quality must be in [1, 100], got {e.quality}")
     if not 0 <= opts.shuffle_seed < 2**32:
         raise ShardError(f"--shuffle-seed must be in [0, 2**32), got {opts.shuffle_seed}")
 
@@ -235,7 +238,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     ``merge=False``: a part does not write ``index.json`` when it completes the set (a driver that runs
     every part merges once, itself).
     """
-    check_options(opts)
+    check_options(opts, workers)
     folder = shard_folder(out)
     folder.prepare()
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
@@ -282,13 +285,9 @@ def complete_set(folder, src: str, opts: ShardOptions, inputs: list[Input]) -> d
 
 
 def _read_json(folder, name: str) -> dict | None:
+    """An index or part record, checked field by field (``data_tools.index``); None when there is none."""
     text = folder.read_json_text(name)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{folder.where(name)}: not valid JSON ({e}); use --overwrite to start over") from None
+    return None if text is None else parse_index(text, folder.where(name))
 
 
 def _is_the_set(index: dict | None, identity: dict, fingerprint: str) -> bool:
@@ -558,10 +557,4 @@ def read_index(folder: str | os.PathLike) -> dict:
             raise ShardError(f"{path}: missing: this folder holds a --part K/N run ({parts[0]}); the last part to "
                              "complete writes it" + ("" if not parts[1] else ", and a rerun of any part does"))
         raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
-    try:
-        index = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise ShardError(f"{path}: not a vitpipe shard index")
-    return index
+    return parse_index(text, path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.errors import USER_ERRORS, user_message
+from common.errors import USER_ERRORS, VitpipeError, user_message
 from common.lock import LOCK, FolderBusy, FolderLock
 from data_tools.shard import (  # the private names: one package's part layout (names, locks, records)
     INDEX,
@@ -235,5 +235,5 @@ def _progress(folder: LocalFolder | RemoteFolder, record: str, lo: int) -> tuple
     try:
         index = _read_json(folder, record) or {}
         return index.get("next_input", lo), len(index.get("shards", []))
-    except ShardError:
+    except VitpipeError:  # a record that cannot be read (IndexFileError): the report says what it can
         return lo, 0

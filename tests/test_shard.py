@@ -392,7 +392,7 @@ def test_old_format_shard_sets_still_read(tmp_path, capsys):
         shard(str(src), out, replace(opts, part=(k, 2)), progress=False)
     old = v1_set(out)
     assert verify(out) == ([], [])
-    assert "17 samples in 5 shards" in inspect(out)
+    assert "17 samples in 5 shards" in inspect(out)[0]
     from data_tools.loader import eval_loader, resolve_shards
     from data_tools.transforms import EvalTransform
 
@@ -411,7 +411,7 @@ def test_the_console_counts_in_words_and_names_the_first_skips(tmp_path, capsys)
     write_folder(src, {"a": 1})
     assert main(["shard", str(src), str(one)]) == 0
     assert capsys.readouterr().out == f"{one}: 1 sample in 1 shard, 0 inputs skipped\n"
-    assert inspect(one).startswith(f"{one}: 1 sample in 1 shard (")
+    assert inspect(one)[0].startswith(f"{one}: 1 sample in 1 shard (")
     write_files(src / "a", {**bad_files(), "more.jpg": b"", "most.jpg": b""})
     assert main(["shard", str(src), str(many), "--samples-per-shard", "4"]) == 0
     skipped = json.loads((many / "index.json").read_text())["skipped"]
@@ -453,7 +453,8 @@ def test_verify_and_inspect(tmp_path, run_here):
     out = tmp_path / "out"
     shard(str(src), out, ShardOptions(samples_per_shard=5), progress=False)
     assert verify(out) == ([], [])
-    text = inspect(out, grid=tmp_path / "grid.png", grid_size=9)
+    text, problems = inspect(out, grid=tmp_path / "grid.png", grid_size=9)
+    assert problems == []
     assert "21 samples in 5 shards" in text and "a" in text and "median" in text
     assert Image.open(tmp_path / "grid.png").size[0] >= 3 * 128
     damaged = out / "shard-000001.tar"
