@@ -26,8 +26,9 @@ from pretrain.config import (
     ScheduleConfig,
     TrainConfig,
     load_config,
+    resolve_epochs,
 )
-from pretrain.config_help import stage_parser
+from pretrain.config_help import config_text, stage_parser
 from pretrain.loop import train
 from pretrain.objectives import build_objective
 from vit import ModelInfo, load_model, save_checkpoint
@@ -57,6 +58,7 @@ def finetune(cfg: Config) -> Path:
             raise ConfigError(f"model.name: {cfg.model.name} asks for patch size {asked.group(1)} but {cfg.init} "
                               f"has patch size {m.patch_size}")
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
+    resolve_epochs(cfg, shards.num_samples)
     num_classes = cfg.model.num_classes or (len(shards.classes) if shards.classes else None)
     if not num_classes:
         raise ConfigError("model.num_classes: not set and the training shards' index lists no classes")
@@ -87,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
+        cfg = load_config(args.config, args.overrides, base=finetune_defaults(), stage="finetune")
+        if args.print_config:
+            print(config_text(cfg, "finetune"), end="")
+            return
+        final = finetune(cfg)
         if is_main_process():  # once per launch
             print(f"final model: {final}")
 

@@ -15,8 +15,8 @@ from common.devices import is_main_process
 from common.errors import exit_status
 from common.images import INCEPTION_MEAN, INCEPTION_STD
 from data_tools.loader import resolve_shards
-from pretrain.config import Config, ConfigError, load_config
-from pretrain.config_help import stage_parser
+from pretrain.config import Config, ConfigError, load_config, resolve_epochs
+from pretrain.config_help import config_text, stage_parser
 from pretrain.loop import train
 from pretrain.objectives import OBJECTIVES, build_objective
 from vit import ModelInfo, create_model
@@ -41,9 +41,13 @@ def build_model(cfg: Config, classes: list[str] | None):
 
 
 def pretrain(cfg: Config):
+    if cfg.init is not None:
+        raise ConfigError(f"init: a fine-tuning key (vitpipe finetune init={cfg.init} ...); pretraining starts "
+                          "from a fresh model")
     cfg.data.mean = cfg.data.mean or list(INCEPTION_MEAN)
     cfg.data.std = cfg.data.std or list(INCEPTION_STD)
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
+    resolve_epochs(cfg, shards.num_samples)
     import torch
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
@@ -56,14 +60,18 @@ def pretrain(cfg: Config):
 
 
 def parser(prog: str = "pretrain") -> argparse.ArgumentParser:
-    return stage_parser(prog, __doc__, Config())
+    return stage_parser(prog, __doc__, Config(), skip=("init",))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        final = pretrain(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides, stage="pretrain")
+        if args.print_config:
+            print(config_text(cfg, "pretrain"), end="")
+            return
+        final = pretrain(cfg)
         if is_main_process():  # once per launch
             print(f"final model: {final}")
 
