@@ -106,7 +106,7 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             if which not in results or r["images_per_s"] > results[which]["images_per_s"]:
                 results[which] = r
-    from pretrain.loop import measure_peak_flops
+    from pretrain.metrics import measure_peak_flops
 
     peak = measure_peak_flops(torch.device(args.device)) / 1e9
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} threads"

@@ -100,8 +100,8 @@ def run_bare(args, shards: str) -> dict:
 
     from data_tools.loader import resolve_shards, train_loader
     from data_tools.transforms import TrainTransform
-    from pretrain.loop import build_optimizer
     from pretrain.objectives import build_objective
+    from pretrain.optim import build_optimizer
     from pretrain.run import build_model
 
     cfg = config(args, shards, "unused", False)
@@ -168,7 +168,7 @@ def main() -> None:
         return
     import torch
 
-    from pretrain.loop import measure_peak_flops
+    from pretrain.metrics import measure_peak_flops
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), 256, args.img_size)
@@ -179,7 +179,7 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
     peak = measure_peak_flops(torch.device(args.device)) / 1e9
-    from pretrain.loop import train_flops_per_image
+    from pretrain.metrics import train_flops_per_image
     from vit import create_model
 
     gflops = train_flops_per_image(create_model(args.model, image_size=args.img_size)) / 1e9

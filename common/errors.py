@@ -39,3 +39,7 @@ def exit_status(prog: str, work: Callable[[], int | None]) -> int:
     except USER_ERRORS as e:
         print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
         return 2
+
+
+class TrainingError(VitpipeError, RuntimeError):
+    """The run cannot go on (a non-finite loss, a checkpoint that cannot be written or resumed, ...)."""

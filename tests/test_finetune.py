@@ -13,7 +13,7 @@ from finetune.prepare import prepare_for_finetune
 from finetune.run import main as finetune_main
 from finetune.share import PushError, push
 from pretrain.config import Config, OptimConfig
-from pretrain.loop import build_optimizer, lr_factor, param_groups
+from pretrain.optim import build_optimizer, lr_factor, param_groups
 from vit import ModelInfo, create_model, load_model, resample_abs_pos_embed, save_checkpoint
 from vitpipe.cli import main as cli_main
 

@@ -8,7 +8,9 @@ import torch
 
 from data_tools.loader import resolve_shards, train_loader
 from data_tools.transforms import EvalTransform
-from pretrain.loop import Position, Window, micro_batches
+from pretrain.checkpoints import Position
+from pretrain.loop import micro_batches
+from pretrain.metrics import Window
 
 
 def test_the_stream_resumed_at_a_saved_position_goes_on_with_the_same_batches(shards):

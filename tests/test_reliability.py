@@ -16,9 +16,8 @@ import torch
 from common.lock import LOCK, FolderBusy, FolderLock
 from data_tools.shard import ShardOptions, shard
 from data_tools.verify import verify
+from pretrain.checkpoints import latest_checkpoint, weights_only_loads, write_manifest
 from pretrain.config import ConfigError, load_config
-from pretrain.loop import latest_checkpoint
-from pretrain.resume import weights_only_loads, write_manifest
 from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
@@ -382,7 +381,7 @@ def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_p
 
 
 def test_manifest_lists_every_file(tmp_path):
-    from pretrain.resume import verify_manifest
+    from pretrain.checkpoints import verify_manifest
 
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "a.bin").write_bytes(b"a")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pretrain.loop import lr_factor, param_groups
+from pretrain.optim import lr_factor, param_groups
 from vit import create_model
 
 

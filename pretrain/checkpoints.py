@@ -1,5 +1,6 @@
-"""Resuming safely: a checkpoint is what was written (a sha256 manifest), made by the same recipe (the keys
-that change the result), and loaded without unpickling anything but tensors and plain data.
+"""Checkpoints: written whole (``step_N.tmp``, then a rename) with a sha256 manifest, found, verified against their
+manifest and the run's recipe (the keys that change the result), and restored without unpickling anything but
+tensors and plain data; ``final/`` at the end.
 """
 
 from __future__ import annotations
@@ -7,15 +8,27 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 
-from common.io import write_json
+from common.errors import TrainingError
+from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from pretrain.config import Config, ConfigError
-from vit.checkpoint import CheckpointError
+from vit import ModelInfo
+from vit.checkpoint import CheckpointError, save_state_dict
 
+if TYPE_CHECKING:
+    from pretrain.loop import Run
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"
 
@@ -168,3 +181,106 @@ def _weights_only_reason(e: Exception) -> str:
         if line and not line.startswith(advice):
             return line.split(" was not an allowed global")[0]
     return type(e).__name__
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the next micro-batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def find_resume(cfg: Config) -> Path | None:
+    r = cfg.train.resume
+    if r == "none":
+        return None
+    if r != "auto":
+        path = Path(r)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        return path
+    return latest_checkpoint(cfg.train.output_dir)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """Checkpoint folders that were renamed into place, oldest first (``step_N.tmp`` ones were not)."""
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: one still named ``.tmp`` was interrupted mid-write."""
+    done = [p for p in step_folders(Path(output_dir) / CHECKPOINTS) if (p / TRAINER_STATE).is_file()]
+    return done[-1] if done else None
+
+
+def restore(accelerator, resume_from: Path | None) -> Position:
+    """Load the checkpoint's full state (weights, optimizer, ...) into the prepared objects; where it stopped."""
+    if resume_from is None:
+        return Position()
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    with weights_only_loads(deepspeed_safe_globals() if deepspeed else []):
+        accelerator.load_state(str(resume_from / "state"))
+    pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
+    accelerator.print(f"resumed from {resume_from} at step {pos.step}")
+    return pos
+
+
+def save_training_checkpoint(run: Run) -> Path:
+    """Full state (for resume) + a model folder, written to ``step_N.tmp`` and renamed when complete."""
+    accelerator, pos, cfg = run.accelerator, run.pos, run.cfg
+    root = run.out / CHECKPOINTS
+    final = root / f"step_{pos.step:08d}"
+    tmp = tmp_beside(final)
+    if accelerator.is_main_process:
+        fresh_tmp_dir(final)
+    accelerator.wait_for_everyone()
+    with _writing(tmp):
+        accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+        state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
+    accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.task).model
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's wrapper
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if weights.keys() != model.state_dict().keys():
+            raise TrainingError(f"gathered weights do not match the model ({len(weights)} of "
+                                f"{len(model.state_dict())} tensors); not writing {final.name}")
+        provenance = {"stage": run.stage, "objective": cfg.objective.name, "step": pos.step, "config": cfg.to_dict()}
+        info = run.info
+        with _writing(tmp):
+            save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
+                                                                          {**info.provenance, **provenance}))
+        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage})
+        write_manifest(tmp)
+        replace_dir(tmp, final)
+        for old in step_folders(root)[: -cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@contextmanager
+def _writing(folder: Path):
+    """torch's and safetensors' writers report a full (or failing) disk as RuntimeError or SafetensorError,
+    not OSError: one line naming the folder instead."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "I/O error")):
+            raise
+        free = shutil.disk_usage(folder).free / 2**20
+        raise TrainingError(f"{folder}: writing the checkpoint failed ({free:.1f} MiB free on that disk; "
+                            f"{str(e).splitlines()[0]})") from None
+
+
+def finish(run: Run) -> Path:
+    """``final/``: a copy of the last checkpoint's model folder, renamed into place when complete."""
+    final = run.out / "final"
+    if run.accelerator.is_main_process:
+        tmp = fresh_tmp_dir(final)
+        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+        replace_dir(tmp, final)
+    run.accelerator.wait_for_everyone()
+    return final

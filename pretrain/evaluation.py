@@ -1,0 +1,114 @@
+"""What is evaluated at every checkpoint: the objective's loss on held-out shards, and the kNN monitor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.seeding import torch_seed
+from data_tools.loader import ShardSet, eval_loader, resolve_shards
+from data_tools.transforms import EvalTransform
+from pretrain.config import Config, ConfigError
+from pretrain.metrics import VAL_METRICS, append_line
+from pretrain.monitor import knn_top1, pooled_features
+from pretrain.objectives import Task
+from vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from pretrain.loop import Run
+
+
+@dataclass
+class Evals:
+    """What is evaluated at every checkpoint: the objective on held-out shards, and the kNN monitor."""
+
+    val: ShardSet | None
+    monitor: ShardSet | None
+    bank: ShardSet | None
+    transform: EvalTransform
+
+
+def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals:
+    """The held-out and kNN-monitor shards (None: not configured, or not evaluated under ZeRO-3)."""
+    d = cfg.data
+    val, monitor_shards, bank = (resolve_shards(s) if s else None for s in (d.val, d.monitor, d.monitor_bank))
+    for key, labelled in (("data.monitor", monitor_shards), ("data.monitor_bank", bank)):
+        if labelled is not None and not labelled.classes:
+            raise ConfigError(f"{key}: the kNN monitor needs labelled shards (their index.json lists no classes)")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3 and (val or monitor_shards):
+        accelerator.print("note: data.val and data.monitor are not evaluated under ZeRO-3 (its parameters are "
+                          "sharded across ranks)")
+        val = monitor_shards = None
+    return Evals(val, monitor_shards, bank, transform)
+
+
+def evaluate(run: Run, bar) -> None:
+    """Held-out loss and kNN monitor (those configured), logged to val_metrics.jsonl and TensorBoard."""
+    evals, accelerator = run.evals, run.accelerator
+    if evals.val is None and evals.monitor is None:
+        return
+    unwrapped = accelerator.unwrap_model(run.task)
+    record = {"step": run.pos.step}
+    if evals.val is not None:
+        record.update(validate(accelerator, unwrapped, evals.val, evals.transform, run.micro, run.cfg.data.workers,
+                               run.cfg.train.seed))
+    if evals.monitor is not None:
+        record.update(monitor(accelerator, unwrapped.model, evals.monitor, evals.bank, evals.transform, run.micro,
+                              run.cfg.data.workers))
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.pos.step)
+    if accelerator.is_main_process:
+        append_line(run.out / VAL_METRICS, record)
+        bar.write(f"step {run.pos.step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+
+
+@torch.no_grad()
+def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
+    """The objective's loss and metrics on held-out shards, every sample once across ranks.
+
+    Runs the unwrapped module, so ranks with different batch counts never meet in a collective
+    until the single reduction at the end.
+    """
+    task.eval()
+    names = task.objective.metrics
+    totals = torch.zeros(2 + len(names), dtype=torch.float64)
+    loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=workers)
+    for i, batch in enumerate(loader):
+        n = len(batch["labels"])
+        if not n:
+            continue
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
+        gen = torch.Generator(device=accelerator.device)
+        gen.manual_seed(torch_seed(seed, "val", accelerator.process_index, i))
+        with accelerator.autocast():
+            loss, extra = task(batch, gen)
+        totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
+    task.train()
+    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    means = (totals[1:] / totals[0]).tolist()
+    return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
+
+
+@torch.no_grad()
+def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
+            batch_size: int, workers: int) -> dict:
+    """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    sets = {}
+    for name, shards in (("queries", queries), ("bank", bank)):
+        if shards is not None:
+            mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
+                                   accelerator.num_processes, workers, accelerator.device)
+            parts = gather_object([mine])
+            sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
+    model.train()
+    classes = len(queries.classes)
+    if "bank" in sets:
+        return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}
+    return {"knn_top1": knn_top1(sets["queries"], None, classes), "knn_queries": len(sets["queries"][1])}

@@ -1,0 +1,91 @@
+"""The processes of a launch: the accelerator (CPU, DDP, DeepSpeed), each rank's share of the batch, checks run on
+the main process for every rank, and the output folder's lock."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.errors import USER_ERRORS
+from common.lock import FolderLock
+from pretrain.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def make_accelerator(cfg: Config, hidden: int) -> Accelerator:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cuda = torch.cuda.is_available()
+    # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
+        project_dir=cfg.train.output_dir, kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # our loaders are not passed to prepare(), so DeepSpeed is told the batch and clipping here
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_rank_batch(cfg, accelerator.num_processes)
+        plugin.deepspeed_config["gradient_clipping"] = cfg.optim.clip_grad_norm or 0.0
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        # what accelerate derives from a transformers model's config.hidden_size, from ours
+        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden),
+                           ("reduce_bucket_size", hidden * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    return accelerator
+
+
+def per_rank_batch(cfg: Config, world: int) -> int:
+    g, a = cfg.data.batch_size, cfg.train.grad_accum
+    if g % (world * a):
+        raise ConfigError(f"data.batch_size: global batch {g} is not divisible by {world} processes x "
+                          f"{a} accumulation steps")
+    return g // (world * a)
+
+
+def on_main(accelerator, check) -> object:
+    """Run ``check`` on the main process only; a user error there is raised on every rank (none waits alone
+    in a collective), and its result is returned on every rank."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = check()
+        except USER_ERRORS as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise error
+    return result
+
+
+@contextmanager
+def launch_lock(accelerator, out: Path, stage: str):
+    """One launch per output folder: its main process holds the lock for all of its ranks and machines (they
+    share the folder), so only another launch is refused."""
+    world = accelerator.num_processes
+    lock = FolderLock(out, f"vitpipe {stage}" + (f" ({world} processes)" if world > 1 else ""))
+
+    def take() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+
+    on_main(accelerator, take)
+    try:
+        yield
+    finally:
+        lock.release()
