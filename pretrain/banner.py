@@ -66,7 +66,7 @@ def banner(f: RunFacts) -> str:
     accum = f" x {f.grad_accum} accumulation steps" if f.grad_accum > 1 else ""
     epochs = epochs_of(f.steps, f.global_batch, f.samples)
     lines = [
-        f"vitpipe {f.stage}: {f.objective} objective, {f.model} ({_millions(f.parameters)} parameters{extra})",
+        f"vitpipe {f.stage}: {f.objective} objective, {f.model}, {_millions(f.parameters)} parameters{extra}",
         f"  on        {where}, {threads} torch thread{'s' if threads > 1 else ''} each ({source}), "
         f"mixed precision {f.mixed_precision}",
         f"  length    {f.steps:,} steps = {epochs:.3g} epochs of {f.samples:,} samples; global batch "

@@ -72,7 +72,7 @@ def test_banner_says_what_where_how_long_and_from_where():
                      data="shards/x", shards=4, classes=3, output_dir="runs/ft", resumed_from="runs/ft/ck/step_4",
                      resumed_step=4, changes=["pooling token -> avg"], exports={"transformers": "why"})
     text = banner(facts)
-    assert text.splitlines()[0] == "vitpipe finetune: supervised objective, ViT (4px patches) (0.12M parameters)"
+    assert text.splitlines()[0] == "vitpipe finetune: supervised objective, ViT (4px patches), 0.12M parameters"
     for part in ("2 processes on cpu, 1 torch thread each (OMP_NUM_THREADS), mixed precision no",
                  "10 steps = 2.67 epochs of 120 samples; global batch 32 (16 per process)",
                  "shards/x (4 shards, 3 classes)", "output    runs/ft",
@@ -105,7 +105,7 @@ def test_print_config_and_a_run_folders_config_json_are_accepted_by_config(patte
 
     res = run_here(pretrain_cmd(*args, "train.epochs=1", config=TINY_MAE))
     assert res.returncode == 0, res.stderr[-2000:]
-    for part in ("vitpipe pretrain: mae objective, vit_ti4 (4px patches, 16x16, width 64, depth 2, token pooling) (",
+    for part in ("vitpipe pretrain: mae objective, vit_ti4 (4px patches, 16x16, width 64, depth 2, token pooling), ",
                  "1 process on cpu, 1 torch thread each (OMP_NUM_THREADS), mixed precision no",
                  "4 steps = 1.07 epochs of 120 samples; global batch 32 (32 per process)",
                  f"data      {patterns} (4 shards, 3 classes)", f"output    {out}", "start     fresh",
@@ -145,3 +145,32 @@ def test_print_config_and_a_run_folders_config_json_are_accepted_by_config(patte
                  "note      export --format transformers will refuse this model: transformers' "):
         assert part in res.stdout, part
     assert load_config(ft / "config.json", stage="finetune").model.global_pool == "avg"
+
+
+def test_eval_orders_classes_as_the_shards_and_skips_what_means_nothing(patterns, tmp_path, run_here):
+    import torch
+
+    from finetune.evaluate import evaluate, in_shard_order, summary
+    from vit import ModelInfo, create_model
+
+    from .helpers import randomize
+
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    assert in_shard_order(logits, ["c", "b", "a"], ["a", "b", "c"]).tolist() == [[2.0, 1.0, 0.0]]
+    assert in_shard_order(logits, ["x", "y", "z"], ["a", "b", "c"]) is logits  # other names: as they are
+
+    classes = json.loads((patterns / "index.json").read_text())["classes"]
+    model = randomize(create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                                   num_classes=3))
+    trained = ModelInfo(labels=classes[::-1], provenance={"stage": "finetune", "step": 5})
+    report = evaluate(model, trained, patterns, tmp_path / "trained")
+    assert report["classes"] == classes and "top5" not in report and "top-5" not in summary(report)
+    reordered = evaluate(model, ModelInfo(labels=classes, provenance={"stage": "finetune", "step": 5}), patterns)
+    # true class 0 predicted as the model's column 2, which the reversed labels name class 0
+    assert report["per_class"][classes[0]] == pytest.approx(reordered["confusion"][0][2] / sum(reordered["confusion"][0]))
+    assert (tmp_path / "trained" / "confusion.png").is_file()
+
+    untrained = ModelInfo(labels=classes, provenance={"stage": "init"})
+    report = evaluate(model, untrained, patterns, tmp_path / "init", fewshot_train=patterns, shots=(1,), seeds=1)
+    assert "top1" not in report and "fewshot" in report and not (tmp_path / "init" / "confusion.png").exists()
+    assert "note: no top-1: the model's head is untrained (vitpipe init)" in summary(report)
