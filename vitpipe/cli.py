@@ -83,7 +83,7 @@ def _verify(args) -> int:
     from data_tools.shard import read_index
     from data_tools.verify import class_sorting, verify
 
-    problems, notes = verify(args.shards, decode=not args.no_decode)
+    problems, notes = verify(args.shards, decode=not args.no_decode, progress=True)
     for line in notes:
         print(f"note: {line}")
     if warning := class_sorting(read_index(args.shards)):
