@@ -24,7 +24,7 @@ config = timm.data.resolve_data_config({{}}, model=model)
 transform = timm.data.create_transform(**config)  # PIL image (convert("RGB") first) -> normalised tensor
 ```
 
-vitpipe reads this folder too: `vit.load_model(folder)`."""
+vitpipe reads this folder too: `model, info = vit.load_model(folder)`."""
 
 TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
 # timm's registered plain-ViT entry points (each builds VisionTransformer from its arguments, so model_args can

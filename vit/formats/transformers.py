@@ -26,7 +26,7 @@ processor = ViTImageProcessor.from_pretrained("{repo}")  # converts grayscale / 
 logits = model(**processor(images=image, return_tensors="pt")).logits
 ```
 
-vitpipe reads this folder too: `vit.load_model(folder)`."""
+vitpipe reads this folder too: `model, info = vit.load_model(folder)`."""
 PROCESSOR = "preprocessor_config.json"
 
 _TO_HF = [
