@@ -68,6 +68,9 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env, run_here):
     two = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("final model:") == 1  # once per launch, not once per rank
+    assert two.stdout.count("vitpipe pretrain:") == 1  # the start banner too
+    assert "2 processes on cpu, 1 torch thread each (OMP_NUM_THREADS)" in two.stdout
+    assert "64 samples; global batch 64 (32 per process)" in two.stdout
     a, _ = load_model(tmp_path / "one" / "final")
     b, _ = load_model(tmp_path / "two" / "final")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
