@@ -69,7 +69,8 @@ def banner(f: RunFacts) -> str:
         f"vitpipe {f.stage}: {f.objective} objective, {f.model}, {_millions(f.parameters)} parameters{extra}",
         f"  on        {where}, {threads} torch thread{'s' if threads > 1 else ''} each ({source}), "
         f"mixed precision {f.mixed_precision}",
-        f"  length    {f.steps:,} steps = {epochs:.3g} epochs of {f.samples:,} samples; global batch "
+        f"  length    {f.steps:,} step{'s' if f.steps != 1 else ''} = {epochs:.3g} epochs of {f.samples:,} samples; "
+        "global batch "
         f"{f.global_batch} ({f.per_process_batch} per process{accum})",
         f"  data      {f.data} ({f.shards} shard{'s' if f.shards != 1 else ''}"
         + (f", {f.classes} classes)" if f.classes else ", unlabelled)"),
@@ -95,6 +96,15 @@ def model_name(name: str, model: VisionTransformer) -> str:
     return f"{name} ({shape})" if name else f"ViT ({shape})"
 
 
+def device_name(device) -> str:
+    """``cpu``, or the accelerator's kind and model (``cuda (NVIDIA H200)``): the same for every rank."""
+    if device.type == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -109,7 +119,7 @@ def run_facts(run: Run, shards: ShardSet, model: VisionTransformer, objective, t
     return RunFacts(
         stage=run.stage, objective=cfg.objective.name, model=model_name(cfg.model.name, model),
         parameters=parameter_count(model), objective_parameters=parameter_count(objective),
-        processes=accelerator.num_processes, device=str(accelerator.device),
+        processes=accelerator.num_processes, device=device_name(accelerator.device),
         engine=f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "", threads=threads,
         mixed_precision=cfg.train.mixed_precision, steps=cfg.train.max_steps, samples=shards.num_samples,
         global_batch=cfg.data.batch_size, per_process_batch=run.micro, grad_accum=cfg.train.grad_accum,
