@@ -3,6 +3,8 @@
 examples:
   vitpipe pretrain --config configs/pretrain/tiny.yaml data.train=shards/train
   vitpipe pretrain --config configs/pretrain/tiny_mae.yaml data.train=shards/train train.max_steps=2000
+  vitpipe pretrain --config configs/pretrain/tiny_mae.yaml data.train=shards/train train.epochs=5 --print-config
+  vitpipe pretrain --config runs/tiny-mae/config.json          # a run folder's resolved config: repeat (or resume) it
   accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pretrain \\
       --config configs/pretrain/tiny.yaml data.train=shards/train
 """
