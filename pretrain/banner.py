@@ -109,16 +109,17 @@ def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def run_facts(run: Run, shards: ShardSet, model: VisionTransformer, objective, threads: tuple[int, str],
-              changes: list[str], resumed_from: str | None) -> RunFacts:
-    """``model`` and ``objective`` as they were before ``accelerator.prepare`` (ZeRO-3 partitions parameters)."""
+def run_facts(run: Run, shards: ShardSet, model: VisionTransformer, parameters: tuple[int, int],
+              threads: tuple[int, str], changes: list[str], resumed_from: str | None) -> RunFacts:
+    """``parameters``: the model's and the objective's own, counted before ``accelerator.prepare`` (ZeRO-3
+    partitions them across ranks)."""
     cfg, accelerator = run.cfg, run.accelerator
     plugin = accelerator.state.deepspeed_plugin
     evals = [name for name, shards_ in (("held-out loss (data.val)", run.evals.val),
                                         ("kNN monitor (data.monitor)", run.evals.monitor)) if shards_ is not None]
     return RunFacts(
         stage=run.stage, objective=cfg.objective.name, model=model_name(cfg.model.name, model),
-        parameters=parameter_count(model), objective_parameters=parameter_count(objective),
+        parameters=parameters[0], objective_parameters=parameters[1],
         processes=accelerator.num_processes, device=device_name(accelerator.device),
         engine=f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "", threads=threads,
         mixed_precision=cfg.train.mixed_precision, steps=cfg.train.max_steps, samples=shards.num_samples,

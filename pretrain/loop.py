@@ -26,7 +26,7 @@ from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, train_loader
 from data_tools.transforms import EvalTransform, TrainTransform
-from pretrain.banner import banner, run_facts
+from pretrain.banner import banner, parameter_count, run_facts
 from pretrain.checkpoints import (
     Position,
     best_so_far,
@@ -99,11 +99,11 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     accelerator = make_accelerator(cfg, model.cfg.embed_dim)
     try:
         with launch_lock(accelerator, Path(cfg.train.output_dir), stage):
-            facts = partial(run_facts, shards=shards, model=model, objective=objective, threads=threads,
-                            changes=list(changes))  # before prepare(): ZeRO-3 partitions the parameters
+            counted = parameter_count(model), parameter_count(objective)  # before ZeRO-3 partitions them
             run = set_up(accelerator, cfg, model, objective, info, stage, shards)
             if accelerator.is_main_process:
-                print(banner(facts(run, resumed_from=run.resumed_from and str(run.resumed_from))), flush=True)
+                print(banner(run_facts(run, shards, model, counted, threads, list(changes),
+                                       run.resumed_from and str(run.resumed_from))), flush=True)
             return run_steps(run)
     finally:
         accelerator.end_training()  # also ends the process group

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -96,6 +97,8 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, de
     # DeepSpeed told the CPU is meant: only accelerate's launcher process, before our code runs, still warns
     assert "DS_ACCELERATOR" in env or (second.stdout + second.stderr).count("unable to detect") <= 1
     assert second.stdout.count("final model:") == 1  # once per launch, not once per rank
+    banner = next(line for line in second.stdout.splitlines() if line.startswith("vitpipe pretrain:"))
+    assert f"(DeepSpeed ZeRO-{zero})" in second.stdout and re.search(r", 0\.\d\dM parameters", banner)  # unpartitioned
     steps = [r["step"] for r in metrics(out)]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     model, _ = load_model(out / "final")  # gathered full weights, not ZeRO shards
