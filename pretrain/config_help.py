@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Literal
 
+from common.args import Once
 from pretrain.config import Config
 from pretrain.objectives import OBJECTIVES
 
@@ -107,7 +108,7 @@ class StageArgumentParser(argparse.ArgumentParser):
 
 def add_stage_arguments(p: argparse.ArgumentParser, prog: str) -> None:
     """``--config``, ``--print-config`` and the ``key=value`` overrides of ``vitpipe pretrain`` / ``finetune``."""
-    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml, or a run folder's "
+    p.add_argument("--config", action=Once, help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml, or a run folder's "
                                     "config.json (repeats that run)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults, file and overrides merged) as YAML and exit")
