@@ -87,11 +87,12 @@ def _meta(sample: dict) -> dict:
 
 def verify(folder: str | Path, decode: bool = True, progress: bool = False) -> tuple[list[str], list[str]]:
     """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file. ``progress``:
-    a bar counting the samples checked, with rate and ETA."""
+    a bar counting the samples checked, with rate and ETA, on a terminal (the problems go to stderr too: a log
+    of them gets no bar lines)."""
     index = read_index(folder)
     where = shard_folder(folder)
     with errors_for(str(folder)), tqdm(total=index.get("total_samples"), unit="img", desc="verify", leave=False,
-                                       disable=not progress) as bar:
+                                       disable=None if progress else True) as bar:
         problems = []
         for entry in index["shards"]:
             if problem := check_shard(where, entry, decode):
