@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        cfg = load_config(args.config, args.overrides, base=finetune_defaults(), stage="finetune")
+        cfg = load_config(args.config, args.overrides, base=finetune_defaults(), stage="finetune", need_data=not args.print_config)
         if args.print_config:
             print(config_text(cfg, "finetune"), end="")
             return

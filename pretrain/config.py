@@ -281,13 +281,14 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None,
-                stage: str | None = None) -> Config:
+                stage: str | None = None, need_data: bool = True) -> Config:
     """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults).
 
     ``objective.name`` (from either) picks the objective, and with it the keys its section accepts;
     an override that switches to another objective than the file's replaces the file's section, and
     one that gives a length in epochs (steps) replaces the file's length in steps (epochs). A file's
-    top-level ``stage`` (a run folder's config.json has one) must be ``stage``.
+    top-level ``stage`` (a run folder's config.json has one) must be ``stage``. ``need_data=False``: no
+    ``data.train`` yet (``--print-config`` of a recipe).
     """
     cfg = base or Config()
     values: dict = {}
@@ -315,7 +316,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _apply(cfg, values)
-    validate(cfg)
+    validate(cfg, need_data)
     return cfg
 
 
@@ -391,8 +392,9 @@ def _merge(values: dict, keys: list[str], value) -> None:
     values[keys[-1]] = value
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no data and no model: every impossible value is refused naming its key."""
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """Checks that need no data and no model: every impossible value is refused naming its key (and a missing
+    ``data.train`` unless not ``need_data``)."""
     m, d, t, o, op, s = cfg.model, cfg.data, cfg.train, cfg.objective, cfg.optim, cfg.schedule
     at_least = {"data.batch_size": (d.batch_size, 1), "train.grad_accum": (t.grad_accum, 1),
                 "train.checkpoint_every": (t.checkpoint_every, 1), "train.log_every": (t.log_every, 1),
@@ -450,7 +452,7 @@ def validate(cfg: Config) -> None:
         o.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.train is None:
+    if cfg.data.train is None and need_data:
         raise ConfigError("data.train: required (a shard folder with index.json, a shard list or a pattern)")
     if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         raise ConfigError(f"train.output_dir: {t.output_dir} exists and is not a folder")

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        cfg = load_config(args.config, args.overrides, stage="pretrain")
+        cfg = load_config(args.config, args.overrides, stage="pretrain", need_data=not args.print_config)
         if args.print_config:
             print(config_text(cfg, "pretrain"), end="")
             return

@@ -88,6 +88,9 @@ def test_stage_help_and_usage_errors_point_at_key_value(run_here):
     assert res.returncode == 0 and "train.epochs" in res.stdout and "\n  init = " not in res.stdout
     res = run_here(finetune_cmd("--help"))
     assert "\n  init = " in res.stdout
+    res = run_here(vitpipe_cmd("finetune", "--config", "configs/finetune/ssl_tiny.yaml", "--print-config"))
+    assert res.returncode == 0 and "stage: finetune\n" in res.stdout  # a recipe's, before data.train is given
+    assert "  train: null\n" in res.stdout and "  global_pool: avg\n" in res.stdout
 
 
 def test_print_config_and_a_run_folders_config_json_are_accepted_by_config(patterns, tmp_path, run_here):
