@@ -93,7 +93,7 @@ def test_stage_help_and_usage_errors_point_at_key_value(run_here):
     assert "  train: null\n" in res.stdout and "  global_pool: avg\n" in res.stdout
 
 
-def test_print_config_and_a_run_folders_config_json_are_accepted_by_config(patterns, tmp_path, run_here):
+def test_a_run_prints_its_banner_keeps_best_and_repeats_from_its_config_json(patterns, tmp_path, run_here):
     """The banner's fields, a length in epochs, best/ chosen by the kNN monitor, config.json that --config takes,
     a resume, and a fine-tune's banner naming what it changed and the export it cannot reach."""
     out = tmp_path / "mae"
