@@ -77,12 +77,12 @@ def decode_region(img: Image.Image, box: tuple[float, float, float, float], out_
 def resized_region(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], interpolation: str,
                    flip: bool) -> np.ndarray:
     """The box (left, top, w, h) of ``img`` resized to ``size`` (height, width), as (H, W, 3) uint8; mirrored
-    when ``flip`` (a view: the copy into the batch buffer does the mirroring)."""
+    when ``flip`` (by PIL: a mirrored numpy view of 3-byte pixels copies ~20x slower into the batch buffer)."""
     h, w = size
     left, top, cw, ch = box
     img, region = decode_region(img, (left, top, left + cw, top + ch), (w, h))
-    pixels = np.asarray(img.resize((w, h), RESAMPLE[interpolation], box=region))
-    return pixels[:, ::-1] if flip else pixels
+    img = img.resize((w, h), RESAMPLE[interpolation], box=region)
+    return np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -139,7 +139,9 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     pos = restore(accelerator, resume_from)
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
     accelerator.init_trackers(stage)
-    peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device,
+                                                                                            matmul_dtype)
     return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, transform, evals, pos, resume_from is not None,
                train_flops_per_image(model), peak, ("loss", *objective.metrics))
 
