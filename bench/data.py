@@ -38,14 +38,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_corpus(root: Path, n: int, seed: int = 0, sides=(160, 900), quality=(70, 95)) -> list[Path]:
-    """Mixed-size JPEGs cut from the real photos that ship with scikit-learn, at mixed qualities."""
-    from sklearn.datasets import load_sample_images
+def sample_photos() -> list[Image.Image]:
+    """The two real photos that ship with scikit-learn (or, where it is not installed, copies of them in
+    ``build/gpu_deps/photos``, which bench/gpu.py carries to a GPU machine)."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        return [Image.open(p).convert("RGB") for p in sorted((ROOT / "build" / "gpu_deps" / "photos").glob("*.jpg"))]
+    return [Image.fromarray(a) for a in load_sample_images().images]
 
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(seed)
+
+def make_corpus(root: Path, n: int, seed: int = 0, sides=(160, 900), quality=(70, 95), start: int = 0) -> list[Path]:
+    """Mixed-size JPEGs cut from real photos, at mixed qualities; ``start`` numbers the files (parts made apart)."""
+    photos = sample_photos()
+    rng = np.random.default_rng(seed if not start else (seed, start))
     files = []
-    for i in range(n):
+    for i in range(start, start + n):
         src = photos[i % len(photos)]
         scale = rng.uniform(0.5, 2.0)
         big = src.resize((int(src.width * scale), int(src.height * scale)), Image.Resampling.BILINEAR)

@@ -151,7 +151,9 @@ def run_compile(args, compiled: bool) -> dict:
 
     cfg = load_config(None, ["data.train=unused", "model.name=vit_ti4", "model.image_size=32", "model.head=none",
                              "model.embed_dim=96", "model.depth=4", "model.num_heads=3", "model.mlp_dim=384",
-                             "objective.name=mpp"])
+                             "objective.name=mpp", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.5, 0.5, 0.5]"])
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # per core; on a shared machine two threads a step waited on each other 20x
     torch.manual_seed(0)
     model = build_model(cfg, None)
     task = Task(model, build_objective(cfg, model)).to(args.device)
@@ -182,7 +184,7 @@ def bench_compile(args) -> dict:
                                                   env=env).stdout.strip().splitlines()[-1])
     eager, compiled = runs["eager"], runs["compiled"]
     print(f"torch.compile vs eager, ViT-Ti/4 @32 (4 blocks, width 96) MPP, batch 64, {args.compile_steps} steps, "
-          f"{args.device}:")
+          f"{args.device}{' (1 thread)' if args.device == 'cpu' else ''}:")
     print(f"  eager     {eager['total_s']:7.1f} s ({eager['first_step_s']:.2f} s first step), final loss "
           f"{eager['final_loss']:.4f}")
     print(f"  compiled  {compiled['total_s']:7.1f} s ({compiled['first_step_s']:.1f} s first step: compilation), "
