@@ -204,7 +204,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sweep-steps", type=int, default=6)
     p.add_argument("--quick", action="store_true", help="a tiny model, small images, on the CPU: tests the script")
-    p.add_argument("--only", nargs="*", default=["loader", "supervised", "mae", "mpp", "old_layout"])
+    p.add_argument("--only", nargs="*", default=["loader", "supervised", "mae", "mpp", "gpu_decode", "old_layout"])
+    p.add_argument("--batches", nargs="*", default=[], metavar="KIND=N",
+                   help="use this batch for an objective (no sweep), e.g. supervised=1024")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's module (time to compile recorded)")
     args = p.parse_args()
     import torch
     import torchvision
@@ -217,49 +220,81 @@ def main() -> None:
     if args.quick:
         torch.set_num_threads(1)
     args.size, args.bf16 = (32, False) if args.quick else (224, True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    record(args.out, "machine", {"device": name, "cpus": os.cpu_count(), "torch": torch.__version__,
-                                 "torchvision": torchvision.__version__, "workers": args.workers})
-    peak = measure_peak_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
-    record(args.out, "peak_tflops", peak / 1e12)
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    record(args.out, "machine", {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+                                 "torchvision": torchvision.__version__, "workers": args.workers,
+                                 "dev_shm_gib": shm.f_bsize * shm.f_blocks / 2**30 if shm else None})
     cpu_tf, gpu_tf = TrainTransform(args.size), GpuTrainTransform(args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
+        t = time.perf_counter()  # before CUDA starts: the corpus is made in forked processes
         folder = make_shards(Path(tmp), args.images, 200, min(16, os.cpu_count() or 1))
         shards = resolve_shards(folder, num_samples=10**7)  # one long epoch: the loader is made once
+        old = make_shards(Path(tmp) / "old", 256, 16, min(16, os.cpu_count() or 1))  # the old run's layout
         record(args.out, "corpus", {"images": args.images, "seconds": time.perf_counter() - t})
+        record(args.out, "device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+        peak = measure_peak_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
+        record(args.out, "peak_tflops", peak / 1e12)
 
         def stream(transform, batch: int, workers: int = args.workers):
             return lambda: train_loader(shards, transform, batch, workers=workers, resampled=True, shuffle_buffer=500)
 
-        if "loader" in args.only:
+        def attempt(key: str, fn) -> None:
+            """A section that fails is recorded as its error; the others still run."""
+            try:
+                fn()
+            except Exception as exn:  # noqa: BLE001 (one shot on a lent machine: keep what the other sections give)
+                import traceback
+
+                traceback.print_exc()
+                record(args.out, key, {"error": f"{type(exn).__name__}: {exn}"[:500]})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        def loader_section() -> None:
             rates = {"cpu_decode_1_worker": loader_rate(stream(cpu_tf, 64, 1), 6),
                      f"cpu_decode_{args.workers}_workers": loader_rate(stream(cpu_tf, 256), 12)}
             if device.type == "cuda":
                 rates[f"gpu_decode_{args.workers}_workers"] = loader_rate(stream(gpu_tf, 256), 12, device, gpu_tf)
             record(args.out, "loader_img_per_s", rates)
+
+        if "loader" in args.only:
+            attempt("loader_img_per_s", loader_section)
         candidates = {"supervised": [256, 512, 1024], "mpp": [256, 512, 1024], "mae": [512, 1024, 2048]}
-        for kind in ("supervised", "mae", "mpp"):
-            if kind not in args.only:
-                continue
-            batch, sweep = largest_batch(kind, args, device, cpu_tf, [8, 16] if args.quick else candidates[kind])
+
+        given = dict(b.split("=") for b in args.batches)
+
+        def objective_section(kind: str) -> None:
+            if kind in given:
+                batch, sweep = int(given[kind]), None
+            else:
+                batch, sweep = largest_batch(kind, args, device, cpu_tf, [8, 16] if args.quick else candidates[kind])
             task, optimizer = build(kind, args, device)
             step = Stepper(task, optimizer, cpu_tf, device, args.bf16)
             flops = flops_per_image(step, synthetic_batch(8, args.size, device))
-            on_device = timed_steps(step, resident(synthetic_batch(batch, args.size, device)), 2, args.steps, batch)
             result = {"batch_sweep_img_per_s": sweep, "batch": batch, "gflop_per_image": flops / 1e9,
-                      "on_device_img_per_s": on_device, "on_device_mfu": on_device * flops / peak}
-            for decode, transform in (("cpu", cpu_tf), ("gpu", gpu_tf)) if device.type == "cuda" else (("cpu", cpu_tf),):
+                      "workers": args.workers}
+            if args.compile:
+                step.task = torch.compile(task)
+                t = time.perf_counter()
+                step(synthetic_batch(batch, args.size, device), 0)
+                result["compile_s"] = time.perf_counter() - t
+            on_device = timed_steps(step, resident(synthetic_batch(batch, args.size, device)), 2, args.steps, batch)
+            result.update(on_device_img_per_s=on_device, on_device_mfu=on_device * flops / peak)
+            gpu_decode = device.type == "cuda" and "gpu_decode" in args.only
+            for decode, transform in (("cpu", cpu_tf), ("gpu", gpu_tf)) if gpu_decode else (("cpu", cpu_tf),):
                 step.transform = transform
                 rate = timed_steps(step, stream(transform, batch)(), 3, args.steps, batch)
                 result[f"{decode}_decode"] = {"img_per_s": rate, "mfu": rate * flops / peak,
                                               "loader_share": 1 - rate / on_device}
-            record(args.out, kind, result)
-            del task, optimizer, step
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if "old_layout" in args.only:
-            old = make_shards(Path(tmp) / "old", 256, 16, min(16, os.cpu_count() or 1))
+            record(args.out, f"{kind}{'_compiled' if args.compile else ''}_{args.workers}_workers", result)
+
+        for kind in ("supervised", "mae", "mpp"):
+            if kind in args.only:
+                attempt(kind, lambda kind=kind: objective_section(kind))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        def old_layout_section() -> None:
             old_shards = resolve_shards(old)
             workers = min(14, args.workers)
             record(args.out, "old_layout_img_per_s", {
@@ -267,6 +302,10 @@ def main() -> None:
                 f"one_long_epoch_{workers}_workers": loader_rate(
                     lambda: train_loader(resolve_shards(old, num_samples=10**6), cpu_tf, 64, workers=workers,
                                          resampled=True, shuffle_buffer=64), 24)})
+
+        if "old_layout" in args.only:
+            attempt("old_layout_img_per_s", old_layout_section)
+        record(args.out, "seconds", time.perf_counter() - t)
 
 
 if __name__ == "__main__":

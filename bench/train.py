@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LONG_EPOCH = 10**7  # samples: the loader is made once per run, as on a real corpus
 sys.path.insert(0, str(ROOT))
 
 
@@ -72,6 +73,9 @@ def config(args, shards: str, out: str, checkpointing: bool, objective: str = "m
     return load_config(None, [*objective_keys, 
         f"data.train={shards}", f"model.name={args.model}", f"model.image_size={args.img_size}", "model.head=none",
         f"data.batch_size={args.batch}", f"data.workers={args.workers}", "data.shuffle_buffer=64",
+        # one long epoch over the 256 images: a new loader (new workers) every 256 // batch steps held the
+        # H100 run of 2026-11-25 to ~30 images/s per core (bench/gpu.py's old_layout measures it)
+        "data.resampled=true", f"data.num_samples={LONG_EPOCH}",
         f"train.max_steps={args.warmup + args.steps}", f"train.checkpoint_every={10**9}", f"train.output_dir={out}",
         f"train.log_every={args.warmup}", f"model.grad_checkpointing={str(checkpointing).lower()}",
         "schedule.warmup_steps=0", "schedule.decay=constant", "train.resume=none",
@@ -112,9 +116,10 @@ def run_bare(args, shards: str) -> dict:
     model = build_model(cfg, None).to(args.device)
     objective = build_objective(cfg, model).to(args.device)
     params = list(model.parameters()) + list(objective.parameters())
-    opt = build_optimizer(cfg, torch.nn.ModuleList([model, objective]))
+    opt = build_optimizer(cfg, torch.nn.ModuleList([model, objective]), fused=args.device == "cuda")
     transform = TrainTransform(args.img_size)
-    loader = train_loader(resolve_shards(shards), transform, args.batch, workers=args.workers, shuffle_buffer=64)
+    loader = train_loader(resolve_shards(shards, LONG_EPOCH), transform, args.batch, workers=args.workers,
+                          shuffle_buffer=64, resampled=True)
     done, t0 = 0, None
     with PeakRSS(args.device) as mem:
         while done < args.warmup + args.steps:
