@@ -20,6 +20,7 @@ from data_tools.transforms import (
     draw_train_crop,
     normalize,
 )
+from pretrain.checkpoints import config_changes
 from pretrain.config import ConfigError, load_config
 from pretrain.loop import train_transform
 
@@ -128,3 +129,12 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(shards, run_here, tmp_pat
     assert len(losses["bf16"]) == 4 and all(np.isfinite(losses["bf16"]))
     assert losses["bf16"] != losses["no"]  # it did run in bf16
     np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)
+
+
+def test_a_checkpoint_from_before_the_filter_and_decode_keys_resumes_with_their_defaults(shards):
+    cfg = load_config(None, [f"data.train={shards}"])
+    recorded = cfg.to_dict()
+    del recorded["data"]["resize_filter"], recorded["data"]["decode"]
+    assert config_changes(recorded, cfg.to_dict()) == []
+    cfg.data.resize_filter = "bilinear"
+    assert config_changes(recorded, cfg.to_dict()) == ['data.resize_filter ("bicubic", now "bilinear")']
