@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
+from common.disk import free_space
 from common.errors import TrainingError
-from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
-from pretrain.config import Config, ConfigError
+from common.io import current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from pretrain.config import Config, ConfigError, best_metric, best_mode
 from vit import ModelInfo
-from vit.checkpoint import CheckpointError, save_state_dict
+from vit.checkpoint import WEIGHTS, CheckpointError, save_state_dict
 
 if TYPE_CHECKING:
     from pretrain.loop import Run
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"
 TRAINER_STATE = "trainer.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"
@@ -37,7 +39,8 @@ MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"
 NOT_RESULT = {
     "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.output_dir",
     "train.resume", "train.resume_mismatch", "train.compile", "train.peak_tflops", "model.grad_checkpointing",
-    "data.workers", "data.val", "data.monitor", "data.monitor_bank",
+    "data.workers", "data.val", "data.monitor", "data.monitor_bank", "train.threads", "train.keep_best",
+    "train.best_metric", "train.best_mode",
 }
 
 
@@ -114,13 +117,16 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume(ckpt: Path, cfg: Config, stage: str) -> str | None:
-    """Verify ``ckpt`` against its manifest, then compare its recipe with ``cfg``.
+def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | None = None) -> str | None:
+    """Verify ``ckpt`` against its manifest, then compare its recipe with ``cfg`` (and its weights' shapes with
+    ``model``'s: no ``resume_mismatch`` can resume a model of another shape).
 
     A changed recipe raises ConfigError naming the keys, unless ``train.resume_mismatch=allow``; then
     the returned note names them.
     """
     verify_manifest(ckpt)
+    if model is not None:
+        check_shapes(ckpt / "model" / WEIGHTS, model)
     model_config = ckpt / "model" / "config.json"
     provenance = json.loads(model_config.read_text()).get("provenance", {})
     if "config" not in provenance:
@@ -136,6 +142,20 @@ def check_resume(ckpt: Path, cfg: Config, stage: str) -> str | None:
     raise ConfigError(f"train.resume: {ckpt} was made with other values of {listed}; set "
                       "train.resume_mismatch=allow to continue anyway, or train.resume=none with another "
                       "train.output_dir to start over")
+
+
+def check_shapes(weights: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's tensors have the names and shapes of ``model``'s; read from the safetensors header only."""
+    with safe_open(str(weights), framework="pt") as f:
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [f"{k} {held.get(k, 'missing')} vs {wanted.get(k, 'missing')}" for k in sorted(held.keys() | wanted.keys())
+              if held.get(k) != wanted.get(k)]
+    if differ:
+        raise ConfigError(f"train.resume: {weights.parent.parent} holds a model of another shape than this run's "
+                          f"({len(differ)} tensors differ, e.g. {differ[0]}: checkpoint vs run); it cannot be resumed "
+                          "whatever train.resume_mismatch says: train.resume=none with another train.output_dir to "
+                          "start over")
 
 
 def deepspeed_safe_globals() -> list:
@@ -225,7 +245,16 @@ def restore(accelerator, resume_from: Path | None) -> Position:
         return Position()
     deepspeed = accelerator.state.deepspeed_plugin is not None
     with weights_only_loads(deepspeed_safe_globals() if deepspeed else []):
-        accelerator.load_state(str(resume_from / "state"))
+        try:
+            accelerator.load_state(str(resume_from / "state"))
+        except RuntimeError as e:  # the objective's own tensors (a decoder) of another shape: torch's long list
+            if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+                raise
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line),
+                         "")
+            raise TrainingError(f"{resume_from / 'state'}: does not fit this run's model and objective ({first}); "
+                                "it cannot be resumed: train.resume=none with another train.output_dir to start "
+                                "over") from None
     pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
     accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     return pos
@@ -245,6 +274,7 @@ def save_training_checkpoint(run: Run) -> Path:
         state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
+        follow_umask(tmp / "state")
         model = accelerator.unwrap_model(run.task).model
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's wrapper
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -263,6 +293,15 @@ def save_training_checkpoint(run: Run) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode any new file gets (0666 less the umask): safetensors creates its
+    files 0600, which teammates on a shared disk cannot read. One chmod per file."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 @contextmanager
@@ -284,7 +323,56 @@ def finish(run: Run) -> Path:
     final = run.out / "final"
     if run.accelerator.is_main_process:
         tmp = fresh_tmp_dir(final)
-        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
-        replace_dir(tmp, final)
+        try:
+            shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+            replace_dir(tmp, final)
+        except shutil.Error as e:  # copytree gathers each file's failure into a list: say the first
+            source, _, why = e.args[0][0]
+            why = re.sub(r"^\[Errno \d+\] ", "", why).split(": '")[0]  # the reason without the errno and the path
+            raise TrainingError(f"{final}: writing the final model failed ({why}; {free_space(final)}); the "
+                                f"checkpoint it copies is complete: {Path(source).parent}") from None
+        except OSError as e:
+            raise TrainingError(f"{final}: writing the final model failed ({e.strerror or e}; {free_space(final)})"
+                                ) from None
     run.accelerator.wait_for_everyone()
     return final
+
+
+# ---- best/: the checkpoint with the best evaluation metric (train.keep_best) ---------------------------------------
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def best_so_far(records: list[dict], metric: str, mode: str) -> tuple[int, float] | None:
+    """(step, value) of the best ``metric`` among evaluation records (the first of equals), None if none has it."""
+    best = None
+    for r in records:
+        if r.get(metric) is not None and improves(r[metric], best and best[1], mode):
+            best = (r["step"], r[metric])
+    return best
+
+
+def check_best_metric(cfg: Config, evaluated: list[str]) -> None:
+    """``train.best_metric`` must be one of the metrics evaluated at each checkpoint."""
+    if cfg.train.keep_best and best_metric(cfg) not in evaluated:
+        raise ConfigError(f"train.best_metric: {best_metric(cfg)} is not evaluated in this run "
+                          f"(evaluated: {', '.join(evaluated) or 'nothing'})")
+
+
+def mark_best(run: Run, record: dict) -> None:
+    """Take this evaluation into the run's best, and record the best so far in its metrics line."""
+    metric, mode = best_metric(run.cfg), best_mode(run.cfg)
+    if record.get(metric) is not None and improves(record[metric], run.best and run.best[1], mode):
+        run.best = (run.pos.step, record[metric])
+    if run.best is not None:
+        record.update({f"best_{metric}": run.best[1], "best_step": run.best[0]})
+
+
+def keep_best(run: Run) -> None:
+    """``best/``: a copy of this step's checkpoint model folder, renamed into place when complete."""
+    if run.accelerator.is_main_process:
+        tmp = fresh_tmp_dir(run.out / BEST)
+        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+        replace_dir(tmp, run.out / BEST)
+    run.accelerator.wait_for_everyone()
