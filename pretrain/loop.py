@@ -13,6 +13,7 @@ uninterrupted run bit for bit (CPU, float32) without restoring any RNG state.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -178,6 +179,9 @@ def train_transform(cfg: Config, image_size, device: torch.device) -> TrainTrans
                           "use data.decode=cpu")
     if d.decode == "gpu" and not d.augment:
         raise ConfigError("data.decode=gpu: decodes the random-resized crops of data.augment=true only")
+    if d.decode == "gpu" and importlib.util.find_spec("torchvision") is None:
+        raise ConfigError("data.decode=gpu: needs torchvision (its decode_jpeg drives nvJPEG): "
+                          "pip install 'vitpipe[interop]'")
     norm = (tuple(d.mean), tuple(d.std))
     if d.decode == "gpu":
         return GpuTrainTransform(image_size, *norm, (d.crop_scale_min, 1.0), interpolation=d.resize_filter)
