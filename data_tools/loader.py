@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.errors import VitpipeError
 from common.seeding import seed_for
 from data_tools import store
 from data_tools.index import parse_index
 from data_tools.tars import ForeignTar, HashingReader, image_bytes, read_tar
+from data_tools.transforms import BatchBuilder
 
 log = logging.getLogger(__name__)
 
@@ -269,13 +270,13 @@ class ShardStream(IterableDataset):
         samples = enumerate(self._train_samples(logical, handler))
         if done:  # what was lost before the resume point was reported with the batches before it
             deque(itertools.islice(samples, done * self.batch_size), maxlen=0)
-        batch, reported = [], handler.count
+        batch, reported = BatchBuilder(self.batch_size), handler.count
         failing: Counter = Counter()  # shard -> samples that did not decode since the last one that did
         for i, sample in samples:
             rng = random.Random(seed_for("augment", self.seed, self.epoch, self.rank, logical, i))
             try:
                 img, label = _open(sample)
-                batch.append((self.transform(img, rng), label))
+                batch.add(self.transform(img, rng), label)
             except Exception as exn:  # a corrupt sample inside a sound tar
                 handler.sample(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}")
                 failing[sample.get("__url__")] += 1
@@ -284,8 +285,8 @@ class ShardStream(IterableDataset):
                 continue
             failing.clear()
             if len(batch) == self.batch_size:
-                yield self._collate(batch, handler.count - reported)
-                reported, batch, done = handler.count, [], done + 1
+                yield batch.take(handler.count - reported)
+                reported, done = handler.count, done + 1
                 if done >= total:
                     return
 
@@ -343,30 +344,21 @@ class ShardStream(IterableDataset):
         handler = _SkipCounter(shards=by_shard or slot == 0)  # every slot reads every shard when not by_shard
         mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
         samples = read_samples(mine, handler, self.shards.counts, self.shards.digests)
-        batch, reported = [], 0
+        batch, reported = BatchBuilder(self.batch_size), 0
         for i, sample in enumerate(samples):
             if not by_shard and i % slots != slot:
                 continue
             try:
                 img, label = _open(sample)
-                batch.append((self.transform(img), label))
+                batch.add(self.transform(img), label)
             except Exception as exn:
                 handler.sample(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn}")
                 continue
             if len(batch) == self.batch_size:
-                yield self._collate(batch, handler.count - reported)
-                reported, batch = handler.count, []
-        if batch or handler.count > reported:
-            yield self._collate(batch, handler.count - reported)
-
-    def _collate(self, batch, skipped: int) -> dict:
-        if not batch:
-            return {"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long),
-                    "skipped": torch.tensor(skipped)}
-        images, labels = zip(*batch)
-        # default_collate stacks straight into shared memory inside a worker: no extra copy on the way out
-        return {"pixel_values": default_collate(list(images)), "labels": torch.tensor(labels, dtype=torch.long),
-                "skipped": torch.tensor(skipped)}
+                yield batch.take(handler.count - reported)
+                reported = handler.count
+        if len(batch) or handler.count > reported:
+            yield batch.take(handler.count - reported)
 
 
 def make_loader(stream: ShardStream) -> DataLoader:

@@ -101,9 +101,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# keys added since checkpoints were first written, with the value that does what the runs before them did
+ADDED_KEYS = {"data.resize_filter": "bicubic", "data.decode": "cpu"}
+
+
 def config_changes(recorded: dict, current: dict) -> list[str]:
     """``key (was, now)`` for every result-changing key whose value differs."""
-    old, new = _flat(recorded), _flat(json.loads(json.dumps(current)))
+    old, new = {**ADDED_KEYS, **_flat(recorded)}, _flat(json.loads(json.dumps(current)))
     return [f"{k} ({_short(old.get(k))}, now {_short(new.get(k))})" for k in sorted(old.keys() | new.keys())
             if k not in NOT_RESULT and old.get(k) != new.get(k)]
 

@@ -13,6 +13,7 @@ uninterrupted run bit for bit (CPU, float32) without restoring any RNG state.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, train_loader
-from data_tools.transforms import EvalTransform, TrainTransform
+from data_tools.transforms import EvalTransform, GpuTrainTransform, TrainTransform
 from pretrain.banner import banner, parameter_count, run_facts
 from pretrain.checkpoints import (
     Position,
@@ -39,7 +40,7 @@ from pretrain.checkpoints import (
     restore,
     save_training_checkpoint,
 )
-from pretrain.config import Config, best_metric, best_mode
+from pretrain.config import Config, ConfigError, best_metric, best_mode
 from pretrain.evaluation import Evals, evaluate, evaluated_metrics, evaluation_sets
 from pretrain.launch import launch_lock, make_accelerator, on_main, per_rank_batch, set_threads
 from pretrain.metrics import (
@@ -70,6 +71,7 @@ class Run:
     task: torch.nn.Module  # model + objective as ``accelerator.prepare`` returned them
     optimizer: torch.optim.Optimizer
     batches: Callable  # (epoch=, skip_batches=) -> this rank's micro-batches of that epoch
+    transform: TrainTransform | EvalTransform  # its ``to_device`` makes the model's input of a loader batch
     evals: Evals
     pos: Position
     resumed_from: Path | None
@@ -144,27 +146,48 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
         accelerator.print(f"note: {note}")
     d = cfg.data
     norm = (tuple(d.mean), tuple(d.std))
-    transform = TrainTransform(model.cfg.image_size, *norm, (d.crop_scale_min, 1.0)) if d.augment \
-        else EvalTransform(model.cfg.image_size, *norm)
+    transform = train_transform(cfg, model.cfg.image_size, accelerator.device)
     batches = partial(train_loader, shards, transform, per_rank_batch(cfg, accelerator.num_processes),
                       rank=accelerator.process_index, world_size=accelerator.num_processes, workers=d.workers,
                       seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
     len(batches(epoch=0, skip_batches=0))  # checks shards vs ranks x workers before any work
-    evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm))
+    evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm,
+                                                            interpolation=d.resize_filter))
     check_best_metric(cfg, evaluated_metrics(evals, objective.metrics))
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     task = Task(model, objective)
-    optimizer = build_optimizer(cfg, task)
+    optimizer = build_optimizer(cfg, task, fused=accelerator.device.type == "cuda")
     task_p, optimizer = accelerator.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
     pos = restore(accelerator, resume_from)
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
     best = on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
                                                     best_metric(cfg), best_mode(cfg))) if cfg.train.keep_best else None
     accelerator.init_trackers(stage)
-    peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
-    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, evals, pos, resume_from,
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+    peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device,
+                                                                                            matmul_dtype)
+    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, transform, evals, pos, resume_from,
                train_flops_per_image(model), peak, ("loss", *objective.metrics), best)
+
+
+def train_transform(cfg: Config, image_size, device: torch.device) -> TrainTransform | EvalTransform:
+    """The workers' transform of training images, and what the step does to the batches they hand over."""
+    d = cfg.data
+    if d.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.decode=gpu: needs a CUDA device (this process trains on {device}); "
+                          "use data.decode=cpu")
+    if d.decode == "gpu" and not d.augment:
+        raise ConfigError("data.decode=gpu: decodes the random-resized crops of data.augment=true only")
+    if d.decode == "gpu" and importlib.util.find_spec("torchvision") is None:
+        raise ConfigError("data.decode=gpu: needs torchvision (its decode_jpeg drives nvJPEG): "
+                          "pip install 'vitpipe[interop]'")
+    norm = (tuple(d.mean), tuple(d.std))
+    if d.decode == "gpu":
+        return GpuTrainTransform(image_size, *norm, (d.crop_scale_min, 1.0), interpolation=d.resize_filter)
+    if d.augment:
+        return TrainTransform(image_size, *norm, (d.crop_scale_min, 1.0), interpolation=d.resize_filter)
+    return EvalTransform(image_size, *norm, interpolation=d.resize_filter)
 
 
 def micro_batches(run: Run) -> Iterator[tuple[dict, tuple[int, int]]]:
@@ -210,7 +233,7 @@ def micro_step(run: Run, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tenso
     """Forward and backward of the ``k``-th micro-batch of the step (the update on the last); its loss and
     metrics, and the clipped gradient's norm when it updated."""
     accelerator, seed, clip = run.accelerator, run.cfg.train.seed, run.cfg.optim.clip_grad_norm
-    batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+    batch = run.transform.to_device(batch, accelerator.device)
     torch.manual_seed(torch_seed(seed, "step", run.pos.step, k, accelerator.process_index))  # dropout, drop path
     gen = torch.Generator(device=accelerator.device)
     gen.manual_seed(torch_seed(seed, "objective", run.pos.step, k, accelerator.process_index))

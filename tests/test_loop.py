@@ -22,7 +22,7 @@ def test_the_stream_resumed_at_a_saved_position_goes_on_with_the_same_batches(sh
         epoch, batch = whole[done - 1][1]
         resumed = islice(micro_batches(SimpleNamespace(pos=Position(done, epoch, batch), batches=batches)), 11 - done)
         for (ours, after), (theirs, expected) in zip(resumed, whole[done:], strict=True):
-            assert after == expected and torch.equal(ours["pixel_values"], theirs["pixel_values"])
+            assert after == expected and torch.equal(ours["images"], theirs["images"])
             assert torch.equal(ours["labels"], theirs["labels"])
 
 
