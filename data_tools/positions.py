@@ -135,3 +135,34 @@ def shard_set_changes(recorded: dict, current: dict) -> str | None:
         if changed and recorded.get(key) and current.get(key):
             return f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}: {word} changed"
     return None
+
+
+def redeal(saved: dict, counts: list[int | None], seed: int, world: int, workers: int, batches_per_epoch: int,
+           micro: int) -> tuple[list[dict[str, dict]], int, int]:
+    """The rest of an epoch-mode epoch, saved on one layout (``saved``: a checkpoint's loader state), dealt over
+    ``world`` ranks x ``workers`` logical workers: each new worker gets a consecutive share of what no old worker
+    gave to a batch yet, as big as the batches it still owes (``micro`` samples each), in a fresh shuffle.
+
+    Returns (per new rank: logical worker -> the state its stream starts from, samples left in the epoch,
+    samples the epoch's remaining batches take). More left: the rest waits for the next epoch, as in any epoch
+    whose workers' shares exceed their quotas; fewer: shares in proportion, and a short one goes round again.
+    """
+    epoch, done = saved["epoch"], saved["batch"]
+    old_world, old_workers = saved["processes"], saved["workers"]
+    left: list[dict] = []
+    for r in range(old_world):
+        for w in range(old_workers):
+            state = saved["ranks"][r].get(str(w))
+            pieces = state["pieces"] if state and "pieces" in state else \
+                epoch_pieces(len(counts), seed, epoch, r, old_world, w, old_workers)
+            left += unread(state, pieces)
+    sizes = [piece_size(p, counts) for p in left]
+    if None in sizes:
+        raise ValueError("the shard set lists no sample counts (no index.json)")
+    needs = [micro * (len(range(w, batches_per_epoch, workers)) - len(range(w, done, workers)))
+             for _ in range(world) for w in range(workers)]
+    parts = split(left, shares(sum(sizes), needs), counts)
+    layout = [old_world, old_workers, world, workers]
+    plan = [{str(w): {"pieces": parts[r * workers + w], "key": ["elastic", seed, epoch, *layout, r, w]}
+             for w in range(workers)} for r in range(world)]
+    return plan, sum(sizes), sum(needs)

@@ -11,7 +11,7 @@ import pickle
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,9 @@ import torch
 from safetensors import SafetensorError
 
 from common.errors import TrainingError
-from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import atomic_path, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from data_tools.loader import ShardSet
+from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError
 from vit import ModelInfo
 from vit.checkpoint import CheckpointError, save_state_dict
@@ -29,15 +31,17 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
+LOADER_STATE = "loader.json"  # every (rank, logical worker)'s data stream state: a resume reads nothing before it
+LOADER_FORMAT = "vitpipe-loader-state-1"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"
 
 # keys that change how a run goes, not what it computes: resuming with other values is fine (bit-exact
-# resume also needs the same data.workers and number of processes: the data stream depends on them)
+# resume also needs the same data.workers and number of processes: with others the rest of the epoch is re-dealt)
 NOT_RESULT = {
     "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.output_dir",
     "train.resume", "train.resume_mismatch", "train.compile", "train.peak_tflops", "model.grad_checkpointing",
-    "data.workers", "data.val", "data.monitor", "data.monitor_bank",
+    "data.workers", "data.val", "data.monitor", "data.monitor_bank", "data.record_keys",
 }
 
 
@@ -192,6 +196,121 @@ class Position:
     batch: int = 0
 
 
+@dataclass
+class DataTrail:
+    """What the run keeps of its data stream besides the Position: each logical worker's stream state after its
+    last micro-batch of the epoch in progress (a checkpoint saves them), and with ``data.record_keys`` the keys
+    of the step in progress, appended to ``record`` one line per step."""
+
+    shards: dict  # ShardSet.describe(): what the saved states refer to
+    record: Path | None = None
+    epoch: int = -1
+    states: dict = field(default_factory=dict)
+    keys: list = field(default_factory=list)
+    step_epoch: int = 0
+
+    def took(self, batch: dict, epoch: int) -> None:
+        """A micro-batch of ``epoch`` is being trained on: take its stream state and keys off it."""
+        stream, keys = batch.pop("stream"), batch.pop("keys")
+        if epoch != self.epoch:
+            self.epoch, self.states = epoch, {}
+        self.states[str(stream["worker"])] = stream["state"]
+        if self.record is not None:
+            self.step_epoch = epoch if not self.keys else self.step_epoch
+            self.keys.extend(keys)
+
+    def step_done(self, step: int) -> None:
+        if self.record is None:
+            return
+        with open(self.record, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": self.step_epoch, "keys": self.keys}) + "\n")
+        self.keys = []
+
+
+def sample_record(out: Path, rank: int) -> Path:
+    """``samples/rank{R}.jsonl``, a torn last line (the run was killed writing it) cut off."""
+    path = out / "samples" / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and (text := path.read_text()) and not text.endswith("\n"):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text[:text.rfind("\n") + 1])
+    return path
+
+
+@dataclass
+class StreamResume:
+    """How the first epoch's loader of a resumed run goes on (``train_loader``'s ``resume``; None: replay) on this
+    rank, and what the log says about it."""
+
+    resume: dict | None
+    note: str | None = None
+
+
+def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: int, rank: int, deepspeed: bool,
+                       batches_per_epoch: int, micro: int) -> StreamResume:
+    """Read ``ckpt``'s loader state and decide: the same layout goes on where each worker was (bit-identical);
+    another layout re-deals the rest of the epoch (epoch mode) or starts it afresh (resampled); changed shards
+    are refused unless ``train.resume_mismatch=allow``. Raises ConfigError with one line."""
+    if ckpt is None:
+        return StreamResume({})
+    pos = Position(**json.loads((ckpt / TRAINER_STATE).read_text())["position"])
+    path = ckpt / LOADER_STATE
+    if not path.is_file():
+        return StreamResume(None, f"{ckpt} holds no loader state (written by an older vitpipe): the data stream "
+                                  f"replays epoch {pos.epoch}'s first {pos.batch} batches to get back to its position")
+    saved = json.loads(path.read_text())
+    workers = max(1, cfg.data.workers)
+    layout = f"{ckpt} was written by {saved['processes']} process(es) x {saved['workers']} loader worker(s) and " \
+             f"resumes on {world} x {workers}"
+    if deepspeed and saved["processes"] != world:
+        raise ConfigError(f"train.resume: {layout}; a DeepSpeed ZeRO checkpoint loads only on its own number of "
+                          "processes: resume on that many, or convert it with DeepSpeed's universal checkpoint "
+                          f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt}/state/pytorch_model "
+                          "--output_folder DIR) and load that with DeepSpeed")
+    if pos.batch == 0:  # at an epoch's end: the next epoch starts afresh on any layout
+        return StreamResume({})
+    if changes := shard_set_changes(saved["shards"], shards.describe()):
+        if cfg.train.resume_mismatch != "allow":
+            raise ConfigError(f"train.resume: {path} does not fit the training shards ({changes}); set "
+                              f"train.resume_mismatch=allow to train the rest of epoch {pos.epoch} on these shards")
+        return StreamResume({}, f"warning: the training shards changed since {ckpt} ({changes}): the rest of "
+                                f"epoch {pos.epoch} is read afresh from the new shard set")
+    if (saved["processes"], saved["workers"]) == (world, workers):
+        replays = any(state is None for states in saved["ranks"] for state in states.values())
+        return StreamResume(saved["ranks"][rank], "some shards cannot be read from an offset (pipe:, http): their "
+                                                  "workers replay the epoch up to the position" if replays else None)
+    changed = f"{layout}: the run is no longer bit-comparable to an uninterrupted one"
+    if cfg.data.resampled:
+        return StreamResume({}, f"{changed}; resampled streams start afresh for the rest of epoch {pos.epoch}")
+    if any(state is None for states in saved["ranks"] for state in states.values()):
+        raise ConfigError(f"train.resume: {layout}, but its loader state holds shards that cannot be read from an "
+                          f"offset (pipe:, http); resume on {saved['processes']} x {saved['workers']}")
+    try:
+        plan, left, wanted = redeal(saved, [shards.counts.get(u) if shards.counts else None for u in shards.urls],
+                                    cfg.train.seed, world, workers, batches_per_epoch, micro)
+    except ValueError as e:
+        raise ConfigError(f"train.resume: {layout}, but the rest of the epoch cannot be re-dealt: {e}") from None
+    rest = "" if left == wanted else f"; {left - wanted} wait for the next epoch" if left > wanted else \
+        f"; they fill {left} of the {wanted} places of its remaining batches (short shares go round again)"
+    return StreamResume(plan[rank], f"{changed}; the {left} samples of epoch {pos.epoch} not yet trained on are "
+                                    f"re-dealt over the new layout, each once{rest}")
+
+
+def save_loader_state(run: Run, folder: Path) -> None:
+    """``loader.json``: every rank's stream states (gathered: every rank must call this), written by the main
+    process. Grows with ranks x workers x the shuffle buffer, not with the position."""
+    from accelerate.utils import gather_object
+
+    accelerator, pos = run.accelerator, run.pos
+    mine = run.trail.states if run.trail.epoch == pos.epoch else {}
+    ranks = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    if accelerator.is_main_process:
+        write_json(folder / LOADER_STATE, {
+            "format": LOADER_FORMAT, "epoch": pos.epoch, "batch": pos.batch, "processes": accelerator.num_processes,
+            "workers": max(1, run.cfg.data.workers), "resampled": run.cfg.data.resampled, "shards": run.trail.shards,
+            "ranks": ranks})
+
+
 def find_resume(cfg: Config) -> Path | None:
     r = cfg.train.resume
     if r == "none":
@@ -239,6 +358,7 @@ def save_training_checkpoint(run: Run) -> Path:
     with _writing(tmp):
         accelerator.save_state(str(tmp / "state"), safe_serialization=True)
         state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
+        save_loader_state(run, tmp)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.task).model
