@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from common.errors import TrainingError
-from common.io import atomic_path, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError
@@ -228,22 +228,18 @@ class DataTrail:
 
 
 def sample_record(out: Path, rank: int) -> Path:
-    """``samples/rank{R}.jsonl``, a torn last line (the run was killed writing it) cut off."""
-    path = out / "samples" / f"rank{rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and (text := path.read_text()) and not text.endswith("\n"):
-        with atomic_path(path) as tmp:
-            tmp.write_text(text[:text.rfind("\n") + 1])
-    return path
+    """``samples/rank{R}.jsonl`` (a resume first cuts it back to its step: ``metrics.record_run``)."""
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    return out / "samples" / f"rank{rank}.jsonl"
 
 
 @dataclass
 class StreamResume:
     """How the first epoch's loader of a resumed run goes on (``train_loader``'s ``resume``; None: replay) on this
-    rank, and what the log says about it."""
+    rank, and the line the log says about it."""
 
     resume: dict | None
-    note: str | None = None
+    line: str | None = None
 
 
 def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: int, rank: int, deepspeed: bool,
@@ -256,7 +252,7 @@ def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: 
     pos = Position(**json.loads((ckpt / TRAINER_STATE).read_text())["position"])
     path = ckpt / LOADER_STATE
     if not path.is_file():
-        return StreamResume(None, f"{ckpt} holds no loader state (written by an older vitpipe): the data stream "
+        return StreamResume(None, f"note: {ckpt} holds no loader state (written by an older vitpipe): the data stream "
                                   f"replays epoch {pos.epoch}'s first {pos.batch} batches to get back to its position")
     saved = json.loads(path.read_text())
     workers = max(1, cfg.data.workers)
@@ -277,9 +273,9 @@ def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: 
                                 f"epoch {pos.epoch} is read afresh from the new shard set")
     if (saved["processes"], saved["workers"]) == (world, workers):
         replays = any(state is None for states in saved["ranks"] for state in states.values())
-        return StreamResume(saved["ranks"][rank], "some shards cannot be read from an offset (pipe:, http): their "
+        return StreamResume(saved["ranks"][rank], "note: some shards cannot be read from an offset (pipe:, http): their "
                                                   "workers replay the epoch up to the position" if replays else None)
-    changed = f"{layout}: the run is no longer bit-comparable to an uninterrupted one"
+    changed = f"note: {layout}: the run is no longer bit-comparable to an uninterrupted one"
     if cfg.data.resampled:
         return StreamResume({}, f"{changed}; resampled streams start afresh for the rest of epoch {pos.epoch}")
     if any(state is None for states in saved["ranks"] for state in states.values()):

@@ -138,8 +138,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     stream_resume = plan_stream_resume(resume_from, cfg, shards, accelerator.num_processes,
                                        accelerator.process_index, accelerator.state.deepspeed_plugin is not None,
                                        per_epoch, per_rank_batch(cfg, accelerator.num_processes))
-    if stream_resume.note:
-        accelerator.print(f"note: {stream_resume.note}")
+    if stream_resume.line:
+        accelerator.print(stream_resume.line)
     record = sample_record(Path(cfg.train.output_dir), accelerator.process_index) if d.record_keys else None
     evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm))
     if cfg.model.grad_checkpointing:
