@@ -46,10 +46,12 @@ def metrics(out) -> list[dict]:
 
 
 def from_checkpoint(run, dest, step=3):
-    """A fresh output folder holding ``run``'s checkpoint at ``step`` and its sample records."""
+    """A fresh output folder holding ``run``'s checkpoint at ``step``, its metrics and its sample records (the
+    resume cuts them back to ``step``)."""
     name = f"step_{step:08d}"
     shutil.copytree(run / "checkpoints" / name, dest / "checkpoints" / name)
     shutil.copytree(run / "samples", dest / "samples")
+    shutil.copy(run / "metrics.jsonl", dest / "metrics.jsonl")
     return dest
 
 
