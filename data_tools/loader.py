@@ -12,6 +12,7 @@ Do not hand these loaders to ``accelerator.prepare``: they split by rank themsel
 
 from __future__ import annotations
 
+import bisect
 import io
 import itertools
 import json
@@ -129,8 +130,12 @@ def _open_stream(url: str, start: int = 0):
     return f
 
 
+RANGE_GAP = 1 << 18  # an object store's request costs about this many bytes of transfer: nearer spans share one GET
+
+
 def read_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
-    """The bytes ``start:end`` of one shard for each span: seeks in a local file, ranged GETs on an object store."""
+    """The bytes ``start:end`` of one shard for each span: seeks in a local file; on an object store ranged GETs,
+    concurrent, spans less than ``RANGE_GAP`` apart sharing one."""
     if not store.is_url(url):
         blobs = []
         with open(url, "rb") as f:
@@ -138,13 +143,24 @@ def read_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
                 f.seek(start)
                 blobs.append(f.read(end - start))
         return blobs
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start - merged[-1][1] <= RANGE_GAP:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
     fs, path = store.filesystem(url)
     with store.remote_errors(url):
-        blobs = fs.cat_ranges([path] * len(spans), [s for s, _ in spans], [e for _, e in spans])
-    for blob in blobs:
+        got = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+    for blob in got:
         if isinstance(blob, Exception):
             with store.remote_errors(url):
                 raise blob
+    starts = [s for s, _ in merged]
+    blobs = []
+    for start, end in spans:
+        i = bisect.bisect_right(starts, start) - 1
+        blobs.append(got[i][start - starts[i]:end - starts[i]])
     return blobs
 
 

@@ -259,10 +259,11 @@ def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: 
     layout = f"{ckpt} was written by {saved['processes']} process(es) x {saved['workers']} loader worker(s) and " \
              f"resumes on {world} x {workers}"
     if deepspeed and saved["processes"] != world:
-        raise ConfigError(f"train.resume: {layout}; a DeepSpeed ZeRO checkpoint loads only on its own number of "
-                          "processes: resume on that many, or convert it with DeepSpeed's universal checkpoint "
-                          f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt}/state/pytorch_model "
-                          "--output_folder DIR) and load that with DeepSpeed")
+        raise ConfigError(f"train.resume: {layout}, but a DeepSpeed ZeRO checkpoint's optimizer shards load only on "
+                          f"the {saved['processes']} processes that wrote them: resume on those, or convert it to "
+                          "DeepSpeed's universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal "
+                          f"--input_folder {ckpt}/state/pytorch_model --output_folder DIR) and load that with "
+                          "DeepSpeed (checkpoint.load_universal)")
     if pos.batch == 0:  # at an epoch's end: the next epoch starts afresh on any layout
         return StreamResume({})
     if changes := shard_set_changes(saved["shards"], shards.describe()):

@@ -206,6 +206,6 @@ def test_deepspeed_checkpoint_on_another_number_of_processes_is_refused_with_how
            "-m", "pretrain", "--config", TINY, f"data.train={shards}", f"train.output_dir={out}",
            "train.checkpoint_every=3", "data.workers=0", "train.max_steps=6"]
     res = launch(cmd, env, timeout=900)
-    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.returncode != 0, res.stderr[-3000:]  # accelerate's launcher turns our 2 into 1
     line = [x for x in res.stderr.splitlines() if "pretrain: error:" in x]
     assert len(line) == 1 and "2 process(es)" in line[0] and "ds_to_universal" in line[0], res.stderr[-3000:]
