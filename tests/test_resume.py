@@ -18,7 +18,7 @@ from pretrain.checkpoints import write_manifest
 from vit.checkpoint import read_weights
 
 from .helpers import ROOT, TINY, accelerate_launch, launch, pretrain_cmd
-from .test_loader import counted_reads, states_before  # noqa: F401  (a fixture)
+from .test_loader import states_before
 
 # 64 samples in 4 shards of 16, 8 a step: 8 steps an epoch, so a checkpoint at step 3 is mid-epoch
 RUN = ["data.batch_size=8", "data.shuffle_buffer=6", "train.max_steps=8", "train.checkpoint_every=3",
@@ -125,7 +125,7 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(shards, whole, tmp_
 
 
 @pytest.mark.parametrize("resampled,workers", [(False, 0), (False, 2), (True, 0)])
-def test_the_stream_resumes_from_s3_by_ranged_reads_bit_identically(s3, shards, counted_reads, resampled, workers):
+def test_the_stream_resumes_from_s3_by_ranged_reads_bit_identically(s3, shards, resampled, workers):
     if not s3.exists("ranged"):
         s3.mkdir("ranged")
         s3.put(str(shards) + "/", "ranged/shards", recursive=True)
