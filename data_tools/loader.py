@@ -5,7 +5,8 @@ shuffle buffer and every sample's augmentation. Every rank yields the same numbe
 per epoch (a worker that runs out of shards goes round them again; resampled mode goes round
 all shards, in a fresh order each pass), so no rank waits on another at a collective. A resumed run
 goes on from each worker's saved state (``WorkerStream``): it reads the buffered samples back by
-position and its shards from where it was, nothing before. Eval streams read every sample exactly once across ranks and workers.
+position and its shards from where it was, nothing before. Eval streams read every sample exactly
+once across ranks and workers.
 
 Do not hand these loaders to ``accelerator.prepare``: they split by rank themselves.
 """

@@ -13,6 +13,7 @@ Pure functions: no I/O. Costs grow with the number of shards and of buffered sam
 from __future__ import annotations
 
 import random
+from collections import deque
 from pathlib import PurePosixPath
 
 from common.seeding import seed_for
@@ -76,28 +77,24 @@ def split(pieces: list[dict], sizes: list[int], counts: list[int | None]) -> lis
     """Cut the samples of ``pieces`` (in order) into consecutive parts of ``sizes`` samples (what is left over
     belongs to no part). A shard cut in two: the second part passes over the first's samples."""
     parts: list[list[dict]] = [[] for _ in sizes]
-    queue = [p for p in pieces if piece_size(p, counts) != 0]
-    part = 0
+    queue = deque(p for p in pieces if piece_size(p, counts) != 0)
+    part, have = 0, 0  # the part being filled, and the samples it holds
     while queue and part < len(sizes):
-        if sizes[part] == 0:
-            part += 1
+        if have == sizes[part]:
+            part, have = part + 1, 0
             continue
-        piece, have = queue.pop(0), sizes[part] - sum(piece_size(p, counts) for p in parts[part])
-        size = piece_size(piece, counts)
-        if size <= have:
-            parts[part].append(piece)
-            if size == have:
-                part += 1
-            continue
-        if "refs" in piece:
-            head, tail = {"refs": piece["refs"][:have]}, {"refs": piece["refs"][have:]}
-        else:
-            head = {**piece, "take": have}
-            tail = {**piece, "skip": piece["skip"] + have, "take": None if piece["take"] is None
-                    else piece["take"] - have}
-        parts[part].append(head)
-        queue.insert(0, tail)
-        part += 1
+        piece = queue.popleft()
+        size, room = piece_size(piece, counts), sizes[part] - have
+        if size > room:
+            if "refs" in piece:
+                piece, rest = {"refs": piece["refs"][:room]}, {"refs": piece["refs"][room:]}
+            else:
+                piece, rest = {**piece, "take": room}, {**piece, "skip": piece["skip"] + room,
+                                                        "take": None if piece["take"] is None else piece["take"] - room}
+            queue.appendleft(rest)
+            size = room
+        parts[part].append(piece)
+        have += size
     return parts
 
 

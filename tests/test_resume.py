@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_tools.loader import resolve_shards, train_loader
-from data_tools.positions import redeal
+from data_tools.positions import piece_size, redeal, shard_piece, shard_set_changes, shares, split
 from data_tools.tars import read_tar
 from data_tools.transforms import EvalTransform, TrainTransform
 from pretrain.checkpoints import write_manifest
@@ -209,3 +209,26 @@ def test_deepspeed_checkpoint_on_another_number_of_processes_is_refused_with_how
     assert res.returncode != 0, res.stderr[-3000:]  # accelerate's launcher turns our 2 into 1
     line = [x for x in res.stderr.splitlines() if "pretrain: error:" in x]
     assert len(line) == 1 and "2 process(es)" in line[0] and "ds_to_universal" in line[0], res.stderr[-3000:]
+
+
+def test_shares_cut_shards_between_workers_and_shrink_in_proportion_when_samples_run_short():
+    counts = [10, 10]
+    refs = {"refs": [[0, 0, 1], [1, 5, 9]]}
+    parts = split([refs, shard_piece(0), shard_piece(1)], [5, 9, 8], counts)
+    assert parts == [[refs, {**shard_piece(0), "take": 3}],
+                     [{**shard_piece(0), "skip": 3}, {**shard_piece(1), "take": 2}],
+                     [{**shard_piece(1), "skip": 2}]]
+    assert [sum(piece_size(p, counts) for p in part) for part in parts] == [5, 9, 8]
+    assert shares(22, [8, 8]) == [8, 8]  # the 6 left over wait for the next epoch
+    assert shares(10, [4, 4, 4]) == [4, 3, 3]
+
+
+def test_a_changed_shard_set_is_named():
+    old = {"names": ["a.tar", "b.tar", "c.tar"], "counts": [2, 2, 2], "digests": ["x", "y", "z"]}
+    assert shard_set_changes(old, old) is None
+    assert shard_set_changes(old, {**old, "names": ["a.tar", "c.tar", "d.tar"]}) == \
+        "3 shards then, 3 now; missing b.tar; new d.tar"
+    assert shard_set_changes(old, {**old, "names": ["b.tar", "a.tar", "c.tar"]}) == \
+        "3 shards then, 3 now; in another order"
+    assert shard_set_changes(old, {**old, "digests": ["x", "q", "z"]}) == \
+        "b.tar: contents (sha256 in index.json) changed"
