@@ -315,3 +315,13 @@ def test_resuming_late_in_an_epoch_reads_the_buffer_and_the_shard_in_flight_not_
     assert resumed <= fresh + buffered + max(sizes.values())
     replayed, _ = first_batch(skip_batches=done)  # what a checkpoint without loader state costs
     assert replayed > 3 * resumed
+
+
+def test_shards_that_cannot_be_read_from_an_offset_resume_by_replay(shards):
+    s = resolve_shards([f"pipe:cat {p}" for p in sorted(shards.glob("*.tar"))], num_samples=67)
+    whole = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5))
+    saved = states_before(whole, 5)
+    assert saved == {"0": None}  # no position to read back from: the loop's checkpoint says so
+    resumed = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5, skip_batches=5, resume=saved))
+    for x, y in zip(whole[5:], resumed, strict=True):
+        assert torch.equal(x["pixel_values"], y["pixel_values"]) and x["keys"] == y["keys"]
