@@ -166,6 +166,30 @@ def test_a_re_dealt_epoch_gives_each_sample_not_yet_trained_on_once(shards, old,
     assert sorted(seen + rest) == all_keys(shards)
 
 
+def test_a_re_dealt_epoch_re_deals_again(shards):
+    """2 ranks until batch 2, then 1 rank x 2 workers until batch 5, then 4 ranks: each sample once."""
+    s = resolve_shards(shards)
+
+    def loaders(world, workers, plan=None, done=0):
+        return [list(train_loader(s, EvalTransform(16), 8 // world, rank=r, world_size=world, workers=workers,
+                                  seed=2, shuffle_buffer=5, skip_batches=done, resume=plan and plan[r]))
+                for r in range(world)]
+
+    def saved(runs, done, upto, workers):
+        return json.loads(json.dumps({"epoch": 0, "batch": done, "processes": len(runs), "workers": workers,
+                                      "ranks": [states_before(batches, upto) for batches in runs]}))
+
+    first = loaders(2, 0)
+    plan, _, _ = redeal(saved(first, 2, 2, 1), [16] * 4, 2, 1, 2, 8, 8)
+    second = loaders(1, 2, plan, done=2)
+    plan, left, wanted = redeal(saved(second, 5, 3, 2), [16] * 4, 2, 4, 1, 8, 2)
+    assert left == wanted == 24
+    third = loaders(4, 0, plan, done=5)
+    keys = [k for runs, upto in ((first, 2), (second, 3), (third, 3)) for batches in runs for b in batches[:upto]
+            for k in b["keys"]]
+    assert sorted(keys) == all_keys(shards) and sum(map(len, third)) == 12
+
+
 def test_changed_shards_are_refused_unless_allowed_and_old_checkpoints_replay(shards, tmp_path, run_here):
     data = tmp_path / "shards"
     shutil.copytree(shards, data)
