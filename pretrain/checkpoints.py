@@ -255,6 +255,9 @@ def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: 
         return StreamResume(None, f"note: {ckpt} holds no loader state (written by an older vitpipe): the data stream "
                                   f"replays epoch {pos.epoch}'s first {pos.batch} batches to get back to its position")
     saved = json.loads(path.read_text())
+    if saved.get("format") != LOADER_FORMAT:
+        raise CheckpointError(f"{path}: not a loader state this vitpipe reads (format {saved.get('format')!r}, "
+                              f"expected {LOADER_FORMAT!r})")
     workers = max(1, cfg.data.workers)
     layout = f"{ckpt} was written by {saved['processes']} process(es) x {saved['workers']} loader worker(s) and " \
              f"resumes on {world} x {workers}"
