@@ -141,8 +141,9 @@ def redeal(saved: dict, counts: list[int | None], seed: int, world: int, workers
     gave to a batch yet, as big as the batches it still owes (``micro`` samples each), in a fresh shuffle.
 
     Returns (per new rank: logical worker -> the state its stream starts from, samples left in the epoch,
-    samples the epoch's remaining batches take). More left: the rest waits for the next epoch, as in any epoch
-    whose workers' shares exceed their quotas; fewer: shares in proportion, and a short one goes round again.
+    samples the epoch's remaining batches take). More left: the rest is not trained on in this epoch, as in any
+    epoch where a worker's shards hold more than its quota; fewer: shares in proportion, a short one goes round
+    again.
     """
     epoch, done = saved["epoch"], saved["batch"]
     old_world, old_workers = saved["processes"], saved["workers"]

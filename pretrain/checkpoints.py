@@ -290,10 +290,16 @@ def plan_stream_resume(ckpt: Path | None, cfg: Config, shards: ShardSet, world: 
                                     cfg.train.seed, world, workers, batches_per_epoch, micro)
     except ValueError as e:
         raise ConfigError(f"train.resume: {layout}, but the rest of the epoch cannot be re-dealt: {e}") from None
-    rest = "" if left == wanted else f"; {left - wanted} wait for the next epoch" if left > wanted else \
-        f"; they fill {left} of the {wanted} places of its remaining batches (short shares go round again)"
     return StreamResume(plan[rank], f"{changed}; the {left} samples of epoch {pos.epoch} not yet trained on are "
-                                    f"re-dealt over the new layout, each once{rest}")
+                                    f"re-dealt over the new layout{_how_they_fit(left, wanted)}")
+
+
+def _how_they_fit(left: int, places: int) -> str:
+    if left == places:
+        return ", each once"
+    if left > places:
+        return f", each at most once: {left - places} find no place in the epoch's remaining batches"
+    return f": they fill {left} of its remaining {places} places, short shares go round again"
 
 
 def save_loader_state(run: Run, folder: Path) -> None:
