@@ -41,6 +41,11 @@ def scheme(path: str | os.PathLike) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def lower_scheme(url: str) -> str:
+    """``S3://bucket/x`` as ``s3://bucket/x``: schemes are case-insensitive (RFC 3986), fsspec's names are lower case."""
+    return _URL.sub(lambda m: m.group(0).lower(), url, count=1)
+
+
 def is_url(path) -> bool:
     return isinstance(path, str) and scheme(path) is not None
 
@@ -68,7 +73,7 @@ def filesystem(url: str):
     if name not in fsspec.available_protocols():
         raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
     try:
-        return url_to_fs(url)
+        return url_to_fs(lower_scheme(url))
     except ImportError as e:  # fsspec knows the scheme, its client is not installed ("Install s3fs to access S3")
         raise StoreError(f"{url}: {e}" + (" (pip install s3fs; make install includes it)" if name in ("s3", "s3a") else "")) from None
 

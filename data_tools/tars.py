@@ -77,6 +77,24 @@ class TarWriter:
         self._write(bytes(tar_bytes(self.size) - self.size))
 
 
+class HashingReader:
+    """A reader that hashes (sha256) and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (the end-of-archive padding), for the size and the hash of the whole file."""
+        while self.read(1 << 20):
+            pass
+
+
 class ForeignTar(tarfile.TarError):
     """A member type this reader leaves to webdataset (pax headers, long names, links)."""
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import VitpipeError
 from common.io import write_json
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
-from vit import ModelInfo, VisionTransformer
+from vit import ModelInfo, VisionTransformer, nonfinite_parameters
 
 
 def _dist():
@@ -56,7 +57,8 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
     if stats is not None:
         stats["skipped"] = skipped
     if not feats:
-        return torch.empty(0, model.cfg.embed_dim), torch.empty(0, dtype=torch.long)
+        width = model.cfg.num_classes if logits else model.cfg.embed_dim  # a rank that saw nothing: the same shape
+        return torch.empty(0, width), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -170,10 +172,43 @@ def linear_probe(train: tuple, test: tuple, num_classes: int, weight_decay: floa
         return (layer(xte).argmax(1) == yte).float().mean().item()
 
 
+class EvalError(VitpipeError, ValueError):
+    """An evaluation that cannot give a meaningful number; one line naming the flag, shards or checkpoint."""
+
+
+def check_eval_options(shots, seeds: int, batch_size: int, workers: int) -> None:
+    """The numbers ``vitpipe eval`` range-checks, checked again for callers of the Python API."""
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--seeds", seeds, 1),
+                             *(("--shots", k, 1) for k in shots)):
+        if value < low:
+            raise EvalError(f"{flag} must be >= {low}, got {value}")
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """A model whose weights hold NaN or inf is named as such: its accuracy would be a number that means nothing."""
+    if bad := nonfinite_parameters(model):
+        raise EvalError(f"{where}: the model's weights hold NaN or inf ({', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}): the training run diverged")
+
+
+def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
+    """Every class has at least max(shots) examples, else a K-shot result would silently be a fewer-shot one."""
+    if len(labels) == 0:
+        raise EvalError(f"{data}: no few-shot training sample decodes (vitpipe verify {data} names the damage)")
+    counts = torch.bincount(labels, minlength=len(classes))
+    fewest = int(counts.argmin())
+    if max(shots) > counts[fewest]:
+        raise EvalError(f"--shots {max(shots)}: {data} has only {int(counts[fewest])} decodable images of class "
+                        f"{classes[fewest] if fewest < len(classes) else fewest!r} (the fewest of any class); use "
+                        f"--shots up to {int(counts[fewest])}")
+
+
 def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Path | None = None,
              fewshot_train=None, shots=(1, 5, 10, 25), seeds: int = 3, probe: bool = False,
-             batch_size: int = 64, workers: int = 0, device="cpu") -> dict:
+             batch_size: int = 64, workers: int = 0, device="cpu", where: str = "the model") -> dict:
     """Top-1 (if the model has a head) and few-shot / linear probe (if ``fewshot_train`` is given)."""
+    check_eval_options(shots, seeds, batch_size, workers)
+    check_finite(model, where)
     test = resolve_shards(data)
     if not test.classes:
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
@@ -187,11 +222,14 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device,
                                              stats=lost)
         report.update(classification_report(logits, labels, info.labels or test.classes))
+        _check_decoded(report["samples"], lost["skipped"], data)
         report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
     if fewshot_train is not None:
         train = resolve_shards(fewshot_train)
         xtr = features_and_labels(model, train, info, batch_size, workers, device=device)
+        _check_shots(xtr[1], shots, test.classes, fewshot_train)
         xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost)
+        _check_decoded(len(xte[1]), lost["skipped"], data)
         k = len(test.classes)
         report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
         if probe:
@@ -213,6 +251,12 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         if has_head:
             plot_confusion(report, out_dir / "confusion.png")
     return report
+
+
+def _check_decoded(samples: int, skipped: int, data) -> None:
+    if samples == 0:
+        raise EvalError(f"{data}: no sample decodes ({skipped} lost to damaged shards or images; vitpipe verify "
+                        f"{data} names them)")
 
 
 def summary(report: dict) -> str:

@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
+from common.disk import free_space
 from common.errors import TrainingError
-from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError
 from vit import ModelInfo
-from vit.checkpoint import CheckpointError, save_state_dict
+from vit.checkpoint import WEIGHTS, CheckpointError, save_state_dict
 
 if TYPE_CHECKING:
     from pretrain.loop import Run
@@ -114,13 +115,16 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume(ckpt: Path, cfg: Config, stage: str) -> str | None:
-    """Verify ``ckpt`` against its manifest, then compare its recipe with ``cfg``.
+def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | None = None) -> str | None:
+    """Verify ``ckpt`` against its manifest, then compare its recipe with ``cfg`` (and its weights' shapes with
+    ``model``'s: no ``resume_mismatch`` can resume a model of another shape).
 
     A changed recipe raises ConfigError naming the keys, unless ``train.resume_mismatch=allow``; then
     the returned note names them.
     """
     verify_manifest(ckpt)
+    if model is not None:
+        check_shapes(ckpt / "model" / WEIGHTS, model)
     model_config = ckpt / "model" / "config.json"
     provenance = json.loads(model_config.read_text()).get("provenance", {})
     if "config" not in provenance:
@@ -136,6 +140,20 @@ def check_resume(ckpt: Path, cfg: Config, stage: str) -> str | None:
     raise ConfigError(f"train.resume: {ckpt} was made with other values of {listed}; set "
                       "train.resume_mismatch=allow to continue anyway, or train.resume=none with another "
                       "train.output_dir to start over")
+
+
+def check_shapes(weights: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's tensors have the names and shapes of ``model``'s; read from the safetensors header only."""
+    with safe_open(str(weights), framework="pt") as f:
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [f"{k} {held.get(k, 'missing')} vs {wanted.get(k, 'missing')}" for k in sorted(held.keys() | wanted.keys())
+              if held.get(k) != wanted.get(k)]
+    if differ:
+        raise ConfigError(f"train.resume: {weights.parent.parent} holds a model of another shape than this run's "
+                          f"({len(differ)} tensors differ, e.g. {differ[0]}: checkpoint vs run); it cannot be resumed "
+                          "whatever train.resume_mismatch says: train.resume=none with another train.output_dir to "
+                          "start over")
 
 
 def deepspeed_safe_globals() -> list:
@@ -346,7 +364,16 @@ def restore(accelerator, resume_from: Path | None) -> Position:
         return Position()
     deepspeed = accelerator.state.deepspeed_plugin is not None
     with weights_only_loads(deepspeed_safe_globals() if deepspeed else []):
-        accelerator.load_state(str(resume_from / "state"))
+        try:
+            accelerator.load_state(str(resume_from / "state"))
+        except RuntimeError as e:  # the objective's own tensors (a decoder) of another shape: torch's long list
+            if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+                raise
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line),
+                         "")
+            raise TrainingError(f"{resume_from / 'state'}: does not fit this run's model and objective ({first}); "
+                                "it cannot be resumed: train.resume=none with another train.output_dir to start "
+                                "over") from None
     pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
     accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     return pos
@@ -367,6 +394,7 @@ def save_training_checkpoint(run: Run) -> Path:
         save_loader_state(run, tmp)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
+        follow_umask(tmp / "state")
         model = accelerator.unwrap_model(run.task).model
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's wrapper
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -385,6 +413,15 @@ def save_training_checkpoint(run: Run) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode any new file gets (0666 less the umask): safetensors creates its
+    files 0600, which teammates on a shared disk cannot read. One chmod per file."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 @contextmanager
@@ -406,7 +443,16 @@ def finish(run: Run) -> Path:
     final = run.out / "final"
     if run.accelerator.is_main_process:
         tmp = fresh_tmp_dir(final)
-        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
-        replace_dir(tmp, final)
+        try:
+            shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+            replace_dir(tmp, final)
+        except shutil.Error as e:  # copytree gathers each file's failure into a list: say the first
+            source, _, why = e.args[0][0]
+            why = re.sub(r"^\[Errno \d+\] ", "", why).split(": '")[0]  # the reason without the errno and the path
+            raise TrainingError(f"{final}: writing the final model failed ({why}; {free_space(final)}); the "
+                                f"checkpoint it copies is complete: {Path(source).parent}") from None
+        except OSError as e:
+            raise TrainingError(f"{final}: writing the final model failed ({e.strerror or e}; {free_space(final)})"
+                                ) from None
     run.accelerator.wait_for_everyone()
     return final

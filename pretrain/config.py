@@ -11,6 +11,7 @@ translated back into ``key: expected TYPE, got VALUE``, which needs the same wal
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -144,9 +145,11 @@ def _check(value, hint, key: str):
         return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")  # nan passes every < and > check
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or \
             hint is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_name(hint)}, got {value!r}")
@@ -177,8 +180,20 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _check(value, hints[key], full))
 
 
+MAX_YAML_NODES = 10_000  # a config has a few hundred; aliases may not expand a document past this
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently) and
+    a document whose aliases expand it past ``MAX_YAML_NODES`` ("billion laughs": 300 bytes, gigabytes
+    expanded, a 3.5 MB error line)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand this document past {MAX_YAML_NODES} values (refused)", node.start_mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -192,6 +207,26 @@ class _StrictLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
                 seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many nodes ``node`` stands for with every alias expanded; linear in the distinct nodes (memoised),
+    stopping early once past the limit."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that refers to itself (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += _expanded_size(child, sizes)
+            if total > MAX_YAML_NODES:
+                break
+        sizes[id(node)] = total
+    return sizes[id(node)]
 
 
 def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
@@ -211,6 +246,20 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping, read with the strict loader (no duplicate keys, bounded aliases)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(str(path), e) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
     """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults).
 
@@ -220,18 +269,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     cfg = base or Config()
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file does not exist")
-        try:
-            values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
-        except yaml.YAMLError as e:
-            raise _yaml_error(str(path), e) from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = read_yaml(path)
     given: dict = {}
+    seen: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
+        _refuse_repeats(seen, keys, text)
         _merge(given, keys, value)
     switched = _section(given, "objective").get("name")
     if switched is not None and switched != _section(values, "objective").get("name", cfg.objective.name):
@@ -246,6 +289,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     _apply(cfg, values)
     validate(cfg)
     return cfg
+
+
+def _refuse_repeats(seen: dict[str, str], keys: list[str], text: str) -> None:
+    """A key given twice on one command line (or a key and its section) is a mistake, not a last-wins."""
+    key = ".".join(keys)
+    for other, earlier in seen.items():
+        if other == key or other.startswith(key + ".") or key.startswith(other + "."):
+            raise ConfigError(f"{key}: given twice on the command line ({earlier} and {text}); give it once")
+    seen[key] = text
 
 
 def _section(values: dict, key: str) -> dict:
@@ -279,7 +331,7 @@ def validate(cfg: Config) -> None:
                 "train.max_steps": (t.max_steps, 0), "schedule.warmup_steps": (s.warmup_steps, 0),
                 "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
                 "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),
-                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0)}
+                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0), "train.seed": (t.seed, 0)}
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
@@ -297,6 +349,8 @@ def validate(cfg: Config) -> None:
     for key, (value, text, ok) in within.items():
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be in {text}, got {value}")
+    if t.seed >= 2**63:
+        raise ConfigError(f"train.seed: must be < 2**63, got {t.seed}")
     if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
         raise ConfigError(f"optim.betas: must be two values in [0, 1), got {op.betas}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):

@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Literal
 
+from common.args import Once
 from pretrain.config import Config
 from pretrain.objectives import OBJECTIVES
 
@@ -88,7 +89,7 @@ def stage_parser(prog: str, doc: str, defaults: Config) -> argparse.ArgumentPars
     """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default."""
     p = argparse.ArgumentParser(prog=prog, description=doc, epilog=config_help(defaults),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
+    p.add_argument("--config", action=Once, help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config keys listed below, e.g. train.max_steps=100 data.batch_size=64")
     return p

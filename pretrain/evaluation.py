@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
@@ -65,6 +66,12 @@ def evaluate(run: Run, bar) -> None:
             f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
 
 
+def _named(shards: ShardSet) -> str:
+    """The shards as a message names them: their folder, or the first one and how many there are."""
+    folders = {u.rsplit("/", 1)[0] for u in shards.urls}
+    return folders.pop() if len(folders) == 1 else f"{shards.urls[0]} (and {len(shards.urls) - 1} more shards)"
+
+
 @torch.no_grad()
 def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
     """The objective's loss and metrics on held-out shards, every sample once across ranks.
@@ -89,6 +96,9 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
         totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
     task.train()
     totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    if totals[0] == 0:  # every rank sees the same sum: they all stop here, none waits at a collective
+        raise TrainingError(f"data.val: no sample of {_named(shards)} decodes; the validation loss would be NaN "
+                            f"(vitpipe verify names the damage)")
     means = (totals[1:] / totals[0]).tolist()
     return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
 
@@ -108,6 +118,10 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()
+    for (_, labels), key, shards in zip(sets.values(), ("data.monitor", "data.monitor_bank"), (queries, bank)):
+        if len(labels) == 0:  # gathered: the same on every rank
+            raise TrainingError(f"{key}: no sample of {_named(shards)} decodes; the kNN monitor would be NaN "
+                                f"(vitpipe verify names the damage)")
     classes = len(queries.classes)
     if "bank" in sets:
         return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}

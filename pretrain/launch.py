@@ -18,6 +18,23 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # where configs/deepspeed/*.json ship
+DEEPSPEED_CONFIG = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # accelerate launch passes deepspeed_config_file in it
+
+
+def resolve_deepspeed_config(env: dict = os.environ) -> None:
+    """The accelerate configs we ship name ``configs/deepspeed/*.json`` relative to the checkout: found from any
+    folder (the env variable made absolute), or one line naming the file, instead of DeepSpeed's traceback."""
+    path = env.get(DEEPSPEED_CONFIG)
+    if not path or path == "none" or path.lstrip().startswith("{") or Path(path).is_file():
+        return
+    if not Path(path).is_absolute() and (CHECKOUT / path).is_file():
+        env[DEEPSPEED_CONFIG] = str(CHECKOUT / path)
+        return
+    raise ConfigError(f"{path}: the DeepSpeed config that the accelerate config's deepspeed_config_file names does "
+                      f"not exist (a relative path is looked for in {os.getcwd()} and in {CHECKOUT})")
+
+
 def make_accelerator(cfg: Config, hidden: int) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -27,6 +44,8 @@ def make_accelerator(cfg: Config, hidden: int) -> Accelerator:
     # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
+    if deepspeed:
+        resolve_deepspeed_config()
     accelerator = Accelerator(
         cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",

@@ -125,7 +125,7 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     """Everything before the first step: resume checks, loaders, evaluation sets, optimizer, restored state,
     the run's config.json and rewound metrics."""
     resume_from = find_resume(cfg)
-    if resume_from is not None and (note := on_main(accelerator, lambda: check_resume(resume_from, cfg, stage))):
+    if resume_from is not None and (note := on_main(accelerator, lambda: check_resume(resume_from, cfg, stage, model))):
         accelerator.print(f"note: {note}")
     d = cfg.data
     norm = (tuple(d.mean), tuple(d.std))

@@ -48,7 +48,7 @@ def test_shard_to_s3_is_the_local_result_and_reads_back_streaming(s3, tmp_path):
     assert index["complete"] and index["total_samples"] == 21
 
     assert verify(url) == ([], [])
-    assert "21 samples in 5 shards" in inspect(url)
+    assert "21 samples in 5 shards" in inspect(url)[0]
     shards = resolve_shards(url)
     assert shards.num_samples == 21 and shards.classes == ["a", "b"]
     assert shards.urls[0].startswith(url + "/shard-")

@@ -21,8 +21,9 @@ from .helpers import ROOT, TINY, accelerate_launch, launch, pretrain_cmd
 from .test_loader import states_before
 
 # 64 samples in 4 shards of 16, 8 a step: 8 steps an epoch, so a checkpoint at step 3 is mid-epoch
-RUN = ["data.batch_size=8", "data.shuffle_buffer=6", "train.max_steps=8", "train.checkpoint_every=3",
-       "train.keep_last=5", "train.log_every=1", "data.record_keys=true"]
+RUN = ["data.batch_size=8", "data.shuffle_buffer=6", "train.checkpoint_every=3", "train.keep_last=5",
+       "train.log_every=1", "data.record_keys=true"]
+EPOCH = [*RUN, "train.max_steps=8"]
 
 
 def all_keys(shards) -> list[str]:
@@ -66,7 +67,7 @@ def whole(shards, tmp_path_factory, env):
     runs = {}
     for procs, cmd in ((1, pretrain_cmd), (2, two_procs)):
         out = tmp_path_factory.mktemp(f"whole{procs}") / "run"
-        res = launch(cmd(f"data.train={shards}", f"train.output_dir={out}", "data.workers=2", *RUN), env)
+        res = launch(cmd(f"data.train={shards}", f"train.output_dir={out}", "data.workers=2", *EPOCH), env)
         assert res.returncode == 0, res.stderr[-3000:]
         runs[procs] = out
     return runs
@@ -82,7 +83,7 @@ def same_run(a, b):
 @pytest.mark.slow
 def test_two_ranks_with_workers_resume_mid_epoch_bit_identically(shards, whole, tmp_path, env):
     out = from_checkpoint(whole[2], tmp_path / "run")
-    res = launch(two_procs(f"data.train={shards}", f"train.output_dir={out}", "data.workers=2", *RUN), env)
+    res = launch(two_procs(f"data.train={shards}", f"train.output_dir={out}", "data.workers=2", *EPOCH), env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout and "replay" not in res.stdout and "layout" not in res.stdout
     same_run(out, whole[2])
@@ -92,7 +93,7 @@ def test_two_ranks_with_workers_resume_mid_epoch_bit_identically(shards, whole, 
 def test_resampled_from_s3_without_workers_resumes_mid_epoch_bit_identically(s3, shards, tmp_path, run_here):
     s3.mkdir("resume")
     s3.put(str(shards) + "/", "resume/shards", recursive=True)
-    args = ["data.train=s3://resume/shards", "data.workers=0", "data.resampled=true", *RUN]
+    args = ["data.train=s3://resume/shards", "data.workers=0", "data.resampled=true", *EPOCH]
     assert run_here(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}")).returncode == 0
     out = from_checkpoint(tmp_path / "whole", tmp_path / "run")
     res = run_here(pretrain_cmd(*args, f"train.output_dir={out}"))
@@ -110,7 +111,7 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(shards, whole, tmp_
     each_once(trained(whole[2]), shards)  # the uninterrupted runs do
     each_once(trained(whole[1]), shards)
     shrunk = from_checkpoint(whole[2], tmp_path / "2to1")
-    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={shrunk}", "data.workers=2", *RUN))
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={shrunk}", "data.workers=2", *EPOCH))
     assert res.returncode == 0, res.stderr[-3000:]
     notes = [line for line in res.stdout.splitlines() if "bit-comparable" in line]
     assert notes == [f"note: {shrunk / 'checkpoints' / 'step_00000003'} was written by 2 process(es) x 2 loader "
@@ -118,7 +119,7 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(shards, whole, tmp_
                      "the 40 samples of epoch 0 not yet trained on are re-dealt over the new layout, each once"]
     each_once(trained(shrunk), shards)
     grown = from_checkpoint(whole[1], tmp_path / "1to2")
-    res = launch(two_procs(f"data.train={shards}", f"train.output_dir={grown}", "data.workers=0", *RUN), env)
+    res = launch(two_procs(f"data.train={shards}", f"train.output_dir={grown}", "data.workers=0", *EPOCH), env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("no longer bit-comparable") == 1
     each_once(trained(grown), shards)
@@ -201,7 +202,7 @@ def test_changed_shards_are_refused_unless_allowed_and_old_checkpoints_replay(sh
     dropped = index["shards"].pop()
     index["total_samples"] -= dropped["count"]
     (data / "index.json").write_text(json.dumps(index))
-    refused = run_here(pretrain_cmd(*args))
+    refused = run_here(pretrain_cmd(*args, "train.max_steps=4"))
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"pretrain: error: train.resume: {ckpt / 'loader.json'} does not fit the training shards (4 shards then, "
         f"3 now; missing {dropped['name']}); set train.resume_mismatch=allow to train the rest of epoch 0 on these "

@@ -253,13 +253,22 @@ class Demo:
                 final = self.runs / run_name / "final"
                 self.steps.run_here("eval", final, "--data", self.shards / "test", "--workers", 2)
                 reports[run_name] = load_report(final)
+            shots = self.affordable_shots()
             for run_name, folder in (("pretrained", self.runs / "pretrain" / "final"),
                                      ("scratch_init", self.runs / "scratch_init")):
                 out = self.out / "fewshot" / run_name
                 self.steps.run_here("eval", folder, "--data", self.shards / "fewshot_test", "--fewshot-train",
-                                    self.shards / "labelled", "--workers", 2, "--out", out)
+                                    self.shards / "labelled", "--shots", *shots, "--workers", 2, "--out", out)
                 reports[f"{run_name}_fewshot"] = load_report(out)["fewshot"]
         return reports
+
+    def affordable_shots(self) -> list[int]:
+        """1, 5, 10 and 25 shots, those the smallest class of the labelled images has enough images for (eval
+        refuses a K-shot evaluation that would silently be a fewer-shot one)."""
+        from data_tools.shard import read_index
+
+        fewest = min(read_index(self.shards / "labelled")["class_counts"].values())
+        return [k for k in (1, 5, 10, 25) if k <= fewest] or [1]
 
     def export(self, best: str) -> None:
         with self.steps.step("export the best model in transformers hub format with its model card"):
@@ -318,9 +327,9 @@ def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed
 
 def objective_name(budget: Budget) -> str:
     """The pretraining objective the demo runs: its config's, unless an override changes it."""
-    import yaml
+    from pretrain.config import read_yaml
 
-    name = yaml.safe_load((CONFIGS / "pretrain" / budget.pretrain_config).read_text())["objective"]["name"]
+    name = read_yaml(CONFIGS / "pretrain" / budget.pretrain_config)["objective"]["name"]
     overrides = [a.split("=", 1)[1] for a in budget.pretrain_args if a.startswith("objective.name=")]
     return overrides[-1] if overrides else name
 
