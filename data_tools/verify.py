@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from common.io import atomic_path
 from data_tools.images import decode_rgb
@@ -84,12 +85,19 @@ def _meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str]]:
-    """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file."""
+def verify(folder: str | Path, decode: bool = True, progress: bool = False) -> tuple[list[str], list[str]]:
+    """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file. ``progress``:
+    a bar counting the samples checked, with rate and ETA, on a terminal (the problems go to stderr too: a log
+    of them gets no bar lines)."""
     index = read_index(folder)
     where = shard_folder(folder)
-    with errors_for(str(folder)):
-        problems = [p for p in (check_shard(where, e, decode) for e in index["shards"]) if p]
+    with errors_for(str(folder)), tqdm(total=index.get("total_samples"), unit="img", desc="verify", leave=False,
+                                       disable=None if progress else True) as bar:
+        problems = []
+        for entry in index["shards"]:
+            if problem := check_shard(where, entry, decode):
+                problems.append(problem)
+            bar.update(entry.get("count", 0))
         known = {e["name"] for e in index["shards"]}
         notes = [f"{name}: a tar not listed in index.json" for name in sorted(where.sizes("*.tar")) if name not in known]
     if not index.get("complete", False):

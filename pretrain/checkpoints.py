@@ -23,7 +23,7 @@ from common.errors import TrainingError
 from common.io import current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, best_metric, best_mode
 from vit import ModelInfo
 from vit.checkpoint import WEIGHTS, CheckpointError, save_state_dict
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pretrain.loop import Run
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"
 TRAINER_STATE = "trainer.json"
 LOADER_STATE = "loader.json"  # every (rank, logical worker)'s data stream state: a resume reads nothing before it
 LOADER_FORMAT = "vitpipe-loader-state-1"
@@ -42,7 +43,8 @@ MANIFEST_FORMAT = "vitpipe-checkpoint-manifest"
 NOT_RESULT = {
     "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.output_dir",
     "train.resume", "train.resume_mismatch", "train.compile", "train.peak_tflops", "model.grad_checkpointing",
-    "data.workers", "data.val", "data.monitor", "data.monitor_bank", "data.record_keys",
+    "data.workers", "data.val", "data.monitor", "data.monitor_bank", "data.record_keys", "train.threads", "train.keep_best",
+    "train.best_metric", "train.best_mode",
 }
 
 
@@ -456,3 +458,43 @@ def finish(run: Run) -> Path:
                                 ) from None
     run.accelerator.wait_for_everyone()
     return final
+
+
+# ---- best/: the checkpoint with the best evaluation metric (train.keep_best) ---------------------------------------
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def best_so_far(records: list[dict], metric: str, mode: str) -> tuple[int, float] | None:
+    """(step, value) of the best ``metric`` among evaluation records (the first of equals), None if none has it."""
+    best = None
+    for r in records:
+        if r.get(metric) is not None and improves(r[metric], best and best[1], mode):
+            best = (r["step"], r[metric])
+    return best
+
+
+def check_best_metric(cfg: Config, evaluated: list[str]) -> None:
+    """``train.best_metric`` must be one of the metrics evaluated at each checkpoint."""
+    if cfg.train.keep_best and best_metric(cfg) not in evaluated:
+        raise ConfigError(f"train.best_metric: {best_metric(cfg)} is not evaluated in this run "
+                          f"(evaluated: {', '.join(evaluated) or 'nothing'})")
+
+
+def mark_best(run: Run, record: dict) -> None:
+    """Take this evaluation into the run's best, and record the best so far in its metrics line."""
+    metric, mode = best_metric(run.cfg), best_mode(run.cfg)
+    if record.get(metric) is not None and improves(record[metric], run.best and run.best[1], mode):
+        run.best = (run.pos.step, record[metric])
+    if run.best is not None:
+        record.update({f"best_{metric}": run.best[1], "best_step": run.best[0]})
+
+
+def keep_best(run: Run) -> None:
+    """``best/``: a copy of this step's checkpoint model folder, renamed into place when complete."""
+    if run.accelerator.is_main_process:
+        tmp = fresh_tmp_dir(run.out / BEST)
+        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
+        replace_dir(tmp, run.out / BEST)
+    run.accelerator.wait_for_everyone()

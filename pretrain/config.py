@@ -11,7 +11,9 @@ translated back into ``key: expected TYPE, got VALUE``, which needs the same wal
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,13 +81,16 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 0
+    warmup_epochs: float | None = None  # instead of warmup_steps: passes over the training shards
     decay: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: float = 0.0
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: int | None = 1000  # optimizer steps; or give train.epochs instead (exactly one of the two)
+    epochs: float | None = None  # instead of max_steps: passes over the training shards (their index's sample count)
+    threads: int | None = None  # torch threads per process; null: OMP_NUM_THREADS, else the cores / local processes
     grad_accum: int = 1
     checkpoint_every: int = 500
     keep_last: int = 2
@@ -97,6 +102,9 @@ class TrainConfig:
     compile: bool = False
     peak_tflops: float | None = None  # for MFU; measured with a matmul when not given
     resume_mismatch: Literal["refuse", "allow"] = "refuse"  # a checkpoint made with other result-changing keys
+    keep_best: bool = False  # keep best/: the model of the checkpoint with the best train.best_metric
+    best_metric: str | None = None  # knn_top1, val_loss, val_<objective metric>; null: knn_top1 with data.monitor, else val_loss
+    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a *loss metric, else max
 
 
 @dataclass
@@ -168,9 +176,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            scope = f"objective {obj.name} " if isinstance(obj, ObjectiveOptions) else ""
-            raise ConfigError(f"{full}: unknown config key for {scope or 'this section '}"
-                              f"(known: {', '.join(sorted(prefix + n for n in names))})")
+            scope = f"objective {obj.name}" if isinstance(obj, ObjectiveOptions) else ""
+            raise ConfigError(f"{full}: unknown config key for {scope or 'this section'}{_did_you_mean(obj, key, prefix)}"
+                              f" (known: {', '.join(sorted(prefix + n for n in names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -178,6 +186,19 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             _apply(current, value, full + ".")
         else:
             setattr(obj, key, _check(value, hints[key], full))
+
+
+def _did_you_mean(obj, key: str, prefix: str) -> str:
+    """``; did you mean KEY?`` for a close key of this section, or at the top level a section's key of that name
+    (``max_steps`` -> ``train.max_steps``); empty when nothing is close."""
+    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    candidates = {prefix + name: name for name, value in fields.items() if not dataclasses.is_dataclass(value)}
+    if not prefix:
+        candidates.update({f"{section}.{f.name}": f.name for section, value in fields.items()
+                           if dataclasses.is_dataclass(value) for f in dataclasses.fields(value)})
+    close = difflib.get_close_matches(key, list(candidates.values()), n=1, cutoff=0.6)
+    found = [full for full, name in candidates.items() if close and name == close[0]]
+    return f"; did you mean {found[0]}?" if found else ""
 
 
 MAX_YAML_NODES = 10_000  # a config has a few hundred; aliases may not expand a document past this
@@ -260,16 +281,23 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None,
+                stage: str | None = None, need_data: bool = True) -> Config:
     """YAML file (may be None) then overrides, on top of ``base`` (the stage's defaults).
 
     ``objective.name`` (from either) picks the objective, and with it the keys its section accepts;
-    an override that switches to another objective than the file's replaces the file's section.
+    an override that switches to another objective than the file's replaces the file's section, and
+    one that gives a length in epochs (steps) replaces the file's length in steps (epochs). A file's
+    top-level ``stage`` (a run folder's config.json has one) must be ``stage``. ``need_data=False``: no
+    ``data.train`` yet (``--print-config`` of a recipe).
     """
     cfg = base or Config()
     values: dict = {}
     if path is not None:
         values = read_yaml(path)
+        made_by = values.pop("stage", stage)
+        if stage is not None and made_by != stage:
+            raise ConfigError(f"stage: {path} is the config of a {made_by} run; run it with vitpipe {made_by}")
     given: dict = {}
     seen: dict[str, str] = {}
     for text in overrides:
@@ -279,7 +307,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     switched = _section(given, "objective").get("name")
     if switched is not None and switched != _section(values, "objective").get("name", cfg.objective.name):
         values.pop("objective", None)
+    _later_length_wins(values, given)
     _merge_all(values, given)
+    _length_in_epochs_only(values)
     objective = values.get("objective")
     if isinstance(objective, dict) and "name" in objective and objective["name"] != cfg.objective.name:
         try:
@@ -287,8 +317,50 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _apply(cfg, values)
-    validate(cfg)
+    validate(cfg, need_data)
     return cfg
+
+
+# a length given in steps or in epochs: (section, key in steps, key in epochs)
+LENGTHS = (("train", "max_steps", "epochs"), ("schedule", "warmup_steps", "warmup_epochs"))
+
+
+def _later_length_wins(values: dict, given: dict) -> None:
+    """An override's length in steps (epochs) replaces the file's in epochs (steps)."""
+    for section, *keys in LENGTHS:
+        asked = _section(given, section)
+        for key, other in (keys, keys[::-1]):
+            if asked.get(key) is not None and other not in asked:
+                _section(values, section).pop(other, None)
+
+
+def _length_in_epochs_only(values: dict) -> None:
+    """A length given in epochs alone turns the default length in steps off."""
+    for section, steps, epochs in LENGTHS:
+        given = _section(values, section)
+        if given.get(epochs) is not None and steps not in given:
+            given[steps] = None if steps == "max_steps" else 0
+
+
+def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimizer steps that read ``epochs`` passes over ``samples`` at ``global_batch`` samples a step (a last
+    partial step counts)."""
+    return math.ceil(epochs * samples / global_batch)
+
+
+def resolve_epochs(cfg: Config, samples: int | None) -> None:
+    """Lengths given in epochs become steps (``samples``: the training shards' count); the config then holds
+    steps only, so the run folder's config.json repeats the run exactly."""
+    t, s = cfg.train, cfg.schedule
+    if t.epochs is None and s.warmup_epochs is None:
+        return
+    if samples is None:
+        raise ConfigError("train.epochs: the training shards' sample count is unknown (no index.json); set "
+                          "data.num_samples or give train.max_steps")
+    if t.epochs is not None:
+        t.max_steps, t.epochs = steps_for_epochs(t.epochs, samples, cfg.data.batch_size), None
+    if s.warmup_epochs is not None:
+        s.warmup_steps, s.warmup_epochs = steps_for_epochs(s.warmup_epochs, samples, cfg.data.batch_size), None
 
 
 def _refuse_repeats(seen: dict[str, str], keys: list[str], text: str) -> None:
@@ -321,8 +393,9 @@ def _merge(values: dict, keys: list[str], value) -> None:
     values[keys[-1]] = value
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no data and no model: every impossible value is refused naming its key."""
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """Checks that need no data and no model: every impossible value is refused naming its key (and a missing
+    ``data.train`` unless not ``need_data``)."""
     m, d, t, o, op, s = cfg.model, cfg.data, cfg.train, cfg.objective, cfg.optim, cfg.schedule
     at_least = {"data.batch_size": (d.batch_size, 1), "train.grad_accum": (t.grad_accum, 1),
                 "train.checkpoint_every": (t.checkpoint_every, 1), "train.log_every": (t.log_every, 1),
@@ -332,6 +405,7 @@ def validate(cfg: Config) -> None:
                 "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
                 "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),
                 "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0), "train.seed": (t.seed, 0)}
+    at_least.update({"train.threads": (t.threads, 1)})
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
@@ -345,12 +419,29 @@ def validate(cfg: Config) -> None:
               "optim.momentum": (op.momentum, "[0, 1)", lambda v: 0 <= v < 1),
               "optim.layer_decay": (op.layer_decay, "(0, 1]", lambda v: 0 < v <= 1),
               "optim.clip_grad_norm": (op.clip_grad_norm, "(0, inf)", lambda v: v > 0),
-              "train.peak_tflops": (t.peak_tflops, "(0, inf)", lambda v: v > 0)}
+              "train.peak_tflops": (t.peak_tflops, "(0, inf)", lambda v: v > 0),
+              "train.epochs": (t.epochs, "(0, inf)", lambda v: v > 0),
+              "schedule.warmup_epochs": (s.warmup_epochs, "[0, inf)", lambda v: v >= 0)}
     for key, (value, text, ok) in within.items():
         if value is not None and not ok(value):
             raise ConfigError(f"{key}: must be in {text}, got {value}")
     if t.seed >= 2**63:
         raise ConfigError(f"train.seed: must be < 2**63, got {t.seed}")
+    if (t.max_steps is None) == (t.epochs is None):
+        raise ConfigError("train.max_steps, train.epochs: give exactly one of them (the run's length in steps or "
+                          f"in epochs), got max_steps={t.max_steps}, epochs={t.epochs}")
+    if s.warmup_steps and s.warmup_epochs is not None:
+        raise ConfigError("schedule.warmup_steps, schedule.warmup_epochs: give one of them, got "
+                          f"warmup_steps={s.warmup_steps}, warmup_epochs={s.warmup_epochs}")
+    if t.best_metric is not None and not re.fullmatch(r"knn_top1|val_\w+", t.best_metric):
+        raise ConfigError(f"train.best_metric: knn_top1 or val_<metric> (val_loss, val_accuracy, ...), "
+                          f"got {t.best_metric!r}")
+    if t.keep_best and not (d.val or d.monitor):
+        raise ConfigError("train.keep_best: needs data.val or data.monitor (the metric that picks best/)")
+    if t.keep_best and best_metric(cfg).startswith("val_") and not d.val:
+        raise ConfigError(f"train.best_metric: {best_metric(cfg)} needs data.val")
+    if t.keep_best and best_metric(cfg) == "knn_top1" and not d.monitor:
+        raise ConfigError("train.best_metric: knn_top1 needs data.monitor")
     if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
         raise ConfigError(f"optim.betas: must be two values in [0, 1), got {op.betas}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
@@ -362,9 +453,21 @@ def validate(cfg: Config) -> None:
         o.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.train is None:
+    if cfg.data.train is None and need_data:
         raise ConfigError("data.train: required (a shard folder with index.json, a shard list or a pattern)")
     if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         raise ConfigError(f"train.output_dir: {t.output_dir} exists and is not a folder")
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume} does not exist (use auto, none or a checkpoint folder)")
+
+
+def best_metric(cfg: Config) -> str:
+    """The metric that picks best/: ``train.best_metric``, else the kNN monitor's top-1, else the held-out loss."""
+    return cfg.train.best_metric or ("knn_top1" if cfg.data.monitor else "val_loss")
+
+
+def best_mode(cfg: Config) -> str:
+    """``max`` or ``min``: ``train.best_mode``, or for ``auto`` min for a loss and max for anything else."""
+    if cfg.train.best_mode != "auto":
+        return cfg.train.best_mode
+    return "min" if best_metric(cfg).endswith("loss") else "max"

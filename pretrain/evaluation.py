@@ -11,6 +11,7 @@ from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
+from pretrain.checkpoints import mark_best
 from pretrain.config import Config, ConfigError
 from pretrain.metrics import VAL_METRICS, append_line
 from pretrain.monitor import knn_top1, pooled_features
@@ -46,6 +47,12 @@ def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals
     return Evals(val, monitor_shards, bank, transform)
 
 
+def evaluated_metrics(evals: Evals, objective_metrics: tuple[str, ...]) -> list[str]:
+    """The names ``evaluate`` records at each checkpoint."""
+    return ([f"val_{m}" for m in ("loss", *objective_metrics)] if evals.val is not None else []) + \
+        (["knn_top1"] if evals.monitor is not None else [])
+
+
 def evaluate(run: Run, bar) -> None:
     """Held-out loss and kNN monitor (those configured), logged to val_metrics.jsonl and TensorBoard."""
     evals, accelerator = run.evals, run.accelerator
@@ -59,6 +66,8 @@ def evaluate(run: Run, bar) -> None:
     if evals.monitor is not None:
         record.update(monitor(accelerator, unwrapped.model, evals.monitor, evals.bank, evals.transform, run.micro,
                               run.cfg.data.workers))
+    if run.cfg.train.keep_best:
+        mark_best(run, record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.pos.step)
     if accelerator.is_main_process:
         append_line(run.out / VAL_METRICS, record)

@@ -26,23 +26,35 @@ from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, train_loader
 from data_tools.transforms import EvalTransform, TrainTransform
+from pretrain.banner import banner, parameter_count, run_facts
 from pretrain.checkpoints import (
     DataTrail,
     Position,
     StreamResume,
+    best_so_far,
+    check_best_metric,
     check_resume,
     find_resume,
     finish,
+    keep_best,
     latest_checkpoint,
     plan_stream_resume,
     restore,
     sample_record,
     save_training_checkpoint,
 )
-from pretrain.config import Config
-from pretrain.evaluation import Evals, evaluate, evaluation_sets
-from pretrain.launch import launch_lock, make_accelerator, on_main, per_rank_batch
-from pretrain.metrics import Window, log_window, measure_peak_flops, record_run, train_flops_per_image
+from pretrain.config import Config, best_metric, best_mode
+from pretrain.evaluation import Evals, evaluate, evaluated_metrics, evaluation_sets
+from pretrain.launch import launch_lock, make_accelerator, on_main, per_rank_batch, set_threads
+from pretrain.metrics import (
+    VAL_METRICS,
+    Window,
+    log_window,
+    measure_peak_flops,
+    read_metrics,
+    record_run,
+    train_flops_per_image,
+)
 from pretrain.objectives import Task
 from pretrain.optim import build_optimizer, lr_factor
 from vit import ModelInfo, VisionTransformer
@@ -64,12 +76,13 @@ class Run:
     batches: Callable  # (epoch=, skip_batches=) -> this rank's micro-batches of that epoch
     evals: Evals
     pos: Position
-    resumed: bool
+    resumed_from: Path | None
     trail: DataTrail  # the data stream's state past the position, and the sample records
     stream_resume: StreamResume  # how the first epoch's loader goes on from the checkpoint
     flops_per_image: float
     peak_flops: float
     metrics: tuple[str, ...]  # "loss", then the objective's
+    best: tuple[int, float] | None = None  # train.keep_best: (step, value) of the best evaluation so far
 
     @property
     def out(self) -> Path:
@@ -85,12 +98,18 @@ class Run:
 
 
 def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, info: ModelInfo, stage: str,
-          shards: ShardSet) -> Path:
-    """Run (or resume) the configured training on ``shards``; returns the final model folder."""
+          shards: ShardSet, changes: list[str] = ()) -> Path:
+    """Run (or resume) the configured training on ``shards``; returns the final model folder. ``changes``: what
+    a fine-tune changed in the model, for the start banner."""
+    threads = set_threads(cfg.train.threads)
     accelerator = make_accelerator(cfg, model.cfg.embed_dim)
     try:
         with launch_lock(accelerator, Path(cfg.train.output_dir), stage):
+            counted = parameter_count(model), parameter_count(objective)  # before ZeRO-3 partitions them
             run = set_up(accelerator, cfg, model, objective, info, stage, shards)
+            if accelerator.is_main_process:
+                print(banner(run_facts(run, shards, model, counted, threads, list(changes),
+                                       run.resumed_from and str(run.resumed_from))), flush=True)
             return run_steps(run)
     finally:
         accelerator.end_training()  # also ends the process group
@@ -101,7 +120,7 @@ def run_steps(run: Run) -> Path:
     cfg = run.cfg.train
     stream = micro_batches(run, run.stream_resume.resume)
     window = Window(run.metrics)
-    saved_at = run.pos.step if run.resumed else None
+    saved_at = run.pos.step if run.resumed_from else None
     run.task.train()
     with tqdm(total=cfg.max_steps, initial=run.pos.step, desc=run.stage,
               disable=not run.accelerator.is_main_process) as bar:
@@ -115,6 +134,8 @@ def run_steps(run: Run) -> Path:
                 evaluate(run, bar)
                 save_training_checkpoint(run)
                 saved_at = run.pos.step
+                if run.best is not None and run.best[0] == run.pos.step:
+                    keep_best(run)
         if saved_at != run.pos.step:  # max_steps already reached when resumed
             save_training_checkpoint(run)
         return finish(run)
@@ -142,6 +163,7 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
         accelerator.print(stream_resume.line)
     record = sample_record(Path(cfg.train.output_dir), accelerator.process_index) if d.record_keys else None
     evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm))
+    check_best_metric(cfg, evaluated_metrics(evals, objective.metrics))
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     task = Task(model, objective)
@@ -149,11 +171,13 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     task_p, optimizer = accelerator.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
     pos = restore(accelerator, resume_from)
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
+    best = on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
+                                                    best_metric(cfg), best_mode(cfg))) if cfg.train.keep_best else None
     accelerator.init_trackers(stage)
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
-    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, evals, pos, resume_from is not None,
+    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, evals, pos, resume_from,
                DataTrail(shards.describe(), record), stream_resume, train_flops_per_image(model), peak,
-               ("loss", *objective.metrics))
+               ("loss", *objective.metrics), best)
 
 
 def micro_batches(run: Run, resume: dict | None) -> Iterator[tuple[dict, tuple[int, int]]]:

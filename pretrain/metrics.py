@@ -67,6 +67,11 @@ def append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
     """The run's config.json, and its metric logs and sample records cut back to ``step`` (what a killed run logged
     past it; records of ranks a resume on fewer processes no longer has, too)."""

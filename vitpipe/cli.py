@@ -84,7 +84,7 @@ def _verify(args) -> int:
     from data_tools.shard import read_index
     from data_tools.verify import class_sorting, verify
 
-    problems, notes = verify(args.shards, decode=not args.no_decode)
+    problems, notes = verify(args.shards, decode=not args.no_decode, progress=True)
     for line in notes:
         print(f"note: {line}")
     if warning := class_sorting(read_index(args.shards)):
@@ -139,8 +139,8 @@ def _stage(module: str):
         from common.devices import cpu_for_deepspeed_without_a_gpu
 
         cpu_for_deepspeed_without_a_gpu()
-        return importlib.import_module(module).main(["--config", args.config, *args.overrides] if args.config
-                                                    else args.overrides)
+        argv = (["--config", args.config] if args.config else []) + (["--print-config"] if args.print_config else [])
+        return importlib.import_module(module).main([*argv, *args.overrides])
     return run
 
 
@@ -289,6 +289,7 @@ def _stage_verbs(sub) -> None:
         s = sub.add_parser(verb, help=what, add_help=False, description=what[0].upper() + what[1:] + ".")
         s.add_argument("-h", "--help", action=_StageHelp, module=module)
         s.add_argument("--config", action=Once)
+        s.add_argument("--print-config", action="store_true")
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(run=_stage(module))
 
@@ -390,10 +391,23 @@ def _demo_verb(sub) -> None:
     s.set_defaults(run=_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint when a stage's config key is written as an option (``--max_steps 20``)."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        stage = next((a for a in self.argv[:1] if a in ("pretrain", "finetune")), None)
+        if stage and "unrecognized arguments" in message:
+            message += "\nconfig keys are given as key=value, e.g. train.max_steps=20 (vitpipe " \
+                       f"{stage} --help lists them)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitpipe import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vitpipe", formatter_class=_Help,
         description="Shard image corpora, pretrain and fine-tune Vision Transformers, evaluate them and share them.",
         epilog="The verbs in pipeline order: shard the images, verify / inspect the shards, pretrain (or init a\n"
@@ -409,5 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # key=value after an option: vitpipe pretrain ... --print-config train.seed=1
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return exit_status(f"vitpipe {args.verb}", lambda: args.run(args))

@@ -234,7 +234,7 @@ class Demo:
         dims = [f"--{k.split('=')[0].split('.')[1].replace('_', '-')}={k.split('=')[1]}" for k in b.model]
         with self.steps.step("from scratch: the same model, resolution, labels and fine-tuning budget"):
             self.steps.run("init", "vit_ti4", init, "--img-size", b.finetune_size, "--num-classes",
-                           len(self.classes), "--labels", *self.classes, "--seed", self.seed, *dims)
+                           len(self.classes), "--labels", *sorted(self.classes), "--seed", self.seed, *dims)
         with self.steps.step("train from scratch (the recipe that suits a random init: SGD, higher lr)"):
             self.finetune(b.scratch_config, b.scratch_args, init, self.runs / "scratch")
 
@@ -292,7 +292,7 @@ class Demo:
             "pretrain_resolution": b.pretrain_size, "finetune_resolution": b.finetune_size,
             "objective": self.objective, "pretrain_steps": b.pretrain_steps, "finetune_steps": b.finetune_steps,
             "pretrained_top1": pre["top1"], "scratch_top1": scr["top1"], "baseline_top1": baseline,
-            "pretrained_top5": pre["top5"], "scratch_top5": scr["top5"],
+            "pretrained_top5": pre.get("top5"), "scratch_top5": scr.get("top5"),
             "pretrain_knn_top1": {r["step"]: r["knn_top1"] for r in knn},
             "fewshot": {k: evals[k] for k in ("pretrained_fewshot", "scratch_init_fewshot")},
             "seconds": {**self.steps.seconds, "total": seconds},
@@ -350,7 +350,8 @@ def print_table(r: dict) -> None:
           f"seed {r['seed']}")
     print(f"{'':32s}{r['objective'].upper() + '-pretrained':>18s}{'from scratch':>18s}")
     print(f"{'fine-tuned top-1 (test)':32s}{r['pretrained_top1']:>18.2%}{r['scratch_top1']:>18.2%}")
-    print(f"{'fine-tuned top-5 (test)':32s}{r['pretrained_top5']:>18.2%}{r['scratch_top5']:>18.2%}")
+    if r["pretrained_top5"] is not None:  # more than 5 classes
+        print(f"{'fine-tuned top-5 (test)':32s}{r['pretrained_top5']:>18.2%}{r['scratch_top5']:>18.2%}")
     print(f"{'pixels + logistic regression':32s}{r['baseline_top1']:>18.2%}{'(same labels)':>18s}")
     knn = ", ".join(f"step {k}: {v:.2%}" for k, v in r["pretrain_knn_top1"].items())
     print(f"{'kNN monitor while pretraining':32s}{knn} (leave-one-out on the labelled images)")

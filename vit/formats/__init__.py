@@ -36,6 +36,11 @@ def get_format(name: str) -> ModuleType:
     return FORMATS[name]
 
 
+def formats_refusing(cfg) -> dict[str, str]:
+    """The formats that cannot hold a model of ``cfg`` (a ``ViTConfig``), each with why."""
+    return {name: why for name, fmt in FORMATS.items() if (why := fmt.refuses(cfg))}
+
+
 def format_of(meta: dict) -> ModuleType:
     """The format whose ``config.json`` this is; none is a ValueError."""
     for fmt in FORMATS.values():
