@@ -49,7 +49,8 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
     model.eval().to(device)
     feats, labels, skipped = [], [], 0
     loader = eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers)
-    with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=rank != 0,
+    # on a terminal only (disable=None): a log or a captured stderr keeps its lines, errors included
+    with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=True if rank else None,
               leave=False) as bar:
         for batch in loader:
             skipped += int(batch["skipped"])

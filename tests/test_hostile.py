@@ -234,8 +234,19 @@ def test_inspect_lists_empty_cut_and_undecodable_shards(small_shards, tmp_path, 
     assert lines[-1].endswith("problem(s) above; vitpipe verify " + str(folder) + " checks every shard")
 
 
-def test_eval_where_nothing_decodes_is_one_line(undecodable, tiny_ckpt, tmp_path, capsys):
-    line = one_line_error(capsys, ["eval", str(tiny_ckpt), "--data", str(undecodable), "--out", str(tmp_path / "e")])
+@pytest.fixture
+def trained_ckpt(tiny_ckpt, tmp_path):
+    """``tiny_ckpt`` as a fine-tune would have left it: eval reads top-1 only from a head that was trained."""
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["provenance"]["stage"] = "finetune"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_eval_where_nothing_decodes_is_one_line(undecodable, trained_ckpt, tmp_path, capsys):
+    line = one_line_error(capsys, ["eval", str(trained_ckpt), "--data", str(undecodable), "--out", str(tmp_path / "e")])
     assert line == (f"vitpipe eval: error: {undecodable}: no sample decodes (12 lost to damaged shards or images; "
                     f"vitpipe verify {undecodable} names them)")
     assert not (tmp_path / "e" / "eval.json").exists()
