@@ -58,6 +58,7 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
+    record_keys: bool = False  # one line per optimizer step in OUTPUT_DIR/samples/rank{R}.jsonl: its samples' keys
     augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
     crop_scale_min: float = 0.08
     resize_filter: Literal["bicubic", "bilinear"] = "bicubic"  # the crop's resampling (antialiased), train and eval

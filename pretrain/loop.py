@@ -29,7 +29,9 @@ from data_tools.loader import ShardSet, train_loader
 from data_tools.transforms import EvalTransform, GpuTrainTransform, TrainTransform
 from pretrain.banner import banner, parameter_count, run_facts
 from pretrain.checkpoints import (
+    DataTrail,
     Position,
+    StreamResume,
     best_so_far,
     check_best_metric,
     check_resume,
@@ -37,7 +39,9 @@ from pretrain.checkpoints import (
     finish,
     keep_best,
     latest_checkpoint,
+    plan_stream_resume,
     restore,
+    sample_record,
     save_training_checkpoint,
 )
 from pretrain.config import Config, ConfigError, best_metric, best_mode
@@ -75,6 +79,8 @@ class Run:
     evals: Evals
     pos: Position
     resumed_from: Path | None
+    trail: DataTrail  # the data stream's state past the position, and the sample records
+    stream_resume: StreamResume  # how the first epoch's loader goes on from the checkpoint
     flops_per_image: float
     peak_flops: float
     metrics: tuple[str, ...]  # "loss", then the objective's
@@ -114,7 +120,7 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
 def run_steps(run: Run) -> Path:
     """Optimizer steps up to ``train.max_steps``, logging and checkpointing on schedule; then ``final/``."""
     cfg = run.cfg.train
-    stream = micro_batches(run)
+    stream = micro_batches(run, run.stream_resume.resume)
     window = Window(run.metrics)
     saved_at = run.pos.step if run.resumed_from else None
     run.task.train()
@@ -150,7 +156,13 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     batches = partial(train_loader, shards, transform, per_rank_batch(cfg, accelerator.num_processes),
                       rank=accelerator.process_index, world_size=accelerator.num_processes, workers=d.workers,
                       seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
-    len(batches(epoch=0, skip_batches=0))  # checks shards vs ranks x workers before any work
+    per_epoch = len(batches(epoch=0, skip_batches=0))  # checks shards vs ranks x workers before any work
+    stream_resume = plan_stream_resume(resume_from, cfg, shards, accelerator.num_processes,
+                                       accelerator.process_index, accelerator.state.deepspeed_plugin is not None,
+                                       per_epoch, per_rank_batch(cfg, accelerator.num_processes))
+    if stream_resume.line:
+        accelerator.print(stream_resume.line)
+    record = sample_record(Path(cfg.train.output_dir), accelerator.process_index) if d.record_keys else None
     evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm,
                                                             interpolation=d.resize_filter))
     check_best_metric(cfg, evaluated_metrics(evals, objective.metrics))
@@ -168,7 +180,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device,
                                                                                             matmul_dtype)
     return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, transform, evals, pos, resume_from,
-               train_flops_per_image(model), peak, ("loss", *objective.metrics), best)
+               DataTrail(shards.describe(), record), stream_resume, train_flops_per_image(model), peak,
+               ("loss", *objective.metrics), best)
 
 
 def train_transform(cfg: Config, image_size, device: torch.device) -> TrainTransform | EvalTransform:
@@ -190,15 +203,16 @@ def train_transform(cfg: Config, image_size, device: torch.device) -> TrainTrans
     return EvalTransform(image_size, *norm, interpolation=d.resize_filter)
 
 
-def micro_batches(run: Run) -> Iterator[tuple[dict, tuple[int, int]]]:
-    """Micro-batches from where the run is, forever: each with the (epoch, batch) that comes after it."""
+def micro_batches(run: Run, resume: dict | None) -> Iterator[tuple[dict, tuple[int, int]]]:
+    """Micro-batches from where the run is, forever: each with the (epoch, batch) that comes after it. ``resume``:
+    where the loader's streams are at the run's position (``train_loader``'s ``resume``)."""
     epoch, skip = run.pos.epoch, run.pos.batch
     while True:
-        loader = run.batches(epoch=epoch, skip_batches=skip)
+        loader = run.batches(epoch=epoch, skip_batches=skip, resume=resume)
         end = skip + len(loader)  # the epoch's number of batches (the loader has the rest)
         for i, batch in enumerate(loader, skip):
             yield batch, ((epoch, i + 1) if i + 1 < end else (epoch + 1, 0))
-        epoch, skip = epoch + 1, 0
+        epoch, skip, resume = epoch + 1, 0, {}
 
 
 def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor | float | None:
@@ -212,7 +226,9 @@ def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor |
     step_values = torch.zeros(len(run.metrics), device=accelerator.device)
     grad_norm = None
     for k in range(cfg.train.grad_accum):
-        batch, (run.pos.epoch, run.pos.batch) = next(stream)
+        batch, after = next(stream)
+        run.trail.took(batch, run.pos.epoch)
+        run.pos.epoch, run.pos.batch = after
         window.skipped += int(batch.pop("skipped"))
         values, norm = micro_step(run, batch, k)
         step_values += values / cfg.train.grad_accum
@@ -225,6 +241,7 @@ def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor |
         raise TrainingError(f"step {run.pos.step}: loss is {step_values[0].item()}; stopping. Last good checkpoint: "
                             f"{last or 'none (no checkpoint written yet)'}")
     run.pos.step += 1
+    run.trail.step_done(run.pos.step)
     window.add(step_values.tolist())
     return grad_norm
 

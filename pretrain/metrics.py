@@ -73,9 +73,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
-    """The run's config.json, and its metric logs cut back to ``step`` (what a killed run logged past it)."""
-    rewind_metrics(out / METRICS, step)
-    rewind_metrics(out / VAL_METRICS, step)
+    """The run's config.json, and its metric logs and sample records cut back to ``step`` (what a killed run logged
+    past it; records of ranks a resume on fewer processes no longer has, too)."""
+    for path in (out / METRICS, out / VAL_METRICS, *sorted((out / "samples").glob("rank*.jsonl"))):
+        rewind_metrics(path, step)
     write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
 
 
