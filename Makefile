@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/resume.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -57,7 +57,7 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
             bar.update((len(batch["labels"]) + int(batch["skipped"])) * world)
             if len(batch["labels"]) == 0:
                 continue
-            tokens = model.forward_features(batch["pixel_values"].to(device))
+            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
             out = model.forward_head(tokens) if logits else representation(model, tokens)
             feats.append(out.float().cpu())
             labels.append(batch["labels"])

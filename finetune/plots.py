@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.images import unnormalize
 from common.io import atomic_path
 from vit import ModelInfo, VisionTransformer
 
@@ -247,9 +246,7 @@ def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8)
     # a shuffled stream (eval transform, no augmentation) so the samples span the classes
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     batch = next(iter(train_loader(resolve_shards(shards), transform, n, shuffle_buffer=2000)))
-    x = batch["pixel_values"]
-    raw = (unnormalize(x, info.mean, info.std).clamp(0, 1) * 255).permute(0, 2, 3, 1).byte().numpy()
-    return x, list(raw)
+    return transform.to_device(batch, "cpu")["pixel_values"], list(batch["images"].numpy())
 
 
 def plot_all(model: VisionTransformer, info: ModelInfo, out: str | Path, images=None,

@@ -58,8 +58,11 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
+    record_keys: bool = False  # one line per optimizer step in OUTPUT_DIR/samples/rank{R}.jsonl: its samples' keys
     augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
     crop_scale_min: float = 0.08
+    resize_filter: Literal["bicubic", "bilinear"] = "bicubic"  # the crop's resampling (antialiased), train and eval
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers hand over JPEG bytes, decoded in batches on the CUDA device
     monitor: str | list[str] | None = None  # labelled shards: kNN top-1 of frozen features at every checkpoint
     monitor_bank: str | list[str] | None = None  # the kNN's labelled bank; null: leave-one-out on data.monitor
     mean: list[float] | None = None  # null: the checkpoint's when fine-tuning, else 0.5 (the paper's [-1, 1])

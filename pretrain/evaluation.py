@@ -97,7 +97,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
         n = len(batch["labels"])
         if not n:
             continue
-        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
+        batch = transform.to_device(batch, accelerator.device)
         gen = torch.Generator(device=accelerator.device)
         gen.manual_seed(torch_seed(seed, "val", accelerator.process_index, i))
         with accelerator.autocast():

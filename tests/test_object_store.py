@@ -227,4 +227,4 @@ def test_the_s3_stream_is_the_local_stream(s3, shards):
     assert (remote.num_samples, remote.classes) == (local.num_samples, local.classes)
     for a, b in zip(train_loader(local, TrainTransform(16), 8, workers=2, seed=3),
                     train_loader(remote, TrainTransform(16), 8, workers=2, seed=3), strict=True):
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
