@@ -525,6 +525,24 @@ def test_writing_final_on_a_full_disk_is_one_line_with_the_folder_and_free_space
     assert not (small_disk / "final").exists()
 
 
+def test_keeping_best_on_a_full_disk_is_one_line_and_leaves_no_partial_copy(small_disk):
+    from types import SimpleNamespace
+
+    from common.errors import TrainingError
+    from pretrain.checkpoints import keep_best
+
+    model = small_disk / "checkpoints" / "step_00000005" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(bytes(150_000))  # the checkpoint fits, a second copy does not
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(TrainingError) as e:
+        keep_best(SimpleNamespace(accelerator=accelerator, out=small_disk, pos=SimpleNamespace(step=5)))
+    assert str(e.value).startswith(f"{small_disk / 'best'}: writing the best checkpoint's model failed (No space "
+                                   "left on device; 0.")
+    assert str(e.value).endswith(f"; the checkpoint it copies is complete: {model}")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["checkpoints"]  # no best/, no half-written tmp
+
+
 def test_export_on_a_full_disk_is_one_line_with_the_folder_and_free_space(small_disk, tmp_path, capsys):
     ckpt = tmp_path / "wide"
     assert cli(["init", "vit_ti4", str(ckpt), "--img-size", "16", "--embed-dim", "64", "--depth", "2",
