@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from common.errors import VitpipeError
+from common.redact import redact
 from common.seeding import seed_for
 from data_tools import store
 from data_tools.tars import ForeignTar, image_bytes, read_tar
@@ -173,15 +174,15 @@ class _SkipCounter:
         self.count += lost
         if url not in self.named:
             self.named.add(url)
-            log.warning("%s: damaged shard, %d sample(s) lost (%s)", url, lost, why)
+            log.warning("%s: damaged shard, %d sample(s) lost (%s)", redact(url), lost, redact(why))
 
     def sample(self, what: str) -> None:
         self.count += 1
         self.undecodable += 1
         if self.undecodable <= self.examples:
-            log.warning("skipping a sample that does not decode: %s", what)
+            log.warning("skipping a sample that does not decode: %s", redact(what))
         elif self.undecodable % self.every == 0:
-            log.warning("%d samples that do not decode skipped so far (latest: %s)", self.undecodable, what)
+            log.warning("%d samples that do not decode skipped so far (latest: %s)", self.undecodable, redact(what))
 
 
 def _open(sample: dict) -> tuple:

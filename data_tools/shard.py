@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
+from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
@@ -122,7 +123,7 @@ def _identity(src: str, opts: ShardOptions) -> dict:
     d["part"] = f"{opts.part[0]}/{opts.part[1]}"
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
-    return {"source": src, **d}
+    return {"source": redact(src), **d}
 
 
 def _part_inputs(inputs: list[Input], opts: ShardOptions) -> list[Input]:
@@ -279,7 +280,7 @@ class _ShardWriter:
         self.classes = Counter()
 
     def add(self, pos: int, inp: Input, enc, classes) -> None:
-        meta = {"source": inp.source, "width": enc.width, "height": enc.height}
+        meta = {"source": redact(inp.source), "width": enc.width, "height": enc.height}
         sample = {enc.ext: enc.data}
         if inp.label is not None:
             sample["cls"] = str(inp.label).encode()
@@ -300,7 +301,7 @@ class _ShardWriter:
             self._close(pos + 1)
 
     def skip(self, pos: int, inp: Input, reason: str) -> None:
-        self.pending_skips.append({"input": pos, "source": inp.source, "reason": reason})
+        self.pending_skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
 
     def _close(self, next_input: int) -> None:
         """Complete the open shard: move (upload) it into place, then record it (and the skips before it)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import VitpipeError
+from common.redact import redact
 from data_tools import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
@@ -56,7 +57,7 @@ class Corpus:
 
 def sample_key(source: str) -> str:
     """Unique, stable, dot-free key: the readable part of the source plus a hash of all of it."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", redact(source)).strip("_")[-60:]
     return f"{readable}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common.io import write_json
+from common.redact import redact
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer
@@ -177,7 +178,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
     test = resolve_shards(data)
     if not test.classes:
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
-    report: dict = {"data": str(data)}
+    report: dict = {"data": redact(str(data))}
     has_head = isinstance(model.head, torch.nn.Linear)
     lost: dict = {}
     if has_head:
@@ -203,7 +204,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report.setdefault("samples", int(totals[1]))
         report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
         if report["samples"] < test.num_samples:
-            report["warning"] = (f"{data}: saw {report['samples']} of the {test.num_samples} samples the index lists "
+            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
                                  f"({report['skipped_samples']} lost to damaged shards or images that do not "
                                  "decode; vitpipe verify names them)")
     if out_dir is not None and _dist()[0] == 0:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from common.errors import TrainingError
 from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.redact import redacted
 from pretrain.config import Config, ConfigError
 from vit import ModelInfo
 from vit.checkpoint import CheckpointError, save_state_dict
@@ -123,7 +124,7 @@ def check_resume(ckpt: Path, cfg: Config, stage: str) -> str | None:
         raise CheckpointError(f"{model_config}: records no training config, so it cannot be checked against this "
                               "run's; refusing to resume from it")
     changes = config_changes({"stage": provenance.get("stage"), **provenance["config"]},
-                             {"stage": stage, **cfg.to_dict()})
+                             redacted({"stage": stage, **cfg.to_dict()}))  # as it was recorded
     if not changes:
         return None
     listed = "; ".join(changes)

@@ -13,6 +13,7 @@ import torch
 
 from common.errors import TrainingError
 from common.io import atomic_path, write_json
+from common.redact import redacted
 from pretrain.config import Config
 from vit import VisionTransformer
 
@@ -71,7 +72,7 @@ def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
     """The run's config.json, and its metric logs cut back to ``step`` (what a killed run logged past it)."""
     rewind_metrics(out / METRICS, step)
     rewind_metrics(out / VAL_METRICS, step)
-    write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
+    write_json(out / "config.json", redacted({"stage": stage, **cfg.to_dict()}))
 
 
 def rewind_metrics(path: Path, step: int) -> None:
