@@ -150,7 +150,14 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
+def check_prefix(prefix: str) -> None:
+    """Shards are written inside OUT: the prefix of their names is a name, not a path."""
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ShardError(f"--prefix must be a plain file name (no '/', not '..', not absolute), got {prefix!r}")
+
+
 def check_options(opts: ShardOptions) -> None:
+    check_prefix(opts.prefix)
     if opts.samples_per_shard < 1:
         raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
     if not 0 <= opts.shuffle_seed < 2**32:

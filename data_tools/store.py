@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from common.errors import VitpipeError
-from common.io import fsync_dir, json_text, write_json
+from common.io import fsync_dir, json_text, open_new, write_json
 from common.lock import FolderLock
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -152,7 +152,7 @@ class LocalFolder:
         (self.path / name).unlink(missing_ok=True)
 
     def open_shard(self, name: str):
-        return open(self.path / (name + ".tmp"), "wb")
+        return open_new(self.path / (name + ".tmp"))
 
     def commit_shard(self, name: str, f) -> None:
         f.flush()

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from common.errors import TrainingError
-from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import check_inside, fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from common.redact import redacted
 from pretrain.config import Config, ConfigError
 from vit import ModelInfo
@@ -194,6 +194,9 @@ class Position:
 
 
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, if any; first, that the run's checkpoints folder is inside it (the run
+    writes there: a link to elsewhere is refused before any work)."""
+    check_inside(Path(cfg.train.output_dir) / CHECKPOINTS, cfg.train.output_dir)
     r = cfg.train.resume
     if r == "none":
         return None
@@ -235,6 +238,7 @@ def save_training_checkpoint(run: Run) -> Path:
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
     if accelerator.is_main_process:
+        check_inside(root, run.out)
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
     with _writing(tmp):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import TrainingError
-from common.io import atomic_path, write_json
+from common.io import atomic_path, open_append, write_json
 from common.redact import redacted
 from pretrain.config import Config
 from vit import VisionTransformer
@@ -64,7 +64,7 @@ def log_window(run: Run, window: Window, grad_norm, bar) -> None:
 
 
 def append_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -21,7 +21,7 @@ SECRET = "hf_abcdefghijklmnopqrstuvwxyz012345"
     ("https://host/a.tar?access_token=abc123", "https://host/a.tar?access_token=***"),
     (f"pipe:curl -s -H 'Authorization: Bearer {SECRET}' https://hf.co/d/a.tar",
      "pipe:curl -s -H 'Authorization: ***' https://hf.co/d/a.tar"),
-    (f'pipe:curl -H "Authorization: Basic dXNlcjpwYXNz" https://h/a.tar',
+    ('pipe:curl -H "Authorization: Basic dXNlcjpwYXNz" https://h/a.tar',
      'pipe:curl -H "Authorization: ***" https://h/a.tar'),
     ("pipe:curl -H 'X-Api-Key: abc123' https://h/a.tar", "pipe:curl -H 'X-Api-Key: ***' https://h/a.tar"),
     (f"pipe:cat /d/a.tar # Authorization: Bearer {SECRET}", "pipe:cat /d/a.tar # Authorization: ***"),

@@ -2,7 +2,6 @@
 to upload a file that holds the token it uploads with."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
