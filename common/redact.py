@@ -22,9 +22,9 @@ _PATTERNS: list[tuple[re.Pattern, str]] = [
     # scheme://user:pass@host or scheme://token@host (a password may hold '/': up to the first '@')
     (re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^\s/@'\"]*:[^\s@'\"]*@", re.I), rf"\g<scheme>{MASK}@"),
     (re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^\s/:@'\"]+@", re.I), rf"\g<scheme>{MASK}@"),
-    # a header: 'Authorization: Bearer X', 'X-Api-Key: X', 'Cookie: X' (the scheme word goes too)
-    # (to the closing quote or the end of the line: a value may hold spaces and '; ')
-    (re.compile(rf"(?P<name>\b(?:authorization|{_NAME})\s*:\s*)(?!\*\*\*)[^\s'\"][^'\"\n]*", re.I),
+    # a header: 'Authorization: Bearer X', 'X-Api-Key: X', 'Cookie: X' (the scheme word goes too), to the closing
+    # quote or the end of the line (a value may hold spaces and '; '); not an error's name (NoCredentialsError: ...)
+    (re.compile(rf"(?P<name>\b(?:authorization|{_NAME})(?<!error)(?<!exception)(?<!warning)\s*:\s*)(?!\*\*\*)[^\s'\"][^'\"\n]*", re.I),
      rf"\g<name>{MASK}"),
     (re.compile(r"\b(?P<name>bearer|basic)\s+(?!\*\*\*)[^\s'\"]+", re.I), rf"\g<name> {MASK}"),
     # NAME=value: environment variables, query parameters, --flag=value

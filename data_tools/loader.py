@@ -66,7 +66,10 @@ def _from_index(spec, num_samples: int | None) -> ShardSet:
         raise LoaderError(f"{index_path}: sharding did not finish")
     if not index["shards"]:
         raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
-    urls = [folder.where(s["name"]) for s in index["shards"]]
+    urls = [folder.where(store.listed_shard(s["name"], index_path)) for s in index["shards"]]
+    if isinstance(folder, store.LocalFolder):
+        for url in urls:
+            store.check_regular(url)
     return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"),
                     {u: s["count"] for u, s in zip(urls, index["shards"])})
 
@@ -84,8 +87,9 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
         raise LoaderError(f"{spec}: no shards")
     local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
     for p in local:
-        if not p.is_file():
+        if not p.exists():
             raise LoaderError(f"{p}: shard does not exist")
+        store.check_regular(p)
     classes = shard_counts = None
     if len(local) == len(urls):
         parents = {p.parent for p in local}
@@ -107,7 +111,7 @@ _WDS_SCHEMES = ("http", "https")  # webdataset opens these (curl) and pipe: comm
 
 def _open_stream(url: str):
     """A local file, or an fsspec URL streamed with ranged reads."""
-    return store.open_url(url) if store.is_url(url) else open(url, "rb", buffering=1 << 20)
+    return store.open_url(url) if store.is_url(url) else store.open_regular(url)
 
 
 def _foreign_samples(url: str, on_error):
@@ -133,6 +137,8 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
         errors: list[Exception] = []
         yielded = 0
         foreign = url.startswith("pipe:") or store.scheme(url) in _WDS_SCHEMES or not url.endswith(".tar")
+        if foreign and not url.startswith("pipe:") and not store.is_url(url):
+            store.check_regular(url)  # webdataset would open a FIFO and wait
         if not foreign:
             try:
                 with _open_stream(url) as f:

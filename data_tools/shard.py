@@ -50,6 +50,7 @@ class ShardOptions:
     split: str | None = None
     shuffle: bool = True
     shuffle_seed: int = 0
+    allow_local_paths: bool = False  # a remote manifest may name local files (a permission: not recorded)
 
 
 def parse_size(text: str) -> int:
@@ -120,6 +121,7 @@ def _index_name(opts: ShardOptions) -> str:
 
 def _identity(src: str, opts: ShardOptions) -> dict:
     d = asdict(opts)
+    del d["allow_local_paths"]
     d["part"] = f"{opts.part[0]}/{opts.part[1]}"
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
@@ -174,7 +176,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     check_options(opts)
     folder = shard_folder(out)
     folder.prepare()
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     inputs = _part_inputs(corpus.inputs, opts)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):

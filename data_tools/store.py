@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -101,6 +102,43 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
 
 
+def plain_name(name) -> bool:
+    """A file name with no folder in it (``--prefix``, a shard that index.json lists): never ``..``, ``/x``, ``a/b``
+    or a URL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def listed_shard(name, index_path: str) -> str:
+    """``name`` from index.json's shard list, refused unless a plain name: an index lists only the tars beside
+    it, so a hostile one cannot make verify or training read ``/etc/passwd`` or ``../../x``."""
+    if not plain_name(name):
+        raise StoreError(f"{index_path}: shard entry {name!r} is not a file name in this folder (an index lists "
+                         "only the tars beside it)")
+    return name
+
+
+def open_regular(path: str | os.PathLike, buffering: int = 1 << 20):
+    """A local shard opened for reading, if it is a regular file: a FIFO would wait forever for a writer, and
+    ``/dev/zero`` or ``/dev/urandom`` never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a folder" if stat.S_ISDIR(mode) else "not a file"
+        raise StoreError(f"{path}: {kind}, not a regular file; a shard is a tar file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=buffering)
+
+
+def check_regular(path: str | os.PathLike) -> None:
+    """``open_regular``'s check alone (a missing file passes: its reader reports it)."""
+    try:
+        open_regular(path, buffering=0).close()
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with remote_errors(url):
@@ -174,7 +212,7 @@ class LocalFolder:
             p.unlink()
 
     def open_read(self, name: str):
-        return open(self.path / name, "rb", buffering=1 << 20)
+        return open_regular(self.path / name)
 
     def flush(self) -> None:
         """Nothing to wait for: local writes are done when they return."""

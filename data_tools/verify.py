@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from common.io import atomic_path
 from data_tools.images import decode_rgb
 from data_tools.shard import INDEX, read_index
-from data_tools.store import LocalFolder, RemoteFolder, errors_for, shard_folder
+from data_tools.store import LocalFolder, RemoteFolder, errors_for, listed_shard, shard_folder
 from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
 
 
@@ -85,6 +85,8 @@ def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str
     """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file."""
     index = read_index(folder)
     where = shard_folder(folder)
+    for entry in index["shards"]:
+        listed_shard(entry["name"], where.where(INDEX))
     with errors_for(str(folder)):
         problems = [p for p in (check_shard(where, e, decode) for e in index["shards"]) if p]
         known = {e["name"] for e in index["shards"]}

@@ -1,18 +1,23 @@
 """Writes stay inside OUT (or the checkpoint folder): a link planted where vitpipe writes is replaced or refused,
-never written through; a shard name is a plain name."""
+never written through; a shard name is a plain name. Reads stay inside too: index.json lists only the tars beside
+it, only regular files are read as shards, and a manifest on an object store names only objects there."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from common.io import UnsafePath, atomic_path, check_inside, open_append, write_json
 from common.lock import FolderLock, UnsafeLock
+from data_tools.loader import resolve_shards
+from data_tools.shard import ShardOptions, shard
+from data_tools.store import StoreError
 from vit import ModelInfo, create_model, save_checkpoint
 
 from .corpus import write_folder
-from .helpers import pretrain_cmd, randomize, vitpipe_cmd
+from .helpers import launch, pretrain_cmd, randomize, vitpipe_cmd
 
 VICTIM_TEXT = "precious: must stay as it is\n"
 
@@ -134,3 +139,59 @@ def test_training_refuses_a_checkpoints_folder_that_leads_outside(tmp_path, vict
                                            f"train.output_dir={out}")))
     assert "checkpoints: leads to" in line and "outside" in line
     assert sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
+
+
+def _with_entry(shards: Path, dest: Path, name: str) -> Path:
+    """A copy of ``shards`` whose index.json lists ``name`` as its first shard."""
+    shutil.copytree(shards, dest)
+    index = json.loads((dest / "index.json").read_text())
+    index["shards"][0]["name"] = name
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "s3://bucket/x.tar",
+                                  "..", "sub/shard.tar"])
+def test_an_index_naming_anything_but_a_tar_beside_it_is_one_line(shards, tmp_path, run_here, name):
+    hostile = _with_entry(shards, tmp_path / "hostile", name)
+    expected = f"{hostile / 'index.json'}: shard entry {name!r} is not a file name in this folder"
+    assert expected in _one_line(run_here(vitpipe_cmd("verify", str(hostile))))
+    with pytest.raises(StoreError, match="is not a file name in this folder"):
+        resolve_shards(hostile)
+    line = _one_line(run_here(pretrain_cmd(f"data.train={hostile}", f"train.output_dir={tmp_path / 'run'}")))
+    assert expected in line
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero", "/dev/urandom"])
+def test_a_fifo_or_device_as_a_shard_is_one_line_not_a_hang(shards, tmp_path, special):
+    """Launched, with a timeout: a hang fails the test instead of stalling the suite."""
+    folder = _with_entry(shards, tmp_path / "special", "special.tar")
+    if special == "fifo":
+        os.mkfifo(folder / "special.tar")
+    else:
+        (folder / "special.tar").symlink_to(special)
+    expected = f"{folder / 'special.tar'}: a {'FIFO' if special == 'fifo' else 'device'}, not a regular file"
+    for cmd in (vitpipe_cmd("verify", str(folder)),
+                pretrain_cmd(f"data.train={folder}", f"train.output_dir={tmp_path / 'run'}")):
+        assert expected in _one_line(launch(cmd, timeout=300))
+    with pytest.raises(StoreError, match=expected):  # given as a shard, not through an index
+        resolve_shards([str(folder / "special.tar")], num_samples=16)
+
+
+def test_a_manifest_on_s3_may_name_only_objects_there(s3, tmp_path, run_here):
+    from .test_object_store import bucket
+
+    write_folder(tmp_path / "src", {"cat": 2, "dog": 2})
+    name = bucket(s3, "manifests")
+    s3.put(str(tmp_path / "src") + "/", f"{name}/photos", recursive=True)
+    local = tmp_path / "src" / "dog" / "00000.jpg"
+    for row in (str(local), f"file://{local}", "/etc/hostname"):
+        s3.pipe_file(f"{name}/photos/list.csv", f"path,label\ncat/00000.jpg,cat\n{row},dog\n".encode())
+        out = tmp_path / "out"
+        line = _one_line(run_here(vitpipe_cmd("shard", f"s3://{name}/photos/list.csv", str(out))))
+        assert f"s3://{name}/photos/list.csv: row 2 names {row!r}, not an object of s3://" in line
+        assert "--allow-local-paths" in line and not list(out.glob("*.tar"))
+    s3.pipe_file(f"{name}/photos/list.csv", f"path,label\ncat/00000.jpg,cat\n{local},dog\n".encode())
+    index = shard(f"s3://{name}/photos/list.csv", tmp_path / "allowed",
+                  ShardOptions(allow_local_paths=True), progress=False)
+    assert index["total_samples"] == 2 and index["skipped"] == [] and "allow_local_paths" not in index["args"]

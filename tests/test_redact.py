@@ -47,6 +47,7 @@ def test_redact_hides_every_credential_shape(text, expected):
     "/data/shards/train", "shards/train-{000000..000099}.tar", "s3://bucket/train/index.json",
     "https://host.example:8443/shards/a.tar?page=2", "pipe:cat /data/a.tar", "gs://b/x", "hf://datasets/org/name",
     "runs/pretrain", "vit_ti16", "supervised", "train.resume_mismatch=allow", "C:/data/x", "",
+    "s3://b/x: NoCredentialsError: Unable to locate credentials", "KeyError: 'name'",
 ])
 def test_redact_keeps_what_holds_no_secret(text):
     assert redact(text) == text
