@@ -150,6 +150,8 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
             except Exception as exn:  # a damaged tar, a missing file, a store that stopped answering
                 if not (isinstance(exn, tarfile.TarError) or store.is_client_error(exn)):
                     raise
+                if store.is_timeout(exn):  # not damage: the next shard would wait as long, and the next
+                    raise LoaderError(f"{url}: {store.describe(exn)}{store.stall_hint(exn)}") from None
                 errors.append(exn)
         if foreign:
             samples = _foreign_samples(url, lambda exn, errors=errors: errors.append(exn) or True)
