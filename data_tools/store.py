@@ -42,6 +42,11 @@ def scheme(path: str | os.PathLike) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def lower_scheme(url: str) -> str:
+    """``S3://bucket/x`` as ``s3://bucket/x``: schemes are case-insensitive (RFC 3986), fsspec's names are lower case."""
+    return _URL.sub(lambda m: m.group(0).lower(), url, count=1)
+
+
 def is_url(path) -> bool:
     return isinstance(path, str) and scheme(path) is not None
 
@@ -119,7 +124,7 @@ def filesystem(url: str):
     if name not in fsspec.available_protocols():
         raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
     try:
-        fs, path = url_to_fs(url, **client_options(name))
+        fs, path = url_to_fs(lower_scheme(url), **client_options(name))
         if hasattr(fs, "retries"):  # s3fs retries a timed-out request itself too: one pass, so the two do not multiply
             fs.retries = 1
         return fs, path

@@ -5,18 +5,49 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from common.disk import free_space
 from common.errors import VitpipeError
 from finetune.evaluate import load_report
-from vit import export_checkpoint, load_model
+from vit import export_checkpoint, load_model, nonfinite_parameters
 
 
 class PushError(VitpipeError, RuntimeError):
     """The upload failed; one line, never the token."""
 
 
-def export_with_card(ckpt: str | Path, out: str | Path, fmt: str, repo: str = "REPO_ID") -> list[str]:
+class ExportError(VitpipeError, ValueError):
+    """A model that should not be shared as it is, or an export that could not be written; one line."""
+
+
+def export_with_card(ckpt: str | Path, out: str | Path, fmt: str, repo: str = "REPO_ID",
+                     force: bool = False) -> list[str]:
+    """Export ``ckpt`` to ``out``; a model with NaN or inf weights is refused unless ``force``."""
     model, info = load_model(ckpt)
-    return export_checkpoint(model, info, out, fmt, metrics=load_report(ckpt), repo=repo)
+    if (bad := nonfinite_parameters(model)) and not force:
+        raise ExportError(f"{ckpt}: the model's weights hold NaN or inf ({', '.join(bad[:3])}"
+                          f"{' ...' if len(bad) > 3 else ''}); refusing to share it (--force to export it anyway)")
+    try:
+        return export_checkpoint(model, info, out, fmt, metrics=load_report(ckpt), repo=repo)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
+        raise ExportError(f"{out}: cannot write the export ({_reason(e)}; {free_space(out)})") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_repo_id(repo_id: str) -> None:
+    """The hub's own rules (huggingface_hub's validator), checked before anything is exported: a dry run too."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushError(f"--repo-id: {repo_id!r} is not a hub repository id ({str(e).split(':')[0]})") from None
 
 
 def hub_token(api=None) -> str | None:
@@ -48,14 +79,15 @@ def refuse_files_holding(token: str | None, folder: Path, repo_id: str) -> None:
 
 
 def push(ckpt: str | Path, repo_id: str, fmt: str = "vitpipe", private: bool = False, revision: str | None = None,
-         dry_run: bool = False, api=None) -> list[tuple[str, int]]:
+         dry_run: bool = False, api=None, force: bool = False) -> list[tuple[str, int]]:
     """Upload ``ckpt`` (exported as ``fmt``) to ``repo_id``; returns [(file, bytes)] uploaded (or to upload).
 
     The token comes from HF_TOKEN or the usual ``huggingface-cli login``; it is never printed, and no file that
     holds it is uploaded (nor passes ``dry_run``).
     """
+    check_repo_id(repo_id)
     with tempfile.TemporaryDirectory() as tmp:
-        notes = export_with_card(ckpt, tmp, fmt, repo_id)
+        notes = export_with_card(ckpt, tmp, fmt, repo_id, force=force)
         files = sorted((p.name, p.stat().st_size) for p in Path(tmp).iterdir() if p.is_file())
         if api is None and not dry_run:
             from huggingface_hub import HfApi

@@ -68,10 +68,16 @@ def append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
-    """The run's config.json, and its metric logs cut back to ``step`` (what a killed run logged past it)."""
-    rewind_metrics(out / METRICS, step)
-    rewind_metrics(out / VAL_METRICS, step)
+    """The run's config.json, and its metric logs and sample records cut back to ``step`` (what a killed run logged
+    past it; records of ranks a resume on fewer processes no longer has, too)."""
+    for path in (out / METRICS, out / VAL_METRICS, *sorted((out / "samples").glob("rank*.jsonl"))):
+        rewind_metrics(path, step)
     write_json(out / "config.json", redacted({"stage": stage, **cfg.to_dict()}))
 
 
@@ -104,16 +110,22 @@ def train_flops_per_image(model: VisionTransformer) -> float:
     return 3.0 * (c.depth * per_layer + embed)
 
 
-def measure_peak_flops(device: torch.device, n: int = 2048) -> float:
-    """Best of three timings of an fp32 n x n matmul: the denominator of MFU on this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
+    """Best of a few timings of an n x n matmul in ``dtype`` (the run's: bf16 under bf16 autocast): the
+    denominator of MFU on this device. On CUDA n is 8192 and ten matmuls are timed at once (one 2048 matmul
+    is over before the launch is)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048 if dtype == torch.float32 else 512)  # bf16 on a CPU may be emulated: slow
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    repeat = 10 if cuda else 1
     best = float("inf")
     for _ in range(4):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
+        for _ in range(repeat):
+            a @ b
+        if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, (time.perf_counter() - t) / repeat)
     return 2 * n**3 / best

@@ -16,13 +16,14 @@ from pretrain.metrics import Window
 def test_the_stream_resumed_at_a_saved_position_goes_on_with_the_same_batches(shards):
     # 64 samples, 8 a batch: 8 batches an epoch; 11 of them cross into epoch 1
     batches = partial(train_loader, resolve_shards(shards), EvalTransform(16), 8, seed=3, shuffle_buffer=16)
-    whole = list(islice(micro_batches(SimpleNamespace(pos=Position(), batches=batches)), 11))
+    whole = list(islice(micro_batches(SimpleNamespace(pos=Position(), batches=batches), {}), 11))
     assert [after for _, after in whole] == [(0, i) for i in range(1, 8)] + [(1, 0), (1, 1), (1, 2), (1, 3)]
     for done in (5, 8, 9):  # mid-epoch, at the epoch's end, just past it
         epoch, batch = whole[done - 1][1]
-        resumed = islice(micro_batches(SimpleNamespace(pos=Position(done, epoch, batch), batches=batches)), 11 - done)
+        run = SimpleNamespace(pos=Position(done, epoch, batch), batches=batches)
+        resumed = islice(micro_batches(run, None), 11 - done)  # None: replay (a checkpoint without loader state)
         for (ours, after), (theirs, expected) in zip(resumed, whole[done:], strict=True):
-            assert after == expected and torch.equal(ours["pixel_values"], theirs["pixel_values"])
+            assert after == expected and torch.equal(ours["images"], theirs["images"])
             assert torch.equal(ours["labels"], theirs["labels"])
 
 

@@ -115,7 +115,8 @@ def model_card(cfg: ViTConfig, library: str, how_to_load: str, labels, provenanc
         f"| initialised from | {start} |",
     ]
     if "top1" in metrics:
-        lines.append(f"| top-1 / top-5 | {metrics['top1']:.2%} / {metrics.get('top5', 0):.2%} on "
+        top5 = (" / top-5", f" / {metrics['top5']:.2%}") if "top5" in metrics else ("", "")
+        lines.append(f"| top-1{top5[0]} | {metrics['top1']:.2%}{top5[1]} on "
                      f"{metrics.get('samples')} images of {metrics.get('data') or 'a held-out set'} |")
     for k, v in (metrics.get("fewshot") or {}).items():
         lines.append(f"| {k} linear | {v['mean']:.2%} ± {v['std']:.2%} |")

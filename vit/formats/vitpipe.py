@@ -27,6 +27,10 @@ def read(folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, ModelI
     return cfg, state, info
 
 
+def refuses(cfg: ViTConfig) -> str | None:
+    return None  # our folder holds every model
+
+
 def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
     """Our folder, holding everything; the local paths in the provenance stay in the run folder."""
     public_info = dataclasses.replace(info, provenance=public(redacted(info.provenance)))
