@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
+from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, parse_index
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
@@ -46,6 +47,7 @@ class ShardOptions:
     split: str | None = None
     shuffle: bool = True
     shuffle_seed: int = 0
+    allow_local_paths: bool = False  # a remote manifest may name local files (a permission: not recorded)
 
 
 def parse_size(text: str) -> int:
@@ -116,10 +118,11 @@ def _index_name(opts: ShardOptions) -> str:
 
 def _identity(src: str, opts: ShardOptions) -> dict:
     d = asdict(opts)
+    del d["allow_local_paths"]
     d["part"] = f"{opts.part[0]}/{opts.part[1]}"
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
-    return {"source": src, **d}
+    return {"source": redact(src), **d}
 
 
 def _part_inputs(inputs: list[Input], opts: ShardOptions) -> list[Input]:
@@ -146,8 +149,15 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
+def check_prefix(prefix: str) -> None:
+    """Shards are written inside OUT: the prefix of their names is a name, not a path."""
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ShardError(f"--prefix must be a plain file name (no '/', not '..', not absolute), got {prefix!r}")
+
+
 def check_options(opts: ShardOptions, workers: int = 1) -> None:
-    """Every number the CLI range-checks, checked again here for callers of the Python API."""
+    """Every number the CLI range-checks, checked again here for callers of the Python API; the prefix too."""
+    check_prefix(opts.prefix)
     e = opts.encode
     at_least_one = {"--samples-per-shard": opts.samples_per_shard, "--workers": workers,
                     "--resize-shorter": e.resize_shorter, "--max-side": e.max_side, "--max-pixels": e.max_pixels}
@@ -170,7 +180,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     check_options(opts, workers)
     folder = shard_folder(out)
     folder.prepare()
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     inputs = _part_inputs(corpus.inputs, opts)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
@@ -283,7 +293,7 @@ class _ShardWriter:
         self.classes = Counter()
 
     def add(self, pos: int, inp: Input, enc, classes) -> None:
-        meta = {"source": inp.source, "width": enc.width, "height": enc.height}
+        meta = {"source": redact(inp.source), "width": enc.width, "height": enc.height}
         sample = {enc.ext: enc.data}
         if inp.label is not None:
             sample["cls"] = str(inp.label).encode()
@@ -304,7 +314,7 @@ class _ShardWriter:
             self._close(pos + 1)
 
     def skip(self, pos: int, inp: Input, reason: str) -> None:
-        self.pending_skips.append({"input": pos, "source": inp.source, "reason": reason})
+        self.pending_skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
 
     def _close(self, next_input: int) -> None:
         """Complete the open shard: move (upload) it into place, then record it (and the skips before it)."""

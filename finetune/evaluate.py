@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from common.errors import VitpipeError
-from common.io import write_json
+from common.io import atomic_path, write_json
+from common.redact import redact
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer, nonfinite_parameters
@@ -129,7 +130,8 @@ def plot_confusion(report: dict, path: str | Path) -> None:
                             color="white" if rows[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -233,7 +235,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
     test = resolve_shards(data)
     if not test.classes:
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
-    report: dict = {"data": str(data)}
+    report: dict = {"data": redact(str(data))}
     has_head = isinstance(model.head, torch.nn.Linear) and not untrained_head(info.provenance)
     if isinstance(model.head, torch.nn.Linear) and not has_head:
         report["note"] = "no top-1: the model's head is untrained (" + \
@@ -268,7 +270,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report.setdefault("samples", int(totals[1]))
         report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
         if report["samples"] < test.num_samples:
-            report["warning"] = (f"{data}: saw {report['samples']} of the {test.num_samples} samples the index lists "
+            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
                                  f"({report['skipped_samples']} lost to damaged shards or images that do not "
                                  "decode; vitpipe verify names them)")
     if out_dir is not None and _dist()[0] == 0:

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from common.disk import free_space
 from common.errors import TrainingError
-from common.io import current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import check_inside, current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.redact import redacted
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError, best_metric, best_mode
@@ -137,7 +138,7 @@ def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | N
         raise CheckpointError(f"{model_config}: records no training config, so it cannot be checked against this "
                               "run's; refusing to resume from it")
     changes = config_changes({"stage": provenance.get("stage"), **provenance["config"]},
-                             {"stage": stage, **cfg.to_dict()})
+                             redacted({"stage": stage, **cfg.to_dict()}))  # as it was recorded
     if not changes:
         return None
     listed = "; ".join(changes)
@@ -342,6 +343,9 @@ def save_loader_state(run: Run, folder: Path) -> None:
 
 
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, if any; first, that the run's checkpoints folder is inside it (the run
+    writes there: a link to elsewhere is refused before any work)."""
+    check_inside(Path(cfg.train.output_dir) / CHECKPOINTS, cfg.train.output_dir)
     r = cfg.train.resume
     if r == "none":
         return None
@@ -392,6 +396,7 @@ def save_training_checkpoint(run: Run) -> Path:
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
     if accelerator.is_main_process:
+        check_inside(root, run.out)
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
     with _writing(tmp):

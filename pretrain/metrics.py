@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import TrainingError
-from common.io import write_json
+from common.io import open_append, open_update, write_json
+from common.redact import redacted
 from pretrain.config import Config
 from vit import VisionTransformer
 
@@ -63,7 +64,7 @@ def log_window(run: Run, window: Window, grad_norm, bar) -> None:
 
 
 def append_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -77,7 +78,7 @@ def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
     past it; records of ranks a resume on fewer processes no longer has, too)."""
     for path in (out / METRICS, out / VAL_METRICS, *sorted((out / "samples").glob("rank*.jsonl"))):
         rewind_metrics(path, step)
-    write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
+    write_json(out / "config.json", redacted({"stage": stage, **cfg.to_dict()}))
 
 
 def rewind_metrics(path: Path, step: int) -> None:
@@ -90,7 +91,7 @@ def rewind_metrics(path: Path, step: int) -> None:
     """
     if not path.is_file():
         return
-    with open(path, "r+b") as f:
+    with open_update(path) as f:
         end = f.seek(0, 2)
         cut, last = end, True
         for start, line in _lines_from_end(f, end):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.errors import TrainingError
+from common.io import UnsafePath
 from data_tools.loader import resolve_shards, train_loader
 from data_tools.transforms import EvalTransform
 from pretrain.checkpoints import Position
@@ -80,3 +81,12 @@ def test_a_last_record_without_its_newline_is_kept_and_ended(tmp_path):
     _jsonl(path, [{"step": 1}], b'{"step": 2}')
     rewind_metrics(path, 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_rewinding_does_not_write_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere.jsonl"
+    _jsonl(target, [{"step": 1}, {"step": 2}])
+    (tmp_path / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(UnsafePath, match="a symbolic link"):
+        rewind_metrics(tmp_path / "metrics.jsonl", 1)
+    assert target.read_text().count("\n") == 2
