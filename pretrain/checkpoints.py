@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from common.disk import free_space
 from common.errors import TrainingError
-from common.io import check_inside, current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import check_inside, current_umask, fresh_tmp_dir, open_append, replace_dir, tmp_beside, write_json
 from common.redact import redacted
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
@@ -247,7 +247,7 @@ class DataTrail:
     def step_done(self, step: int) -> None:
         if self.record is None:
             return
-        with open(self.record, "a") as f:
+        with open_append(self.record) as f:
             f.write(json.dumps({"step": step, "epoch": self.step_epoch, "keys": self.keys}) + "\n")
         self.keys = []
 

@@ -13,7 +13,7 @@ from common.errors import TrainingError
 from common.io import UnsafePath
 from data_tools.loader import resolve_shards, train_loader
 from data_tools.transforms import EvalTransform
-from pretrain.checkpoints import Position
+from pretrain.checkpoints import DataTrail, Position
 from pretrain.loop import micro_batches
 from pretrain.metrics import Window, rewind_metrics
 
@@ -90,3 +90,14 @@ def test_rewinding_does_not_write_through_a_link(tmp_path):
     with pytest.raises(UnsafePath, match="a symbolic link"):
         rewind_metrics(tmp_path / "metrics.jsonl", 1)
     assert target.read_text().count("\n") == 2
+
+
+def test_sample_records_are_not_appended_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (tmp_path / "rank0.jsonl").symlink_to(target)
+    trail = DataTrail({}, tmp_path / "rank0.jsonl")
+    trail.took({"stream": {"worker": 0, "state": None}, "keys": ["shard-000000.tar/0"]}, epoch=0)
+    with pytest.raises(UnsafePath, match="a symbolic link"):
+        trail.step_done(1)
+    assert target.read_text() == ""
