@@ -263,6 +263,17 @@ def test_eval_refuses_more_shots_than_a_class_has(small_shards, tiny_ckpt, tmp_p
     assert "6-shot linear" in capsys.readouterr().out
 
 
+def test_eval_refuses_few_shot_shards_whose_classes_are_numbered_otherwise(small_shards, tiny_ckpt, tmp_path, capsys):
+    write_folder(tmp_path / "src", {"a": 3, "c": 3}, size=(24, 32))
+    shard(str(tmp_path / "src"), tmp_path / "other", ShardOptions(samples_per_shard=6), progress=False)
+    argv = ["eval", str(tiny_ckpt), "--data", str(small_shards), "--fewshot-train", str(tmp_path / "other"),
+            "--out", str(tmp_path / "e"), "--seeds", "1", "--shots", "1"]
+    assert one_line_error(capsys, argv) == (
+        f"vitpipe eval: error: --fewshot-train {tmp_path / 'other'}: its classes are not those of {small_shards} "
+        "(lacks b; adds c); both must list the same classes in the same order")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
 # ---- a diverged (NaN) model ---------------------------------------------------------------------------------
 
 @pytest.fixture
