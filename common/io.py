@@ -37,8 +37,19 @@ def open_new(path: str | os.PathLike, mode: int = 0o666):
 
 def open_append(path: str | os.PathLike):
     """``path`` opened for appending text (created if missing), refused if it is a link or not a regular file."""
+    return os.fdopen(_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
+
+
+def open_update(path: str | os.PathLike):
+    """``path`` opened to read and change in place (binary: seek, truncate), refused if it is a link or not a
+    regular file."""
+    return os.fdopen(_own_file(path, os.O_RDWR), "r+b")
+
+
+def _own_file(path: str | os.PathLike, flags: int) -> int:
+    """A descriptor on the regular file ``path`` opened with ``flags``, never through a link at its name."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePath(f"{path}: a symbolic link; vitpipe does not write through one (remove it)") from None
@@ -48,8 +59,8 @@ def open_append(path: str | os.PathLike):
     if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
         if fd is not None:
             os.close(fd)
-        raise UnsafePath(f"{path}: not a regular file; vitpipe appends only to its own files (remove it)")
-    return os.fdopen(fd, "a")
+        raise UnsafePath(f"{path}: not a regular file; vitpipe writes only to its own files (remove it)")
+    return fd
 
 
 def remove(path: str | os.PathLike) -> None:

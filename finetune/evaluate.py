@@ -214,6 +214,23 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
                         f"{' ...' if len(bad) > 3 else ''}): the training run diverged")
 
 
+def _check_same_classes(train: list[str] | None, test: list[str], fewshot_train, data) -> None:
+    """Few-shot labels are class numbers: the training shards must number the test shards' classes alike, else
+    every accuracy compares labels that name different classes."""
+    if train == test:
+        return
+    if not train:
+        why = "its index.json lists no classes"
+    elif sorted(train) == sorted(test):
+        why = "the same classes in another order"
+    else:
+        missing, extra = [c for c in test if c not in train], [c for c in train if c not in test]
+        why = "; ".join(f"{word} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                        for word, names in (("lacks", missing), ("adds", extra)) if names)
+    raise EvalError(f"--fewshot-train {fewshot_train}: its classes are not those of {data} ({why}); both must list "
+                    "the same classes in the same order")
+
+
 def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
     """Every class has at least max(shots) examples, else a K-shot result would silently be a fewer-shot one."""
     if len(labels) == 0:
@@ -254,6 +271,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
     if fewshot_train is not None:
         train = resolve_shards(fewshot_train)
+        _check_same_classes(train.classes, test.classes, fewshot_train, data)
         xtr = features_and_labels(model, train, info, batch_size, workers, device=device, desc="few-shot train")
         _check_shots(xtr[1], shots, test.classes, fewshot_train)
         xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost,
