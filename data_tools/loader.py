@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.errors import VitpipeError
+from common.redact import redact
 from common.seeding import seed_for
 from data_tools import store
 from data_tools.index import parse_index
@@ -82,7 +83,10 @@ def _from_index(spec, num_samples: int | None) -> ShardSet:
         raise LoaderError(f"{index_path}: sharding did not finish")
     if not index["shards"]:
         raise LoaderError(f"{index_path}: no shards (every input was skipped?)")
-    urls = [folder.where(s["name"]) for s in index["shards"]]
+    urls = [folder.where(store.listed_shard(s["name"], index_path)) for s in index["shards"]]
+    if isinstance(folder, store.LocalFolder):
+        for url in urls:
+            store.check_regular(url)
     return ShardSet(urls, index["total_samples"] if num_samples is None else num_samples, index.get("classes"),
                     {u: s["count"] for u, s in zip(urls, index["shards"])},
                     {u: s["sha256"] for u, s in zip(urls, index["shards"])})
@@ -101,8 +105,9 @@ def resolve_shards(spec, num_samples: int | None = None) -> ShardSet:
         raise LoaderError(f"{spec}: no shards")
     local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
     for p in local:
-        if not p.is_file():
+        if not p.exists():
             raise LoaderError(f"{p}: shard does not exist")
+        store.check_regular(p)
     classes = shard_counts = digests = None
     if len(local) == len(urls):
         parents = {p.parent for p in local}
@@ -131,7 +136,7 @@ def seekable(url: str) -> bool:
 
 def _open_stream(url: str, start: int = 0):
     """A local file, or an fsspec URL streamed with ranged reads, standing at byte ``start``."""
-    f = store.open_url(url) if store.is_url(url) else open(url, "rb", buffering=1 << 20)
+    f = store.open_url(url) if store.is_url(url) else store.open_regular(url)
     if start:
         f.seek(start)
     return f
@@ -145,7 +150,7 @@ def read_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     concurrent, spans less than ``RANGE_GAP`` apart sharing one."""
     if not store.is_url(url):
         blobs = []
-        with open(url, "rb") as f:
+        with store.open_regular(url) as f:
             for start, end in spans:
                 f.seek(start)
                 blobs.append(f.read(end - start))
@@ -205,6 +210,8 @@ def read_shard(url: str, handler: _SkipCounter, expected: int | None = None, dig
     errors: list[Exception] = []
     yielded = first
     foreign = not seekable(url) or not url.endswith(".tar")
+    if foreign and seekable(url) and not store.is_url(url):
+        store.check_regular(url)  # webdataset would open a FIFO and wait
     if not foreign:
         try:
             with _open_stream(url, start) as f:
@@ -220,6 +227,8 @@ def read_shard(url: str, handler: _SkipCounter, expected: int | None = None, dig
         except Exception as exn:  # a damaged tar, a missing file, a store that stopped answering
             if not (isinstance(exn, tarfile.TarError) or store.is_client_error(exn)):
                 raise
+            if store.is_timeout(exn):  # not damage: the next shard would wait as long, and the next
+                raise LoaderError(f"{url}: {store.describe(exn)}{store.stall_hint(exn)}") from None
             errors.append(exn)
     if foreign:
         samples = _foreign_samples(url, lambda exn, errors=errors: errors.append(exn) or True)
@@ -255,15 +264,15 @@ class _SkipCounter:
         self.count += lost
         if url not in self.named:
             self.named.add(url)
-            log.warning("%s: damaged shard, %d sample(s) lost (%s)", url, lost, why)
+            log.warning("%s: damaged shard, %d sample(s) lost (%s)", redact(url), lost, redact(why))
 
     def sample(self, what: str) -> None:
         self.count += 1
         self.undecodable += 1
         if self.undecodable <= self.examples:
-            log.warning("skipping a sample that does not decode: %s", what)
+            log.warning("skipping a sample that does not decode: %s", redact(what))
         elif self.undecodable % self.every == 0:
-            log.warning("%d samples that do not decode skipped so far (latest: %s)", self.undecodable, what)
+            log.warning("%d samples that do not decode skipped so far (latest: %s)", self.undecodable, redact(what))
 
 
 def _open(sample: dict) -> tuple:

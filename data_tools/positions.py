@@ -16,6 +16,7 @@ import random
 from collections import deque
 from pathlib import PurePosixPath
 
+from common.redact import redact
 from common.seeding import seed_for
 
 
@@ -111,7 +112,9 @@ def shares(total: int, needs: list[int]) -> list[int]:
 
 
 def shard_names(urls: list[str]) -> list[str]:
-    return [PurePosixPath(u.rstrip("/")).name for u in urls]
+    """Each url's last part, as checkpoints and sample records keep it: masked (a ``pipe:`` command's last part
+    may be a header with a token), the same way on both sides of a comparison."""
+    return [redact(PurePosixPath(u.rstrip("/")).name) for u in urls]
 
 
 def shard_set_changes(recorded: dict, current: dict) -> str | None:

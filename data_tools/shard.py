@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
+from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT, parse_index
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
@@ -62,6 +63,7 @@ class ShardOptions:
     split: str | None = None
     shuffle: bool = True
     shuffle_seed: int = 0
+    allow_local_paths: bool = False  # a remote manifest may name local files (a permission: not recorded)
 
 
 def parse_size(text: str) -> int:
@@ -198,10 +200,10 @@ def _index_name(opts: ShardOptions) -> str:
 def _identity(src: str, opts: ShardOptions) -> dict:
     """The arguments that decide the shard set (the part is not one of them)."""
     d = asdict(opts)
-    del d["part"]
+    del d["part"], d["allow_local_paths"]  # a remote manifest's permission to name local files: not recorded
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
-    return {"source": src, **d}
+    return {"source": redact(src), **d}
 
 
 def _fingerprint(inputs: list[Input]) -> str:
@@ -217,8 +219,15 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
+def check_prefix(prefix: str) -> None:
+    """Shards are written inside OUT: the prefix of their names is a name, not a path."""
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ShardError(f"--prefix must be a plain file name (no '/', not '..', not absolute), got {prefix!r}")
+
+
 def check_options(opts: ShardOptions, workers: int = 1) -> None:
-    """Every number the CLI range-checks, checked again here for callers of the Python API."""
+    """Every number the CLI range-checks, checked again here for callers of the Python API; the prefix too."""
+    check_prefix(opts.prefix)
     e = opts.encode
     at_least_one = {"--samples-per-shard": opts.samples_per_shard, "--workers": workers,
                     "--resize-shorter": e.resize_shorter, "--max-side": e.max_side, "--max-pixels": e.max_pixels}
@@ -241,7 +250,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     check_options(opts, workers)
     folder = shard_folder(out)
     folder.prepare()
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
         return _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge)
@@ -422,7 +431,7 @@ class _ShardWriter:
         self.classes = Counter()
 
     def add(self, pos: int, inp: Input, enc, classes) -> None:
-        meta = {"source": inp.source, "width": enc.width, "height": enc.height}
+        meta = {"source": redact(inp.source), "width": enc.width, "height": enc.height}
         sample = {enc.ext: enc.data}
         if inp.label is not None:
             sample["cls"] = str(inp.label).encode()
@@ -441,7 +450,7 @@ class _ShardWriter:
             self.classes[str(inp.label)] += 1
 
     def skip(self, pos: int, inp: Input, reason: str) -> None:
-        self.skips.append({"input": pos, "source": inp.source, "reason": reason})
+        self.skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
 
     def _close(self, next_input: int) -> None:
         """Complete the open piece: move (upload) it into place; the range's end records it."""

@@ -69,7 +69,8 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
         raise ShardError(f"--parts must be in [1, {MAX_PARTS}] (part numbers have 3 digits), got {parts}")
     folder = shard_folder(out if isinstance(out, str) else Path(out).absolute())
     folder.prepare()
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)  # a bad SRC fails before Ray starts
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split,  # a bad SRC fails before Ray starts
+                         opts.allow_local_paths)
     if not overwrite and (done := complete_set(folder, src, opts, corpus.inputs)) is not None:
         return done  # written before, by any engine and any number of parts
     ray = _import_ray()

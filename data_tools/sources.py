@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import VitpipeError
+from common.redact import redact
 from data_tools import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
@@ -56,7 +57,7 @@ class Corpus:
 
 def sample_key(source: str) -> str:
     """Unique, stable, dot-free key: the readable part of the source plus a hash of all of it."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", redact(source)).strip("_")[-60:]
     return f"{readable}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}"
 
 
@@ -65,6 +66,7 @@ class ReadOptions:
     path_column: str | None = None
     label_column: str | None = None
     split: str | None = None
+    allow_local_paths: bool = False  # a manifest on an object store may name this machine's files
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ def source(name: str, matches: Callable[[str], bool]):
 
 
 def read_source(src: str, path_column: str | None = None, label_column: str | None = None,
-                split: str | None = None) -> Corpus:
-    opts = ReadOptions(path_column, label_column, split)
+                split: str | None = None, allow_local_paths: bool = False) -> Corpus:
+    opts = ReadOptions(path_column, label_column, split, allow_local_paths)
     found = next((s for s in SOURCES if s.matches(src)), None)
     if found is None:
         kinds = "; ".join(s.name for s in SOURCES)
@@ -120,7 +122,7 @@ def _hf_spec(src: str, opts: ReadOptions) -> Corpus:
         lambda src: _is_fsspec_url(src) and src.lower().endswith(MANIFEST_SUFFIXES))
 def _remote_manifest(src: str, opts: ReadOptions) -> Corpus:
     with store.remote_errors(src):
-        return read_manifest(src, opts.path_column, opts.label_column)
+        return read_manifest(src, opts.path_column, opts.label_column, opts.allow_local_paths)
 
 
 @source("a URL of class folders (s3://bucket/prefix; any fsspec scheme)", _is_fsspec_url)
@@ -309,8 +311,13 @@ def label_ids(values: list) -> tuple[list[int | None], list[str] | None]:
     return [None if v is None or v == "" else lookup[str(v)] for v in values], names
 
 
-def read_manifest(path: str | Path, path_column: str | None, label_column: str | None) -> Corpus:
-    """Rows of (path, label); a row's path is absolute, a URL, or relative to the manifest's folder (or URL)."""
+def read_manifest(path: str | Path, path_column: str | None, label_column: str | None,
+                  allow_local_paths: bool = False) -> Corpus:
+    """Rows of (path, label); a row's path is absolute, a URL, or relative to the manifest's folder (or URL).
+
+    A manifest on an object store names objects of that store only (its scheme): whoever can write the
+    manifest could otherwise pull this machine's files (``/etc/...``, ``file://``) into the shards.
+    ``allow_local_paths`` lifts that."""
     path = str(path)
     rows = _rows(path)
     if not rows:
@@ -329,6 +336,10 @@ def read_manifest(path: str | Path, path_column: str | None, label_column: str |
         if not rel:
             raise SourceError(f"{path}: row {n} has an empty {pcol!r}")
         where = _resolve(path, str(rel))
+        if store.is_url(path) and not allow_local_paths and store.scheme(where) != store.scheme(path):
+            raise SourceError(f"{redact(path)}: row {n} names {redact(str(rel))!r}, not an object of "
+                              f"{store.scheme(path)}://; a manifest on an object store names only objects there "
+                              "(--allow-local-paths lets it name this machine's files)")
         skip = None
         if where in first_row:  # the same image listed twice: one sample, or two labels that contradict
             m = first_row[where]

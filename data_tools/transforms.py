@@ -97,8 +97,10 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def move(batch: dict, device: torch.device, skip=()) -> dict:
-    """The batch's tensors on ``device``; non-blocking (from the loader's pinned memory) on CUDA."""
-    return {k: v.to(device, non_blocking=device.type == "cuda") for k, v in batch.items() if k not in skip}
+    """The batch's tensors on ``device``; non-blocking (from the loader's pinned memory) on CUDA. What is not a
+    tensor (a training batch's sample keys and stream state) stays as it is."""
+    return {k: v.to(device, non_blocking=device.type == "cuda") if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items() if k not in skip}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from common.io import atomic_path
 from common.text import plural
 from data_tools.images import decode_rgb
 from data_tools.shard import INDEX, read_index
-from data_tools.store import LocalFolder, RemoteFolder, errors_for, shard_folder
+from data_tools.store import LocalFolder, RemoteFolder, errors_for, listed_shard, shard_folder
 from data_tools.tars import IMAGE_EXTS, HashingReader, image_bytes, read_tar
 
 
@@ -92,6 +92,8 @@ def verify(folder: str | Path, decode: bool = True, progress: bool = False) -> t
     of them gets no bar lines)."""
     index = read_index(folder)
     where = shard_folder(folder)
+    for entry in index["shards"]:
+        listed_shard(entry["name"], where.where(INDEX))
     with errors_for(str(folder)), tqdm(total=index.get("total_samples"), unit="img", desc="verify", leave=False,
                                        disable=None if progress else True) as bar:
         problems = []

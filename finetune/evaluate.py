@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from common.errors import VitpipeError
-from common.io import write_json
+from common.io import atomic_path, write_json
+from common.redact import redact
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer, nonfinite_parameters
@@ -129,7 +130,8 @@ def plot_confusion(report: dict, path: str | Path) -> None:
                             color="white" if rows[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -212,6 +214,23 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
                         f"{' ...' if len(bad) > 3 else ''}): the training run diverged")
 
 
+def _check_same_classes(train: list[str] | None, test: list[str], fewshot_train, data) -> None:
+    """Few-shot labels are class numbers: the training shards must number the test shards' classes alike, else
+    every accuracy compares labels that name different classes."""
+    if train == test:
+        return
+    if not train:
+        why = "its index.json lists no classes"
+    elif sorted(train) == sorted(test):
+        why = "the same classes in another order"
+    else:
+        missing, extra = [c for c in test if c not in train], [c for c in train if c not in test]
+        why = "; ".join(f"{word} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                        for word, names in (("lacks", missing), ("adds", extra)) if names)
+    raise EvalError(f"--fewshot-train {fewshot_train}: its classes are not those of {data} ({why}); both must list "
+                    "the same classes in the same order")
+
+
 def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
     """Every class has at least max(shots) examples, else a K-shot result would silently be a fewer-shot one."""
     if len(labels) == 0:
@@ -233,7 +252,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
     test = resolve_shards(data)
     if not test.classes:
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
-    report: dict = {"data": str(data)}
+    report: dict = {"data": redact(str(data))}
     has_head = isinstance(model.head, torch.nn.Linear) and not untrained_head(info.provenance)
     if isinstance(model.head, torch.nn.Linear) and not has_head:
         report["note"] = "no top-1: the model's head is untrained (" + \
@@ -252,6 +271,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
     if fewshot_train is not None:
         train = resolve_shards(fewshot_train)
+        _check_same_classes(train.classes, test.classes, fewshot_train, data)
         xtr = features_and_labels(model, train, info, batch_size, workers, device=device, desc="few-shot train")
         _check_shots(xtr[1], shots, test.classes, fewshot_train)
         xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost,
@@ -268,7 +288,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report.setdefault("samples", int(totals[1]))
         report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
         if report["samples"] < test.num_samples:
-            report["warning"] = (f"{data}: saw {report['samples']} of the {test.num_samples} samples the index lists "
+            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
                                  f"({report['skipped_samples']} lost to damaged shards or images that do not "
                                  "decode; vitpipe verify names them)")
     if out_dir is not None and _dist()[0] == 0:

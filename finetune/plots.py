@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common.io import atomic_path
+from pretrain.metrics import VAL_METRICS, read_metrics
 from vit import ModelInfo, VisionTransformer
 
 
@@ -180,17 +181,13 @@ def _run_kind(metrics: Path) -> tuple[str, str | None]:
     return meta.get("stage", "training"), (meta.get("objective") or {}).get("name")
 
 
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def curve_panels(runs: dict[str, Path]) -> list[Panel]:
     """A row per (stage, objective), pretraining above fine-tuning, a panel per metric family that any of its runs
     logs: a masked-patch loss never shares axes with a classification loss, and MAE (loss only) gets no accuracy."""
     groups: dict[tuple[str, str | None], dict[str, tuple[list[dict], list[dict]]]] = {}
     for run, metrics in runs.items():
-        rows = _records(Path(metrics))
-        evaluations = _records(Path(metrics).parent / "val_metrics.jsonl")
+        rows = read_metrics(Path(metrics))
+        evaluations = read_metrics(Path(metrics).parent / VAL_METRICS)
         groups.setdefault(_run_kind(metrics), {})[run] = (rows, evaluations)
     rank = {stage: i for i, stage in enumerate(STAGE_TITLES)}
     panels = []

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from common.disk import free_space
 from common.errors import TrainingError
-from common.io import current_umask, fresh_tmp_dir, replace_dir, tmp_beside, write_json
+from common.io import check_inside, current_umask, fresh_tmp_dir, open_append, replace_dir, tmp_beside, write_json
+from common.redact import redacted
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError, best_metric, best_mode
@@ -137,7 +138,7 @@ def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | N
         raise CheckpointError(f"{model_config}: records no training config, so it cannot be checked against this "
                               "run's; refusing to resume from it")
     changes = config_changes({"stage": provenance.get("stage"), **provenance["config"]},
-                             {"stage": stage, **cfg.to_dict()})
+                             redacted({"stage": stage, **cfg.to_dict()}))  # as it was recorded
     if not changes:
         return None
     listed = "; ".join(changes)
@@ -246,7 +247,7 @@ class DataTrail:
     def step_done(self, step: int) -> None:
         if self.record is None:
             return
-        with open(self.record, "a") as f:
+        with open_append(self.record) as f:
             f.write(json.dumps({"step": step, "epoch": self.step_epoch, "keys": self.keys}) + "\n")
         self.keys = []
 
@@ -342,6 +343,9 @@ def save_loader_state(run: Run, folder: Path) -> None:
 
 
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, if any; first, that the run's checkpoints folder is inside it (the run
+    writes there: a link to elsewhere is refused before any work)."""
+    check_inside(Path(cfg.train.output_dir) / CHECKPOINTS, cfg.train.output_dir)
     r = cfg.train.resume
     if r == "none":
         return None
@@ -392,6 +396,7 @@ def save_training_checkpoint(run: Run) -> Path:
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
     if accelerator.is_main_process:
+        check_inside(root, run.out)
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
     with _writing(tmp):
@@ -448,20 +453,27 @@ def finish(run: Run) -> Path:
     """``final/``: a copy of the last checkpoint's model folder, renamed into place when complete."""
     final = run.out / "final"
     if run.accelerator.is_main_process:
-        tmp = fresh_tmp_dir(final)
-        try:
-            shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
-            replace_dir(tmp, final)
-        except shutil.Error as e:  # copytree gathers each file's failure into a list: say the first
-            source, _, why = e.args[0][0]
-            why = re.sub(r"^\[Errno \d+\] ", "", why).split(": '")[0]  # the reason without the errno and the path
-            raise TrainingError(f"{final}: writing the final model failed ({why}; {free_space(final)}); the "
-                                f"checkpoint it copies is complete: {Path(source).parent}") from None
-        except OSError as e:
-            raise TrainingError(f"{final}: writing the final model failed ({e.strerror or e}; {free_space(final)})"
-                                ) from None
+        copy_model(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", final, "the final model")
     run.accelerator.wait_for_everyone()
     return final
+
+
+def copy_model(source: Path, dest: Path, what: str) -> None:
+    """``dest``: a copy of the checkpoint model folder ``source``, via a tmp folder renamed into place. A write
+    that fails (a full disk) is a TrainingError of one line naming ``dest``, the free space and ``source``, and
+    leaves no partial copy taking room."""
+    tmp = fresh_tmp_dir(dest)
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        replace_dir(tmp, dest)
+    except shutil.Error as e:  # copytree gathers each file's failure into a list: say the first
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = re.sub(r"^\[Errno \d+\] ", "", e.args[0][0][2]).split(": '")[0]  # without the errno and the path
+        raise TrainingError(f"{dest}: writing {what} failed ({why}; {free_space(dest)}); the checkpoint it copies "
+                            f"is complete: {source}") from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"{dest}: writing {what} failed ({e.strerror or e}; {free_space(dest)})") from None
 
 
 # ---- best/: the checkpoint with the best evaluation metric (train.keep_best) ---------------------------------------
@@ -498,7 +510,6 @@ def mark_best(run: Run, record: dict) -> None:
 def keep_best(run: Run) -> None:
     """``best/``: a copy of this step's checkpoint model folder, renamed into place when complete."""
     if run.accelerator.is_main_process:
-        tmp = fresh_tmp_dir(run.out / BEST)
-        shutil.copytree(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", tmp, dirs_exist_ok=True)
-        replace_dir(tmp, run.out / BEST)
+        copy_model(run.out / CHECKPOINTS / f"step_{run.pos.step:08d}" / "model", run.out / BEST,
+                   "the best checkpoint's model")
     run.accelerator.wait_for_everyone()

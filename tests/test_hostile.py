@@ -263,6 +263,17 @@ def test_eval_refuses_more_shots_than_a_class_has(small_shards, tiny_ckpt, tmp_p
     assert "6-shot linear" in capsys.readouterr().out
 
 
+def test_eval_refuses_few_shot_shards_whose_classes_are_numbered_otherwise(small_shards, tiny_ckpt, tmp_path, capsys):
+    write_folder(tmp_path / "src", {"a": 3, "c": 3}, size=(24, 32))
+    shard(str(tmp_path / "src"), tmp_path / "other", ShardOptions(samples_per_shard=6), progress=False)
+    argv = ["eval", str(tiny_ckpt), "--data", str(small_shards), "--fewshot-train", str(tmp_path / "other"),
+            "--out", str(tmp_path / "e"), "--seeds", "1", "--shots", "1"]
+    assert one_line_error(capsys, argv) == (
+        f"vitpipe eval: error: --fewshot-train {tmp_path / 'other'}: its classes are not those of {small_shards} "
+        "(lacks b; adds c); both must list the same classes in the same order")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
 # ---- a diverged (NaN) model ---------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -523,6 +534,24 @@ def test_writing_final_on_a_full_disk_is_one_line_with_the_folder_and_free_space
                                    f"device; 0.")
     assert str(e.value).endswith(f"GiB free on {small_disk}); the checkpoint it copies is complete: {model}")
     assert not (small_disk / "final").exists()
+
+
+def test_keeping_best_on_a_full_disk_is_one_line_and_leaves_no_partial_copy(small_disk):
+    from types import SimpleNamespace
+
+    from common.errors import TrainingError
+    from pretrain.checkpoints import keep_best
+
+    model = small_disk / "checkpoints" / "step_00000005" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(bytes(150_000))  # the checkpoint fits, a second copy does not
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(TrainingError) as e:
+        keep_best(SimpleNamespace(accelerator=accelerator, out=small_disk, pos=SimpleNamespace(step=5)))
+    assert str(e.value).startswith(f"{small_disk / 'best'}: writing the best checkpoint's model failed (No space "
+                                   "left on device; 0.")
+    assert str(e.value).endswith(f"; the checkpoint it copies is complete: {model}")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["checkpoints"]  # no best/, no half-written tmp
 
 
 def test_export_on_a_full_disk_is_one_line_with_the_folder_and_free_space(small_disk, tmp_path, capsys):

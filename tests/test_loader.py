@@ -261,7 +261,7 @@ def test_a_stream_resumed_from_its_saved_state_goes_on_bit_identically(shards, r
         resumed = run(epoch=1, skip_batches=done, resume=json.loads(json.dumps(states_before(whole, done))))
         assert len(resumed) == len(whole) - done
         for x, y in zip(whole[done:], resumed, strict=True):
-            assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
+            assert torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"])
             assert x["keys"] == y["keys"] and x["stream"] == y["stream"]
 
 
@@ -312,7 +312,7 @@ def test_resuming_late_in_an_epoch_reads_the_buffer_and_the_shard_in_flight_not_
     state = states_before(whole, done)["0"]
     buffered = sum(end - start for _, start, end in state["pool"])
     resumed, batch = first_batch(skip_batches=done, resume={"0": state})
-    assert torch.equal(batch["pixel_values"], whole[done]["pixel_values"])
+    assert torch.equal(batch["images"], whole[done]["images"])
     assert resumed <= fresh + buffered + max(sizes.values())
     replayed, _ = first_batch(skip_batches=done)  # what a checkpoint without loader state costs
     assert replayed > 3 * resumed
@@ -325,4 +325,4 @@ def test_shards_that_cannot_be_read_from_an_offset_resume_by_replay(shards):
     assert saved == {"0": None}  # no position to read back from: the loop's checkpoint says so
     resumed = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5, skip_batches=5, resume=saved))
     for x, y in zip(whole[5:], resumed, strict=True):
-        assert torch.equal(x["pixel_values"], y["pixel_values"]) and x["keys"] == y["keys"]
+        assert torch.equal(x["images"], y["images"]) and x["keys"] == y["keys"]

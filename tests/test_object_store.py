@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-from fsspec.core import url_to_fs
 
 from data_tools.loader import eval_loader, resolve_shards, train_loader
 from data_tools.shard import ShardError, ShardOptions, shard
 from data_tools.sources import read_source
+from data_tools.store import filesystem
 from data_tools.transforms import EvalTransform, TrainTransform
 from data_tools.verify import inspect, verify
 from vitpipe.cli import main
@@ -112,7 +112,7 @@ def test_an_upload_failing_mid_run_is_one_line_and_a_rerun_finishes(s3, tmp_path
     opts = ShardOptions(samples_per_shard=4)
     shard(str(src), tmp_path / "local", opts, progress=False)
     url = f"s3://{bucket(s3, 'failing')}/set"
-    fs = url_to_fs(url)[0]  # the (cached) client the writer will use
+    fs = filesystem(url)[0]  # the (cached) client the writer will use
     real, uploads = fs.put_file, []
 
     def refuse_the_third(lpath, rpath, **kw):

@@ -72,7 +72,7 @@ def _shard(args) -> None:
         encode=EncodeOptions(resize_shorter=args.resize_shorter, max_side=args.max_side, quality=args.quality,
                              validate=args.validate, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS),
         path_column=args.path_column, label_column=args.label_column, split=args.split,
-        shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed,
+        shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed, allow_local_paths=args.allow_local_paths,
     )
     index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
                        ray_address=args.ray_address, parts=args.parts)
@@ -275,6 +275,9 @@ def _shard_verb(sub) -> None:
                    help="a manifest's or HF dataset's label column (default: the first of label, labels, class, "
                         "cls, target; none: unlabelled)")
     s.add_argument("--split", help="split of a Hugging Face dataset (default: train, else the first)")
+    s.add_argument("--allow-local-paths", action="store_true",
+                   help="let a manifest on an object store name local files or file:// URLs (default: only objects "
+                        "of its own store)")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
     s.add_argument("--engine", choices=list(ENGINES), default="local",
                    help="where the work runs: " + "; ".join(f"{k}: {e.summary}" for k, e in ENGINES.items()))

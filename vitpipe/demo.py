@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.errors import VitpipeError
+from common.io import write_json
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -321,7 +322,7 @@ def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed
     demo.export(max(("pretrained_finetune", "scratch"), key=lambda r: evals[r]["top1"]))
     demo.plot()
     results = demo.results(evals, baseline, reduced, round(time.perf_counter() - t0, 1))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     print_table(results)
     return results
 
