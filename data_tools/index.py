@@ -14,7 +14,8 @@ from common.errors import VitpipeError
 
 INDEX = "index.json"
 INDEX_FORMAT = "vitpipe-shards"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: shards are fixed ranges of the input order (1: boundaries followed the parts)
+LAYOUT = "fixed-ranges"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MISSING = object()

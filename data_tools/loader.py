@@ -34,6 +34,7 @@ from common.seeding import seed_for
 from data_tools import store
 from data_tools.index import parse_index
 from data_tools.positions import epoch_pieces, resampled_pieces, shard_names
+from data_tools.shard import parts_progress
 from data_tools.tars import ForeignTar, HashingReader, image_bytes, read_tar
 from data_tools.transforms import BatchBuilder
 
@@ -73,7 +74,10 @@ def _from_index(spec, num_samples: int | None) -> ShardSet:
         text = folder.read_json_text("index.json")
     index_path = folder.where("index.json")
     if text is None:
-        raise LoaderError(f"{spec}: no index.json (shard it with vitpipe shard, or list the tars)")
+        with store.errors_for(str(spec)):
+            parts = parts_progress(folder)
+        raise LoaderError(f"{spec}: no index.json " + (f"yet: a --part K/N run is there ({parts[0]})" if parts else
+                                                       "(shard it with vitpipe shard, or list the tars)"))
     index = parse_index(text, index_path)
     if not index.get("complete", False):
         raise LoaderError(f"{index_path}: sharding did not finish")

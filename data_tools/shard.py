@@ -1,12 +1,26 @@
 """``vitpipe shard``: a corpus to webdataset tars plus ``index.json``, resumable and deterministic.
 
-The inputs are shuffled (a seeded permutation, unless ``shuffle=False``) so that every shard of
-a class-folder corpus holds a mix of classes; ``--part K/N`` splits the shuffled order. Workers
-only encode; the main process writes samples in that order, so the shards do not depend on the
-number of workers. Each shard is written to ``.tmp`` and renamed when complete (on an object
-store: staged locally and uploaded whole, ``data_tools.store``), then the index (which records
-where in the input list the next shard starts) is rewritten atomically: after a kill, a rerun
-continues from the last complete shard the index lists.
+The layout (``index.json``: ``"format_version": 2, "layout": "fixed-ranges"``): the source lists its
+inputs in a stable order, a seeded permutation shuffles them (unless ``shuffle=False``) so that every
+shard of a class-folder corpus holds a mix of classes, and shard k holds the usable inputs at positions
+[k*S, (k+1)*S) of that order (S = ``samples_per_shard``). A shard that loses skipped inputs comes out
+short, one whose inputs are all skipped is not written, and ``max_shard_size`` cuts a shard into pieces
+(``PREFIX-k.tar``, ``PREFIX-k-001.tar``, ...). A shard therefore depends on the source and the sharding
+options only: ``--part K/N`` writes the whole shards of ranges [K*R/N, (K+1)*R/N) of R, a Ray task is one
+part, and one run, N parts or a Ray job give the same bytes, ``index.json`` included. Workers only
+encode; the main process writes samples in that order, so the shards do not depend on the workers.
+
+Each shard is written to ``.tmp`` and renamed when complete (on an object store: staged locally and
+uploaded whole, ``data_tools.store``); when a range's shards are in place the progress record
+(``index.json`` for one run, ``index.part-K-of-N.json`` for a part), which records where in the
+order the next range starts, is rewritten atomically: after a kill, a rerun continues from the last
+complete range. The last part to complete merges the part records into ``index.json``.
+
+Costs, for I inputs: listing the source holds its I records in memory (unavoidable: the order is a
+permutation of all of them); the permutation is 4 bytes per input and is computed by every part (O(I)
+time); the fingerprint of the listing is one O(I) pass with O(1) memory; nothing else is kept per input
+beyond one range's skips (the index lists every skip). Each range rewrites its progress record, which
+grows with the shards and skips written so far.
 """
 
 from __future__ import annotations
@@ -15,8 +29,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +41,7 @@ from common.errors import VitpipeError, user_message
 from common.lock import LOCK
 from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
-from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, parse_index
+from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT, parse_index
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
@@ -98,11 +114,75 @@ def _encode_one(inp: Input):
         return f"unreadable ({type(e).__name__}: {short_error(e)})"
 
 
-def _shard_name(opts: ShardOptions, i: int | None) -> str:
-    """The i-th shard's name; with ``i=None`` a glob for this part's shards (never another part's)."""
+def shard_name(prefix: str, k: int, piece: int = 0) -> str:
+    """Shard k's file name (piece ``piece`` of it, when ``max_shard_size`` cuts it): it depends on k only."""
+    return f"{prefix}-{k:06d}.tar" if piece == 0 else f"{prefix}-{k:06d}-{piece:03d}.tar"
+
+
+def _shard_file_pattern(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix) + r"-(\d{6,})(?:-\d{3,})?\.tar(?:\.tmp)?")
+
+
+_OLD_PART_FILE = r"-\d{3}-\d{6,}\.tar(?:\.tmp)?"  # format_version 1's --part K/N shards: PREFIX-KKK-NNNNNN.tar
+
+
+def _range_of(name: str, prefix: str) -> int | None:
+    """The k of a shard file (or its ``.tmp``) of this layout; None for any other file."""
+    m = _shard_file_pattern(prefix).fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def is_shard_file(name: str, prefix: str) -> bool:
+    """A shard (or ``.tmp``) this prefix's runs write, in this layout or format_version 1's."""
+    return _range_of(name, prefix) is not None or re.fullmatch(re.escape(prefix) + _OLD_PART_FILE, name) is not None
+
+
+def range_count(inputs: int, opts: ShardOptions) -> int:
+    return -(-inputs // opts.samples_per_shard)
+
+
+def part_ranges(inputs: int, opts: ShardOptions) -> tuple[int, int]:
+    """The shards [first, end) that part K of N writes: whole shards, so a part changes no boundary."""
     k, n = opts.part
-    number = "[0-9]" * 6 if i is None else f"{i:06d}"
-    return f"{opts.prefix}-{number}.tar" if n == 1 else f"{opts.prefix}-{k:03d}-{number}.tar"
+    ranges = range_count(inputs, opts)
+    return k * ranges // n, (k + 1) * ranges // n
+
+
+def part_positions(inputs: int, opts: ShardOptions) -> tuple[int, int]:
+    """The positions [lo, hi) of the (shuffled) input order that part K of N covers."""
+    first, end = part_ranges(inputs, opts)
+    return min(first * opts.samples_per_shard, inputs), min(end * opts.samples_per_shard, inputs)
+
+
+def input_order(inputs: int, opts: ShardOptions):
+    """Position -> index in the source's listing: the seeded permutation (or the listing's own order)."""
+    if not opts.shuffle:
+        return range(inputs)
+    # RandomState's stream is frozen by NumPy's compatibility policy (NEP 19), so every machine of a
+    # --part run and every rerun agree on the order; shuffling 4-byte positions in place gives
+    # permutation(inputs)'s order in half its memory
+    order = np.arange(inputs, dtype=np.uint32 if inputs < 2**32 else np.uint64)
+    np.random.RandomState(opts.shuffle_seed).shuffle(order)
+    return order
+
+
+def input_at(inputs: list[Input], opts: ShardOptions, position: int) -> Input:
+    return inputs[input_order(len(inputs), opts)[position]]
+
+
+def _owned(opts: ShardOptions, inputs: int):
+    """Which shard files a run of this part may remove or clean: its own ranges' (and for the last part,
+    or a run of all parts, any beyond the set's end, left by an earlier run with other inputs)."""
+    first, end = part_ranges(inputs, opts)
+    k, n = opts.part
+    last = k == n - 1
+
+    def owned(name: str) -> bool:
+        r = _range_of(name, opts.prefix)
+        if r is None:
+            return n == 1 and is_shard_file(name, opts.prefix)  # format_version 1 part shards: a whole run's
+        return first <= r and (r < end or last)
+    return owned
 
 
 def _lock_name(opts: ShardOptions) -> str:
@@ -112,32 +192,22 @@ def _lock_name(opts: ShardOptions) -> str:
 
 
 def _index_name(opts: ShardOptions) -> str:
+    """Where a run records its progress: ``index.json`` for one run, a part's own record for a part."""
     k, n = opts.part
     return INDEX if n == 1 else f"index.part-{k:03d}-of-{n:03d}.json"
 
 
 def _identity(src: str, opts: ShardOptions) -> dict:
+    """The arguments that decide the shard set (the part is not one of them)."""
     d = asdict(opts)
-    del d["allow_local_paths"]
-    d["part"] = f"{opts.part[0]}/{opts.part[1]}"
+    del d["part"], d["allow_local_paths"]  # a remote manifest's permission to name local files: not recorded
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
     return {"source": redact(src), **d}
 
 
-def _part_inputs(inputs: list[Input], opts: ShardOptions) -> list[Input]:
-    """This part's inputs, in writing order: part K of N of the (shuffled) list."""
-    k, n = opts.part
-    lo, hi = k * len(inputs) // n, (k + 1) * len(inputs) // n
-    if not opts.shuffle:
-        return inputs[lo:hi]
-    # RandomState's stream is frozen by NumPy's compatibility policy (NEP 19), so every machine of a
-    # --part run and every rerun agree on the order; 8 bytes per input, no copies of the records
-    order = np.random.RandomState(opts.shuffle_seed).permutation(len(inputs))[lo:hi]
-    return [inputs[i] for i in order]
-
-
 def _fingerprint(inputs: list[Input]) -> str:
+    """A hash of the listing, in the source's order: O(inputs) time, O(1) memory."""
     h = hashlib.sha256()
     for inp in inputs:
         h.update(f"{inp.source}\t{inp.label}\n".encode())
@@ -172,7 +242,7 @@ def check_options(opts: ShardOptions, workers: int = 1) -> None:
 
 def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
           overwrite: bool = False, progress: bool = True, merge: bool = True) -> dict:
-    """Shard ``src`` into ``out`` (a folder or an fsspec URL); returns the (part's) index.
+    """Shard ``src`` into ``out`` (a folder or an fsspec URL); returns ``index.json``, or a part's record.
 
     ``merge=False``: a part does not write ``index.json`` when it completes the set (a driver that runs
     every part merges once, itself).
@@ -181,61 +251,121 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     folder = shard_folder(out)
     folder.prepare()
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
-    inputs = _part_inputs(corpus.inputs, opts)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
-        return _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progress, merge)
+        return _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge)
 
 
-def _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progress, merge) -> dict:
-    identity = _identity(src, opts)
-    fingerprint = _fingerprint(inputs)
+def _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge) -> dict:
+    identity, fingerprint = _identity(src, opts), _fingerprint(corpus.inputs)
+    whole = None if overwrite else _read_json(folder, INDEX)
+    if _is_the_set(whole, identity, fingerprint):
+        _check_listed_shards(folder, whole, INDEX)  # the set is there (one run's, or merged parts'): nothing to do
+        return whole
     index_name = _index_name(opts)
-    index_path = folder.where(index_name)
-    text = None if overwrite else folder.read_json_text(index_name)
-    index = parse_index(text, index_path) if text is not None else None
+    index = whole if index_name == INDEX else None if overwrite else _read_json(folder, index_name)
     if index is not None:
-        if index.get("args") != identity:
-            diff = differing_keys(identity, index.get("args", {}))
-            raise ShardError(f"{index_path}: shards there were made with different arguments ({', '.join(diff)}); "
-                             "use --overwrite to start over or another OUT")
-        if index.get("input_fingerprint") != fingerprint:
-            raise ShardError(f"{index_path}: the source's list of inputs changed since these shards were made; "
-                             "use --overwrite to start over")
-        _check_listed_shards(folder, index, opts)
+        _check_progress(folder.where(index_name), index, identity, fingerprint)
+        _check_listed_shards(folder, index, index_name)
+    owned = _owned(opts, len(corpus.inputs))
     if index is None:
         if overwrite:
-            for name in folder.sizes(_shard_name(opts, None)):
-                folder.remove(name)
+            for name in folder.sizes(f"{opts.prefix}-*.tar"):
+                if owned(name):
+                    folder.remove(name)
             folder.remove(index_name)
-        index = {
-            "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "complete": False,
-            "args": identity, "input_fingerprint": fingerprint, "inputs": len(inputs),
-            "classes": corpus.classes, "total_samples": 0, "class_counts": {},
-            "shards": [], "skipped": [], "next_input": 0,
-        }
-    folder.clean_partial(_shard_name(opts, None))  # left by a killed run of this part
+        index = _new_progress(corpus, identity, fingerprint, opts)
+    folder.clean_partial(f"{opts.prefix}-*.tar", owned)  # left by a killed run of this part
     if not index["complete"]:
-        _write_shards(corpus, inputs, folder, index, index_name, opts, workers, progress)
+        index = _write_shards(corpus, folder, index, index_name, opts, workers, progress)
     if opts.part[1] > 1 and merge:
         merge_parts(folder)
     return index
 
 
-def _check_listed_shards(folder, index: dict, opts: ShardOptions) -> None:
+def complete_set(folder, src: str, opts: ShardOptions, inputs: list[Input]) -> dict | None:
+    """``index.json`` when the folder holds the complete shard set these arguments and inputs make (written by
+    any engine, with any number of parts), its listed shards all there; else None."""
+    whole = _read_json(folder, INDEX)
+    if not _is_the_set(whole, _identity(src, opts), _fingerprint(inputs)):
+        return None
+    _check_listed_shards(folder, whole, INDEX)
+    return whole
+
+
+def _read_json(folder, name: str) -> dict | None:
+    """An index or part record, checked field by field (``data_tools.index``); None when there is none."""
+    text = folder.read_json_text(name)
+    return None if text is None else parse_index(text, folder.where(name))
+
+
+def _is_the_set(index: dict | None, identity: dict, fingerprint: str) -> bool:
+    """A complete ``index.json`` of this layout, these arguments and this listing."""
+    return (index is not None and index.get("complete") is True and index.get("format_version") == INDEX_VERSION
+            and index.get("args") == identity and index.get("input_fingerprint") == fingerprint)
+
+
+def _check_progress(path: str, index: dict, identity: dict, fingerprint: str) -> None:
+    """A progress record a rerun may continue: this layout, these arguments, this listing."""
+    if index.get("format_version") != INDEX_VERSION:
+        raise ShardError(f"{path}: shards of an earlier layout (format_version {index.get('format_version')}), "
+                         "whose boundaries followed the parts; they still read, but cannot be continued: "
+                         "use --overwrite to reshard, or another OUT")
+    if index.get("args") != identity:
+        diff = differing_keys(identity, index.get("args", {}))
+        raise ShardError(f"{path}: shards there were made with different arguments ({', '.join(diff)}); "
+                         "use --overwrite to start over or another OUT")
+    if index.get("input_fingerprint") != fingerprint:
+        raise ShardError(f"{path}: the source's list of inputs changed since these shards were made; "
+                         "use --overwrite to start over")
+
+
+def _new_progress(corpus: Corpus, identity: dict, fingerprint: str, opts: ShardOptions) -> dict:
+    first, end = part_ranges(len(corpus.inputs), opts)
+    return {
+        "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "layout": LAYOUT, "complete": False,
+        "args": identity, "input_fingerprint": fingerprint, "inputs": len(corpus.inputs),
+        "part": f"{opts.part[0]}/{opts.part[1]}", "ranges": [first, end],
+        "next_input": part_positions(len(corpus.inputs), opts)[0],
+        "classes": corpus.classes, "total_samples": 0, "class_counts": {}, "shards": [], "skipped": [],
+    }
+
+
+def shard_set_index(records: list[dict]) -> dict:
+    """``index.json`` from the complete progress records of every part, in part order (one for a run of all
+    parts): nothing in it says how the work was split, so one run, N parts and a Ray job write the same bytes."""
+    shards = [s for r in records for s in r["shards"]]
+    totals: Counter = Counter()
+    for s in shards:
+        totals.update(s["class_counts"])
+    first = records[0]
+    return {
+        "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "layout": LAYOUT, "complete": True,
+        "args": first["args"], "input_fingerprint": first["input_fingerprint"], "inputs": first["inputs"],
+        "classes": first["classes"],
+        "total_samples": sum(s["count"] for s in shards),
+        "class_counts": {k: totals[k] for k in sorted(totals, key=int)},
+        "shards": shards, "skipped": [s for r in records for s in r["skipped"]],
+    }
+
+
+def _check_listed_shards(folder, index: dict, index_name: str) -> None:
     """Every shard the index lists is there, whole; shards it does not list are redone (and replaced)."""
-    present = folder.sizes(_shard_name(opts, None))
+    present = folder.sizes(f"{index['args']['prefix']}-*.tar")
     for s in index["shards"]:
         if present.get(s["name"]) != s["bytes"]:
             found = "missing" if s["name"] not in present else f"{present[s['name']]} bytes, not {s['bytes']}"
-            raise ShardError(f"{folder.where(s['name'])}: listed in {_index_name(opts)} but {found}; "
+            raise ShardError(f"{folder.where(s['name'])}: listed in {index_name} but {found}; "
                              "use --overwrite to start over")
 
 
-def _write_shards(corpus, inputs, folder, index, index_name, opts, workers, progress) -> None:
-    start = index["next_input"]
-    todo = inputs[start:]
-    bar = tqdm(total=len(inputs), initial=start, unit="img", desc=f"shard {folder.name}", disable=not progress)
+def _write_shards(corpus, folder, index, index_name, opts, workers, progress) -> dict:
+    """Write the ranges from ``index["next_input"]`` to the part's end; returns the completed index."""
+    lo, hi = part_positions(len(corpus.inputs), opts)
+    start, size = index["next_input"], opts.samples_per_shard
+    order = input_order(len(corpus.inputs), opts)
+    todo = (corpus.inputs[order[p]] for p in range(start, hi))  # lazily: no copy of the part's records
+    bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"shard {folder.name}", disable=not progress)
     pool = None
     if workers > 1:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -243,16 +373,20 @@ def _write_shards(corpus, inputs, folder, index, index_name, opts, workers, prog
         results = _in_order(pool, todo, window=64 * workers)
     else:
         _init_worker(corpus, opts.encode)
-        results = map(_encode_one, todo)
+        results = ((inp, _encode_one(inp)) for inp in todo)
     writer = _ShardWriter(folder, opts, index, index_name)
     try:
-        for pos, (inp, result) in enumerate(zip(todo, results), start):
+        for pos, (inp, result) in zip(range(start, hi), results):
+            if pos > start and pos % size == 0:
+                writer.end_range(pos)
             if isinstance(result, str):
                 writer.skip(pos, inp, result)
             else:
                 writer.add(pos, inp, result, corpus.classes)
             bar.update(1)
-        writer.finish(len(inputs))
+        if hi > start:
+            writer.end_range(hi)
+        return writer.finish()
     except (OSError, StoreError) as e:  # disk full, permission denied, endpoint gone: complete shards stay
         what = "cannot write shards" if isinstance(e, OSError) else "stopped"
         raise ShardError(f"{folder}: {what} ({user_message(e)}); the complete shards and the index are kept: "
@@ -264,29 +398,33 @@ def _write_shards(corpus, inputs, folder, index, index_name, opts, workers, prog
             pool.terminate()
 
 
-def _in_order(pool, todo: list[Input], window: int):
-    """Encode in parallel, yield in input order; at most two windows of images are in memory."""
-    pending = None
-    for start in range(0, len(todo), window):
-        upcoming = pool.map_async(_encode_one, todo[start:start + window], chunksize=4)
+def _in_order(pool, todo, window: int):
+    """(input, encoded) pairs in input order, encoded in parallel; at most two windows of images in memory."""
+    todo, pending = iter(todo), None
+    while chunk := list(islice(todo, window)):
+        upcoming = (chunk, pool.map_async(_encode_one, chunk, chunksize=4))
         if pending is not None:
-            yield from pending.get()
+            yield from zip(pending[0], pending[1].get())
         pending = upcoming
     if pending is not None:
-        yield from pending.get()
+        yield from zip(pending[0], pending[1].get())
 
 
 class _ShardWriter:
+    """Writes one range at a time: its pieces as they fill, then its entries and skips into the progress record."""
+
     def __init__(self, folder: LocalFolder | RemoteFolder, opts: ShardOptions, index: dict, index_name: str):
         self.folder, self.opts, self.index, self.index_name = folder, opts, index, index_name
         self.tar = self.file = self.name = None
-        self.count = self.payload = 0
-        self.first_input = index["next_input"]
-        self.pending_skips: list[dict] = []
+        self.count = self.payload = self.first_input = 0
+        self.entries: list[dict] = []  # the open range's complete pieces
+        self.skips: list[dict] = []  # the open range's skipped inputs
         self.classes: Counter = Counter()
 
-    def _open(self) -> None:
-        self.name = _shard_name(self.opts, len(self.index["shards"]))
+    def _open(self, pos: int) -> None:
+        k, piece = pos // self.opts.samples_per_shard, len(self.entries)
+        self.name = shard_name(self.opts.prefix, k, piece)
+        self.first_input = k * self.opts.samples_per_shard if piece == 0 else pos
         self.file = self.folder.open_shard(self.name)
         self.tar = TarWriter(self.file)
         self.count = self.payload = 0
@@ -304,36 +442,37 @@ class _ShardWriter:
         if self.tar is not None and limit and tar_bytes(self.payload + size) > limit:
             self._close(pos)
         if self.tar is None:
-            self._open()
+            self._open(pos)
         self.tar.write(sample_key(inp.source), sample)
         self.count += 1
         self.payload += size
         if inp.label is not None:
             self.classes[str(inp.label)] += 1
-        if self.count >= self.opts.samples_per_shard:
-            self._close(pos + 1)
 
     def skip(self, pos: int, inp: Input, reason: str) -> None:
-        self.pending_skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
+        self.skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
 
     def _close(self, next_input: int) -> None:
-        """Complete the open shard: move (upload) it into place, then record it (and the skips before it)."""
+        """Complete the open piece: move (upload) it into place; the range's end records it."""
         self.tar.close()
         self.folder.commit_shard(self.name, self.file)
-        self.index["shards"].append({
-            "name": self.name, "count": self.count, "bytes": self.tar.size,
-            "sha256": self.tar.sha.hexdigest(), "inputs": [self.first_input, next_input],
+        self.entries.append({
+            "name": self.name, "range": self.first_input // self.opts.samples_per_shard,
+            "inputs": [self.first_input, next_input], "count": self.count, "bytes": self.tar.size,
+            "sha256": self.tar.sha.hexdigest(),
             "class_counts": {k: v for k, v in sorted(self.classes.items(), key=lambda kv: int(kv[0])) if v},
         })
         self.tar = None
-        self._commit(next_input)
-        self.first_input = next_input
 
-    def _commit(self, next_input: int) -> None:
+    def end_range(self, end: int) -> None:
+        """The range before ``end`` is done: record its shards and skips (an all-skipped range has no shard)."""
+        if self.tar is not None:
+            self._close(end)
         idx = self.index
-        idx["skipped"] += [s for s in self.pending_skips if s["input"] < next_input]
-        self.pending_skips = [s for s in self.pending_skips if s["input"] >= next_input]
-        idx["next_input"] = next_input
+        idx["shards"] += self.entries
+        idx["skipped"] += self.skips
+        self.entries, self.skips = [], []
+        idx["next_input"] = end
         idx["total_samples"] = sum(s["count"] for s in idx["shards"])
         totals: Counter = Counter()
         for s in idx["shards"]:
@@ -341,12 +480,13 @@ class _ShardWriter:
         idx["class_counts"] = {k: totals[k] for k in sorted(totals, key=int)}
         self.folder.write_json(self.index_name, idx)
 
-    def finish(self, end: int) -> None:
-        if self.tar is not None:
-            self._close(end)
+    def finish(self) -> dict:
+        """Mark the run complete; one run of all parts writes ``index.json`` in its final form."""
         self.index["complete"] = True
-        self._commit(end)
+        done = self.index if self.index_name != INDEX else shard_set_index([self.index])
+        self.folder.write_json(self.index_name, done)
         self.folder.flush()  # an object store's last uploads: their errors belong to this run
+        return done
 
     def abort(self) -> None:
         if self.tar is not None:
@@ -354,29 +494,64 @@ class _ShardWriter:
             self.tar = None
 
 
+_PART_INDEX = re.compile(r"index\.part-(\d{3})-of-(\d{3})\.json")
+
+
+def part_records(folder: LocalFolder | RemoteFolder) -> dict[int, dict[int, dict]]:
+    """The part progress records in a folder: {N: {K: record}} (one N unless runs were mixed)."""
+    found: dict[int, dict[int, dict]] = {}
+    for name in sorted(folder.sizes("index.part-*-of-*.json")):
+        if m := _PART_INDEX.fullmatch(name):
+            record = _read_json(folder, name)
+            if record is not None:
+                found.setdefault(int(m.group(2)), {})[int(m.group(1))] = record
+    return found
+
+
+def parts_progress(folder: LocalFolder | RemoteFolder) -> tuple[str, bool] | None:
+    """(how far a ``--part K/N`` run in ``folder`` is, in words; whether every part is complete), or None when no
+    part run is there."""
+    found = part_records(folder)
+    if not found:
+        return None
+    lines, done = [], True
+    for n, records in sorted(found.items()):
+        missing = [f"{k}/{n}" for k in range(n) if k not in records]
+        running = [f"{k}/{n}" for k, r in sorted(records.items()) if not r.get("complete")]
+        what = [f"{n - len(missing) - len(running)} of {n} parts complete"]
+        if running:
+            what.append(f"{_list(running)} unfinished (rerun {'its' if len(running) == 1 else 'their'} command to "
+                        "continue)")
+        if missing:
+            what.append(f"{_list(missing)} not started")
+        lines.append(", ".join(what))
+        done = done and not missing and not running
+    return "; ".join(lines), done and len(found) == 1
+
+
+def _list(parts: list[str], shown: int = 8) -> str:
+    word = "part" if len(parts) == 1 else "parts"
+    return f"{word} {', '.join(parts[:shown])}" + (f" and {len(parts) - shown} more" if len(parts) > shown else "")
+
+
 def merge_parts(out: str | os.PathLike | LocalFolder | RemoteFolder) -> dict | None:
-    """When every ``--part K/N`` index in ``out`` (a folder or URL) is complete, write the combined ``index.json``."""
+    """When every ``--part K/N`` record in ``out`` (a folder or URL) is complete, write ``index.json`` (the same
+    bytes one run of all parts writes); None while a part is missing or unfinished."""
     folder = out if isinstance(out, (LocalFolder, RemoteFolder)) else shard_folder(out)
-    parts = sorted(folder.sizes("index.part-*-of-*.json"))
-    if not parts:
+    found = part_records(folder)
+    if len(found) != 1:
         return None
-    loaded = [json.loads(folder.read_json_text(p)) for p in parts]
-    n = int(parts[0].removesuffix(".json").rsplit("-", 1)[-1])
-    if len(loaded) != n or not all(p["complete"] for p in loaded):
+    [(n, records)] = found.items()
+    if len(records) != n or not all(r.get("complete") for r in records.values()):
         return None
-    totals: Counter = Counter()
-    for p in loaded:
-        totals.update(p["class_counts"])
-    args = dict(loaded[0]["args"], part=f"all {n}")
-    merged = {
-        "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "complete": True, "args": args,
-        "inputs": sum(p["inputs"] for p in loaded), "classes": loaded[0]["classes"],
-        "total_samples": sum(p["total_samples"] for p in loaded),
-        "class_counts": {k: totals[k] for k in sorted(totals, key=int)},
-        "shards": [s for p in loaded for s in p["shards"]],
-        "skipped": [s for p in loaded for s in p["skipped"]],
-        "parts": parts,
-    }
+    first = records[0]
+    for k, r in sorted(records.items()):
+        if r.get("format_version") != INDEX_VERSION or r.get("args") != first.get("args") \
+                or r.get("input_fingerprint") != first.get("input_fingerprint"):
+            name = _index_name(ShardOptions(part=(k, n)))
+            raise ShardError(f"{folder.where(name)}: made by another run than {_index_name(ShardOptions(part=(0, n)))} "
+                             f"(different layout, arguments or inputs); rerun part {k}/{n} with --overwrite")
+    merged = shard_set_index([records[k] for k in range(n)])
     folder.write_json(INDEX, merged)
     return merged
 
@@ -387,5 +562,8 @@ def read_index(folder: str | os.PathLike) -> dict:
     path = where.where(INDEX)
     text = where.read_json_text(INDEX)
     if text is None:
+        if parts := parts_progress(where):
+            raise ShardError(f"{path}: missing: this folder holds a --part K/N run ({parts[0]}); the last part to "
+                             "complete writes it" + ("" if not parts[1] else ", and a rerun of any part does"))
         raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
     return parse_index(text, path)

@@ -1,16 +1,17 @@
 """``vitpipe shard --engine ray``: the parts of a ``--part K/N`` job run as Ray tasks, then one merge.
 
-Part K is exactly ``vitpipe shard --part K/N`` run on a worker (same shards, same part index), so the
-output is byte-identical to N local runs, and a rerun after a kill keeps every complete shard. Ray retries
-a part whose worker died or that raised (``max_retries`` with ``retry_exceptions``); a part that still fails
-is reported with its inputs, the other parts are finished, and ``index.json`` (the commit marker) is only
-written when every part is complete. Workers read SRC as given and write OUT at its absolute path, so both
-must be where every node sees them at the same path (a shared filesystem).
+Part K is exactly ``vitpipe shard --part K/N`` run on a worker (same shards, same part record): whole
+shards of the fixed-range layout, so the shards and ``index.json`` are byte-identical to one local run or N
+``--part`` runs, whatever N; a rerun after a kill keeps every complete shard. Ray retries a part whose worker
+died or that raised (``max_retries`` with ``retry_exceptions``); a part that still fails is reported with its
+inputs, the other parts are finished, and ``index.json`` (the commit marker) is only written when every part
+is complete. Workers read SRC as given and write OUT at its absolute path (or URL), so both must be where
+every node sees them alike: a shared filesystem, or an object store (credentials from each node's own
+configuration, as for any client of the store).
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from contextlib import ExitStack
@@ -19,24 +20,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.errors import USER_ERRORS, user_message
+from common.errors import USER_ERRORS, VitpipeError, user_message
 from common.lock import LOCK, FolderBusy, FolderLock
-from data_tools.shard import (  # the private names: one package's part layout (names, locks, order)
+from data_tools.shard import (  # the private names: one package's part layout (names, locks, records)
     INDEX,
+    INDEX_VERSION,
     ShardError,
     ShardOptions,
     _identity,
     _index_name,
     _lock_name,
-    _part_inputs,
-    _shard_name,
+    _read_json,
     check_options,
+    complete_set,
     differing_keys,
+    input_at,
+    is_shard_file,
     merge_parts,
+    part_positions,
     shard,
 )
 from data_tools.sources import read_source
-from data_tools.store import is_url
+from data_tools.store import LocalFolder, RemoteFolder, shard_folder
 
 RETRIES = 3  # a failed part runs up to 1 + RETRIES times
 LOCK_WAIT_S = 30.0  # a killed run's task may still hold a part's lock until Ray has stopped it
@@ -62,28 +67,28 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
         raise ShardError(f"--workers must be >= 1, got {workers}")
     if parts is not None and not 1 <= parts <= MAX_PARTS:
         raise ShardError(f"--parts must be in [1, {MAX_PARTS}] (part numbers have 3 digits), got {parts}")
-    if is_url(out):
-        raise ShardError(f"{out}: --engine ray writes to a shared filesystem; to an object store, run "
-                         "--engine local --part K/N on each machine (the last part to finish writes index.json)")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"{out}: exists and is not a folder")
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)  # a bad SRC fails before Ray starts
+    folder = shard_folder(out if isinstance(out, str) else Path(out).absolute())
+    folder.prepare()
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split,  # a bad SRC fails before Ray starts
+                         opts.allow_local_paths)
+    if not overwrite and (done := complete_set(folder, src, opts, corpus.inputs)) is not None:
+        return done  # written before, by any engine and any number of parts
     ray = _import_ray()
     started = _connect(ray, ray_address)
     try:
         n = parts or min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), MAX_PARTS)
-        out.mkdir(parents=True, exist_ok=True)
-        _clear_or_refuse_other_runs(out, src, opts, n, overwrite)
-        failures = _run_parts(ray, src, out, opts, n, workers or n, progress)
+        if isinstance(folder, LocalFolder):
+            folder.path.mkdir(parents=True, exist_ok=True)
+        _clear_or_refuse_other_runs(folder, src, opts, n, overwrite)
+        failures = _run_parts(ray, src, folder, opts, n, workers or n, progress)
     finally:
         if started:
             ray.shutdown()
     if failures:
-        raise ShardError(_report(failures, corpus.inputs, out, opts, n))
-    merged = merge_parts(out)
+        raise ShardError(_report(failures, corpus.inputs, folder, opts, n))
+    merged = merge_parts(folder)
     if merged is None:
-        raise ShardError(f"{out}: every part reported success but the part indices are not all complete; "
+        raise ShardError(f"{folder}: every part reported success but the part records are not all complete; "
                          "is another run writing there?")
     return merged
 
@@ -127,57 +132,56 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _clear_or_refuse_other_runs(out: Path, src: str, opts: ShardOptions, n: int, overwrite: bool) -> None:
-    """What a different run left in ``out``: an error, or with ``overwrite`` removed, while holding every
-    lock such a run could hold (a run still writing there is named, not deleted from under)."""
+def _clear_or_refuse_other_runs(folder: LocalFolder | RemoteFolder, src: str, opts: ShardOptions, n: int,
+                                overwrite: bool) -> None:
+    """What a different run left in the folder: an error, or with ``overwrite`` removed (in a local folder while
+    holding every lock such a run could hold, so a run still writing there is named, not deleted from under)."""
     if not overwrite:
-        if others := _other_runs(out, src, opts, n):
-            raise ShardError(f"{out}: holds shards of another run: {'; '.join(others)}; rerun with that run's "
+        if others := _other_runs(folder, src, opts, n):
+            raise ShardError(f"{folder}: holds shards of another run: {'; '.join(others)}; rerun with that run's "
                              "arguments, use --overwrite to start over, or another OUT")
         return
     with ExitStack() as locks:
-        for name in [LOCK] + [_lock_name(replace(opts, part=(k, n))) for k in range(n)]:
-            locks.enter_context(FolderLock(out, "vitpipe shard --engine ray --overwrite", name))
-        single, part = _shard_name(opts, None), opts.prefix + "-[0-9][0-9][0-9]-" + "[0-9]" * 6 + ".tar"
-        for pattern in (INDEX, "index.part-*-of-*.json", single, single + ".tmp", part, part + ".tmp"):
-            for f in out.glob(pattern):
-                f.unlink()
+        if isinstance(folder, LocalFolder):
+            for name in [LOCK] + [_lock_name(replace(opts, part=(k, n))) for k in range(n)]:
+                locks.enter_context(FolderLock(folder.path, "vitpipe shard --engine ray --overwrite", name))
+        shards, ours = f"{opts.prefix}-*.tar", lambda name: is_shard_file(name, opts.prefix)
+        folder.clean_partial(shards, ours)
+        for name in [*folder.sizes(INDEX), *folder.sizes("index.part-*-of-*.json"), *filter(ours, folder.sizes(shards))]:
+            folder.remove(name)
 
 
-def _other_runs(out: Path, src: str, opts: ShardOptions, n: int) -> list[str]:
-    """Index files in ``out`` written by a different run (another --parts, one machine, other arguments)."""
-    expected = {_index_name(replace(opts, part=(k, n))): _identity(src, replace(opts, part=(k, n))) for k in range(n)}
-    expected[INDEX] = dict(_identity(src, replace(opts, part=(0, n))), part=f"all {n}")  # as merge_parts writes it
+def _other_runs(folder: LocalFolder | RemoteFolder, src: str, opts: ShardOptions, n: int) -> list[str]:
+    """Records in the folder written by a different run (another --parts, other arguments, an earlier layout);
+    a complete ``index.json`` of this run is not one: every part finds the set there and is done."""
+    want = _identity(src, opts)
+    parts = {_index_name(replace(opts, part=(k, n))) for k in range(n)}
     found = []
-    for path in sorted(out.glob("index.part-*-of-*.json")) + [out / INDEX]:
-        if not path.is_file():
+    for name in sorted(folder.sizes("index.part-*-of-*.json")) + [INDEX]:
+        record = _read_json(folder, name)
+        if record is None:
             continue
-        want, got = expected.get(path.name), _recorded_args(path)
-        if want is None:
-            found.append(f"{path.name} (another --parts)")
+        got = record.get("args") if isinstance(record.get("args"), dict) else {}
+        if name != INDEX and name not in parts:
+            found.append(f"{name} (another --parts)")
+        elif record.get("format_version") != INDEX_VERSION:
+            found.append(f"{name} (an earlier layout, format_version {record.get('format_version')})")
         elif got != want:
-            found.append(f"{path.name} (different {', '.join(differing_keys(want, got))})")
+            found.append(f"{name} (different {', '.join(differing_keys(want, got))})")
     return found
 
 
-def _recorded_args(index_path: Path) -> dict:
-    try:
-        args = json.loads(index_path.read_text()).get("args")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return args if isinstance(args, dict) else {}
-
-
-def _run_parts(ray, src: str, out: Path, opts: ShardOptions, n: int, window: int, progress: bool) -> dict[int, str]:
+def _run_parts(ray, src: str, folder: LocalFolder | RemoteFolder, opts: ShardOptions, n: int, window: int,
+               progress: bool) -> dict[int, str]:
     """Run parts 0..n-1, at most ``window`` at a time; returns {part: why it failed} for those that failed."""
     task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(_shard_part)
     todo, running, failures = list(range(n)), {}, {}
-    with tqdm(total=n, unit="part", desc=f"shard {out.name} on ray", disable=not progress) as bar:
+    with tqdm(total=n, unit="part", desc=f"shard {folder.name} on ray", disable=not progress) as bar:
         while todo or running:
             while todo and len(running) < window:
                 k = todo.pop(0)
                 part = replace(opts, part=(k, n))
-                ref = task.options(name=f"vitpipe shard part {k}/{n}").remote(src, str(out.absolute()), part)
+                ref = task.options(name=f"vitpipe shard part {k}/{n}").remote(src, str(folder), part)
                 running[ref] = k
             [done], _ = ray.wait(list(running), num_returns=1)
             k = running.pop(done)
@@ -212,26 +216,25 @@ def _reason(e) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
-def _report(failures: dict[int, str], inputs: list, out: Path, opts: ShardOptions, n: int) -> str:
+def _report(failures: dict[int, str], inputs: list, folder: LocalFolder | RemoteFolder, opts: ShardOptions,
+            n: int) -> str:
     order = "shuffled order" if opts.shuffle else "source order"
     lines = []
     for k, why in sorted(failures.items()):
         part = replace(opts, part=(k, n))
-        lo, hi = k * len(inputs) // n, (k + 1) * len(inputs) // n
-        done, shards = _progress(out / _index_name(part))
-        where = "after its last input"
-        if done < hi - lo:
-            where = f"at input {lo + done}: {_part_inputs(inputs, part)[done].source}"
+        lo, hi = part_positions(len(inputs), part)
+        done, shards = _progress(folder, _index_name(part), lo)
+        where = f"at input {done}: {input_at(inputs, opts, done).source}" if done < hi else "after its last input"
         lines.append(f"part {k}/{n} (inputs {lo}-{hi - 1} of {len(inputs)} in {order}; {shards} shards complete, "
                      f"stopped {where}) failed after {1 + RETRIES} attempts: {why}")
-    return (f"{out}: {len(failures)} of {n} parts failed; the complete shards are kept, rerun the same command to "
+    return (f"{folder}: {len(failures)} of {n} parts failed; the complete shards are kept, rerun the same command to "
             "finish: " + "; ".join(lines))
 
 
-def _progress(index_path: Path) -> tuple[int, int]:
-    """(inputs done, shards complete) as a part's index records them; (0, 0) before its first shard."""
+def _progress(folder: LocalFolder | RemoteFolder, record: str, lo: int) -> tuple[int, int]:
+    """(the position the part continues from, its shards complete) as its record says; (lo, 0) before its first."""
     try:
-        index = json.loads(index_path.read_text())
-        return index["next_input"], len(index["shards"])
-    except (OSError, ValueError, KeyError):
-        return 0, 0
+        index = _read_json(folder, record) or {}
+        return index.get("next_input", lo), len(index.get("shards", []))
+    except VitpipeError:  # a record that cannot be read (IndexFileError): the report says what it can
+        return lo, 0

@@ -277,10 +277,11 @@ class LocalFolder:
             pass
         (self.path / (name + ".tmp")).unlink(missing_ok=True)
 
-    def clean_partial(self, pattern: str) -> None:
-        """Remove what a killed writer left half-written."""
+    def clean_partial(self, pattern: str, owned=lambda name: True) -> None:
+        """Remove what a killed writer left half-written: the ``.tmp`` files of the ``owned`` names."""
         for p in self.path.glob(pattern + ".tmp"):
-            p.unlink()
+            if owned(p.name.removesuffix(".tmp")):
+                p.unlink()
 
     def open_read(self, name: str):
         return open_regular(self.path / name)
@@ -430,7 +431,7 @@ class RemoteFolder:
             pass
         Path(self.staging, name).unlink(missing_ok=True)
 
-    def clean_partial(self, pattern: str) -> None:
+    def clean_partial(self, pattern: str, owned=lambda name: True) -> None:
         """Nothing to do: a partial shard only ever existed in a staging folder on the writer's disk."""
 
     def open_read(self, name: str):

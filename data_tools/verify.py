@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common.io import atomic_path
+from common.text import plural
 from data_tools.images import decode_rgb
 from data_tools.shard import INDEX, read_index
 from data_tools.store import LocalFolder, RemoteFolder, errors_for, listed_shard, shard_folder
@@ -159,8 +160,9 @@ def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, g
              problems: list[str]) -> str:
     classes = index.get("classes")
     lines = [
-        f"{folder}: {index['total_samples']} samples in {len(index['shards'])} shards "
-        f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB), {len(index['skipped'])} inputs skipped",
+        f"{folder}: {plural(index['total_samples'], 'sample')} in {plural(len(index['shards']), 'shard')} "
+        f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB), {plural(len(index['skipped']), 'input')} "
+        "skipped",
     ]
     if warning := class_sorting(index):
         lines.append(f"warning: {warning}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -294,24 +295,157 @@ def test_hf_datasets_source(tmp_path):
     assert index["total_samples"] == 7 and index["classes"] == ["cat", "dog"]
 
 
-def test_parts_are_disjoint_and_merge(tmp_path):
+def shard_set(out):
+    """What a shard set is: its tars and index.json, by name (a part run's own records are not part of it)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix == ".tar" or p.name == "index.json"}
+
+
+@pytest.mark.parametrize("opts", [
+    ShardOptions(samples_per_shard=4, encode=EncodeOptions(resize_shorter=24)),
+    ShardOptions(samples_per_shard=6, max_shard_size=parse_size("6K"), prefix="cut"),  # shards cut into pieces
+], ids=["ranges", "pieces"])
+def test_workers_and_parts_write_the_same_shard_set_byte_for_byte(tmp_path, opts):
     src = write_folder(tmp_path / "src", {"a": 11, "b": 10})
-    whole = shard(str(src), tmp_path / "whole", ShardOptions(samples_per_shard=4), progress=False)
+    write_files(src / "b", bad_files())  # skipped inputs: their shards come out short
+    one = shard(str(src), tmp_path / "one", opts, progress=False)
+    shard(str(src), tmp_path / "workers", opts, workers=2, progress=False)
+    for k in range(2):
+        shard(str(src), tmp_path / "halves", replace(opts, part=(k, 2)), progress=False)
+    for k in (2, 0, 1):  # any order: the last part to complete writes index.json
+        shard(str(src), tmp_path / "thirds", replace(opts, part=(k, 3)), progress=False)
+    expected = shard_set(tmp_path / "one")
+    for out in ("workers", "halves", "thirds"):
+        assert shard_set(tmp_path / out) == expected, out
+    assert sorted(p.name for p in (tmp_path / "thirds").glob("index.part-*")) == [
+        f"index.part-00{k}-of-003.json" for k in range(3)]
+    assert one["total_samples"] == 21 and len(one["skipped"]) == 5 and one["format_version"] == 2
+    assert "part" not in one and "part" not in one["args"]
+    if opts.max_shard_size:
+        assert any(s["name"].startswith("cut-") and s["name"].count("-") == 2 for s in one["shards"])  # a piece
+        assert all(s["bytes"] <= opts.max_shard_size or s["count"] == 1 for s in one["shards"])
+    # a --part run over a complete set (here one run's) finds it there and writes nothing
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").iterdir()}
+    assert shard(str(src), tmp_path / "one", replace(opts, part=(1, 2)), progress=False) == one
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").iterdir()} == stamp
+
+
+def test_a_shard_is_a_fixed_range_of_the_input_order(tmp_path):
+    src = tmp_path / "src"
+    write_files(src / "a_bad", bad_files())
+    write_folder(src, {"b_good": 7})
+    index = shard(str(src), tmp_path / "out", ShardOptions(samples_per_shard=5, shuffle=False), progress=False)
+    # inputs 0-4 (all bad): no shard 0; 5-9: shard 1, full; 10-11: shard 2, the last range, short
+    assert [(s["name"], s["range"], s["inputs"], s["count"]) for s in index["shards"]] == [
+        ("shard-000001.tar", 1, [5, 10], 5), ("shard-000002.tar", 2, [10, 12], 2)]
+    assert [s["input"] for s in index["skipped"]] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000001.tar", "shard-000002.tar"]
+    shuffled = shard(str(src), tmp_path / "shuffled", ShardOptions(samples_per_shard=4), progress=False)
+    for s in shuffled["shards"]:  # each shard: the usable inputs of its range, so short by its skips
+        lo, hi = s["inputs"]
+        assert lo == 4 * s["range"] and hi == min(lo + 4, 12) and s["name"] == f"shard-{s['range']:06d}.tar"
+        assert s["count"] == hi - lo - sum(lo <= x["input"] < hi for x in shuffled["skipped"])
+
+
+def test_parts_share_the_folder_and_clean_only_their_own_shards(tmp_path):
+    src = write_folder(tmp_path / "src", {"a": 11, "b": 10})
+    opts = ShardOptions(samples_per_shard=4)  # 6 shards: part 0/3 writes 0-1, part 1/3 2-3, part 2/3 4-5
     for k in range(3):
-        shard(str(src), tmp_path / "parts", ShardOptions(part=(k, 3), samples_per_shard=4), progress=False)
-    stray = tmp_path / "parts" / "shard-000-000099.tar.tmp"  # as if part 0 were still writing elsewhere
-    stray.write_bytes(b"")
-    shard(str(src), tmp_path / "parts", ShardOptions(part=(1, 3), samples_per_shard=4), overwrite=True,
-          progress=False)
-    assert stray.exists() and len(list((tmp_path / "parts").glob("shard-000-*.tar"))) == 2
-    stray.unlink()
+        shard(str(src), tmp_path / "parts", replace(opts, part=(k, 3)), progress=False)
+    strays = [tmp_path / "parts" / f"shard-00000{k}.tar.tmp" for k in (0, 3)]  # as if parts 0 and 1 were writing
+    for stray in strays:
+        stray.write_bytes(b"")
+    shard(str(src), tmp_path / "parts", replace(opts, part=(1, 3)), overwrite=True, progress=False)
+    assert strays[0].exists() and not strays[1].exists()
+    strays[0].unlink()
     merged = json.loads((tmp_path / "parts" / "index.json").read_text())
-    assert merged["total_samples"] == whole["total_samples"] == 21
+    assert [s["name"] for s in merged["shards"]] == [f"shard-{k:06d}.tar" for k in range(6)]
     sources = [json.loads(s["json"])["source"] for s in read_all(tmp_path / "parts")[1].values()]
-    assert sorted(sources) == sorted(set(sources)) and len(sources) == 21
-    # the parts split the shuffled order: read in order, they give the same sequence as one run
-    assert sources == [json.loads(s["json"])["source"] for s in read_all(tmp_path / "whole")[1].values()]
-    assert sources != sorted(sources)
+    assert sorted(sources) == sorted(set(sources)) and len(sources) == 21 and sources != sorted(sources)
+
+
+def v1_set(out):
+    """Turn a --part 0/2 + 1/2 shard set into what format_version 1 wrote for it: shards named by part
+    (PREFIX-KKK-NNNNNN.tar, boundaries following the parts), part records and a merged index.json with
+    "part": "all 2" and a "parts" list. The tars are real; only names and index fields change."""
+    index = json.loads((out / "index.json").read_text())
+    for p in out.glob("index.part-*"):
+        p.unlink()
+    half = len(index["shards"]) // 2
+    for i, s in enumerate(index["shards"]):
+        k, j = (0, i) if i < half else (1, i - half)
+        old = f"shard-{k:03d}-{j:06d}.tar"
+        (out / s["name"]).rename(out / old)
+        s["name"] = old
+        del s["range"]
+    del index["layout"]
+    index.update(format_version=1, args=dict(index["args"], part="all 2"),
+                 parts=["index.part-000-of-002.json", "index.part-001-of-002.json"])
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def test_old_format_shard_sets_still_read(tmp_path, capsys):
+    src = write_folder(tmp_path / "src", {"a": 9, "b": 8})
+    out = tmp_path / "v1"
+    opts = ShardOptions(samples_per_shard=4)
+    for k in range(2):
+        shard(str(src), out, replace(opts, part=(k, 2)), progress=False)
+    old = v1_set(out)
+    assert verify(out) == ([], [])
+    assert "17 samples in 5 shards" in inspect(out)[0]
+    from data_tools.loader import eval_loader, resolve_shards
+    from data_tools.transforms import EvalTransform
+
+    shards = resolve_shards(out)
+    assert shards.num_samples == 17 and [u.rsplit("/", 1)[-1] for u in shards.urls] == [s["name"] for s in old["shards"]]
+    labels = [int(x) for batch in eval_loader(shards, EvalTransform(16), 4) for x in batch["labels"]]
+    assert sorted(labels) == [0] * 9 + [1] * 8
+    assert main(["shard", str(src), str(out), "--samples-per-shard", "4"]) == 2  # cannot be continued: one line
+    assert "index.json: shards of an earlier layout (format_version 1)" in capsys.readouterr().err
+    assert main(["shard", str(src), str(out), "--samples-per-shard", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-{k:06d}.tar" for k in range(5)]  # old names gone
+
+
+def test_the_console_counts_in_words_and_names_the_first_skips(tmp_path, capsys):
+    src, one, many = tmp_path / "src", tmp_path / "one", tmp_path / "many"
+    write_folder(src, {"a": 1})
+    assert main(["shard", str(src), str(one)]) == 0
+    assert capsys.readouterr().out == f"{one}: 1 sample in 1 shard, 0 inputs skipped\n"
+    assert inspect(one)[0].startswith(f"{one}: 1 sample in 1 shard (")
+    write_files(src / "a", {**bad_files(), "more.jpg": b"", "most.jpg": b""})
+    assert main(["shard", str(src), str(many), "--samples-per-shard", "4"]) == 0
+    skipped = json.loads((many / "index.json").read_text())["skipped"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{many}: 1 sample in 1 shard, 7 inputs skipped, the first:",
+        *[f"  {s['source']}: {s['reason']}" for s in skipped[:5]],
+        "  ... and 2 more",
+        "every skipped input is listed with its reason in index.json ('skipped')",
+    ]
+    assert {s["source"] for s in skipped[:5]} < {f"a/{n}" for n in [*bad_files(), "more.jpg", "most.jpg"]}
+
+
+def test_after_some_parts_verify_and_the_loader_say_which_parts_are_missing(tmp_path, capsys):
+    from data_tools.loader import LoaderError, resolve_shards
+
+    src, out = write_folder(tmp_path / "src", {"a": 6, "b": 6}), tmp_path / "out"
+    args = ["shard", str(src), str(out), "--samples-per-shard", "3", "--part"]
+    assert main([*args, "0/3"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{out}: part 0/3: 3 samples in 1 shard, 0 inputs skipped",
+        f"{out}: 1 of 3 parts complete, parts 1/3, 2/3 not started; the last part to complete writes index.json"]
+    assert main(["verify", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"vitpipe verify: error: {out / 'index.json'}: missing: this folder holds a --part K/N run (1 of 3 parts "
+        "complete, parts 1/3, 2/3 not started); the last part to complete writes it\n")
+    assert main([*args, "1/3"]) == 0
+    record = out / "index.part-001-of-003.json"
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), complete=False)))  # as a killed run leaves it
+    with pytest.raises(LoaderError, match=r"no index.json yet: a --part K/N run is there \(1 of 3 parts complete, "
+                                          r"part 1/3 unfinished \(rerun its command to continue\), part 2/3 not started"):
+        resolve_shards(out)
+    assert main([*args, "1/3"]) == 0 and main([*args, "2/3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{out}: 3 of 3 parts complete; index.json lists the whole set"
+    assert main(["verify", str(out)]) == 0
 
 
 def test_verify_and_inspect(tmp_path, run_here):

@@ -28,9 +28,10 @@ CLI_ARGS = ["--samples-per-shard", "5", "--resize-shorter", "40"]
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def ray_address(s3):
     """A new local Ray instance of 2 CPUs (never a cluster already running on the machine); the CLI runs of
-    the tests join it as drivers of their own."""
+    the tests join it as drivers of their own. Started after the S3 server, so that its workers find the
+    server as any client does, in the environment (``AWS_ENDPOINT_URL``, the test credentials)."""
     import ray
 
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -53,6 +54,11 @@ def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def shard_set(files_by_name):
+    """The shard set among a folder's files: its tars and index.json (not the part records of a part run)."""
+    return {name: data for name, data in files_by_name.items() if name.endswith(".tar") or name == "index.json"}
+
+
 def shard_names(folder):
     return [s["name"] for s in json.loads((folder / "index.json").read_text())["shards"]]
 
@@ -64,10 +70,11 @@ def complete_shards(out):
 
 
 def first_input(folder, k):
-    """The source of part k's first input, as the shards and the index of ``folder`` record it."""
+    """The position and source of part k's first input, as the shards and the record of ``folder`` give them."""
     index = json.loads((folder / f"index.part-{k:03d}-of-{PARTS:03d}.json").read_text())
+    first = index["ranges"][0] * OPTS.samples_per_shard
     skipped = {s["input"]: s["source"] for s in index["skipped"]}
-    return skipped.get(0) or json.loads(next(iter(read_tar(folder / index["shards"][0]["name"])))["json"])["source"]
+    return first, skipped.get(first) or json.loads(next(iter(read_tar(folder / index["shards"][0]["name"])))["json"])["source"]
 
 
 def cli(src, out, address, *extra):
@@ -82,21 +89,36 @@ def wait_until(condition, proc, what):
         time.sleep(0.01)
 
 
-def test_ray_writes_what_the_local_parts_write_and_merges_them(ray_address, corpus, tmp_path):
+def test_ray_writes_what_one_run_and_the_local_parts_write(ray_address, corpus, tmp_path):
     src, reference = corpus
     index = run_engine("ray", str(src), tmp_path / "out", OPTS, workers=2, parts=PARTS, progress=False)
-    assert index["total_samples"] == 120 and len(index["skipped"]) == 5 and index["args"]["part"] == f"all {PARTS}"
-    assert files(tmp_path / "out") == files(reference)  # every tar, part index and index.json, byte for byte
+    assert index["total_samples"] == 120 and len(index["skipped"]) == 5 and "part" not in index["args"]
+    assert files(tmp_path / "out") == files(reference)  # every tar, part record and index.json, byte for byte
+    one = shard(str(src), tmp_path / "one", OPTS, progress=False)
+    assert shard_set(files(tmp_path / "out")) == files(tmp_path / "one") and one == index  # whatever the engine
     assert verify(tmp_path / "out", decode=False) == ([], [])
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert run_engine("ray", str(src), tmp_path / "out", OPTS, parts=2, progress=False) == index  # the set is there
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+    (tmp_path / "out" / "index.json").unlink()  # as if the run had been killed before its merge
     with pytest.raises(ShardError, match=r"holds shards of another run: index.part-000-of-003.json \(another --parts"):
         run_engine("ray", str(src), tmp_path / "out", OPTS, parts=2, progress=False)
     with pytest.raises(ShardError, match=r"index.part-000-of-003.json \(different samples_per_shard\);"):
         run_engine("ray", str(src), tmp_path / "out", replace(OPTS, samples_per_shard=6), parts=PARTS, progress=False)
     run_engine("ray", str(src), tmp_path / "out", OPTS, parts=2, overwrite=True, progress=False)
-    assert json.loads((tmp_path / "out" / "index.json").read_text())["total_samples"] == 120
+    assert shard_set(files(tmp_path / "out")) == files(tmp_path / "one")  # 2 parts: the same set again
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == [
         "index.json", "index.part-000-of-002.json", "index.part-001-of-002.json"]
-    assert not list((tmp_path / "out").glob("shard-002-*"))
+
+
+def test_ray_writes_to_an_object_store(ray_address, corpus, s3, tmp_path):
+    src, reference = corpus
+    s3.mkdir("ray-out")
+    index = run_engine("ray", str(src), "s3://ray-out/set", OPTS, parts=PARTS, progress=False)
+    s3.invalidate_cache()
+    stored = {p.removeprefix("ray-out/set/"): s3.cat_file(p) for p in s3.find("ray-out/set")}
+    assert stored == files(reference)  # byte for byte what the local parts write
+    assert index["total_samples"] == 120 and verify("s3://ray-out/set", decode=False) == ([], [])
 
 
 def test_killed_driver_rerun_keeps_the_complete_shards(ray_address, corpus, tmp_path):
@@ -150,14 +172,15 @@ def test_a_part_waits_for_its_lock_held_by_a_run_still_stopping(ray_address, cor
 def test_a_part_that_keeps_failing_is_reported_with_its_inputs(ray_address, corpus, tmp_path):
     src, reference = corpus
     out = tmp_path / "out"
-    obstacle = out / "shard-001-000000.tar.tmp" / "x"  # a folder where part 1 must clear a stale .tmp file
+    obstacle = out / "shard-000008.tar.tmp" / "x"  # a folder where part 1 must clear a stale .tmp file
     obstacle.mkdir(parents=True)
     with pytest.raises(ShardError) as failed:
         run_engine("ray", str(src), out, OPTS, parts=PARTS, progress=False)
     message = str(failed.value)
     assert message.startswith(f"{out}: 1 of 3 parts failed") and "\n" not in message
-    assert (f"part 1/3 (inputs 41-82 of 125 in shuffled order; 0 shards complete, stopped at input 41: "
-            f"{first_input(reference, 1)}) failed after 4 attempts: ") in message and "Is a directory" in message
+    first, source = first_input(reference, 1)  # 25 shards of 5: part 1/3 writes shards 8-15, inputs 40-79
+    assert (f"part 1/3 (inputs 40-79 of 125 in shuffled order; 0 shards complete, stopped at input {first}: "
+            f"{source}) failed after 4 attempts: ") in message and "Is a directory" in message
     assert not (out / "index.json").exists()  # the commit marker waits for every part
     assert json.loads((out / "index.part-002-of-003.json").read_text())["complete"]  # the other parts finished
     obstacle.parent.joinpath("x").rmdir()
@@ -180,10 +203,6 @@ def test_bad_engine_arguments_and_an_unreachable_cluster_are_one_line(tmp_path, 
         assert main(["shard", src, out, *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vitpipe shard: error: ") and err.count("\n") == 1 and expected in err, err
-    assert main(["shard", src, "s3://bucket/shards", "--engine", "ray"]) == 2  # before Ray starts or S3 is asked
-    assert capsys.readouterr().err == ("vitpipe shard: error: s3://bucket/shards: --engine ray writes to a shared "
-                                       "filesystem; to an object store, run --engine local --part K/N on each "
-                                       "machine (the last part to finish writes index.json)\n")
     with pytest.raises(SystemExit):
         main(["shard", src, out, "--engine", "spark"])
     assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err

@@ -76,8 +76,35 @@ def _shard(args) -> None:
     )
     index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
                        ray_address=args.ray_address, parts=args.parts)
-    print(f"{args.out}: {index['total_samples']} samples in {len(index['shards'])} shards, "
-          f"{len(index['skipped'])} inputs skipped (listed with reasons in the index)")
+    for line in _shard_summary(args.out, index):
+        print(line)
+
+
+SKIPS_SHOWN = 5  # skipped inputs named on the console; index.json lists them all
+
+
+def _shard_summary(out: str, index: dict) -> list[str]:
+    """What a shard run wrote (a part's share, and what its set still waits for), and the first skipped inputs."""
+    from common.text import plural
+    from data_tools.shard import parts_progress
+    from data_tools.store import shard_folder
+
+    skipped = index["skipped"]
+    part = f"part {index['part']}: " if "part" in index else ""
+    lines = [f"{out}: {part}{plural(index['total_samples'], 'sample')} in {plural(len(index['shards']), 'shard')}, "
+             f"{plural(len(skipped), 'input')} skipped" + (", the first:" if len(skipped) > SKIPS_SHOWN else
+                                                           ":" if skipped else "")]
+    lines += [f"  {s['source']}: {s['reason']}" for s in skipped[:SKIPS_SHOWN]]
+    if len(skipped) > SKIPS_SHOWN:
+        lines.append(f"  ... and {len(skipped) - SKIPS_SHOWN} more")
+    if skipped:
+        lines.append(f"every skipped input is listed with its reason in {'its part record' if part else 'index.json'} "
+                     "('skipped')")
+    if part and (progress := parts_progress(shard_folder(out))):
+        words, every_part = progress
+        lines.append(f"{out}: {words}; " + ("index.json lists the whole set" if every_part else
+                                            "the last part to complete writes index.json"))
+    return lines
 
 
 def _verify(args) -> int:
@@ -208,15 +235,19 @@ def _shard_verb(sub) -> None:
   vitpipe shard hf:imagefolder:/data/pets shards/pets --resize-shorter 256 --workers 8
   vitpipe shard /data/corpus shards/corpus --part 3/16     # machine 3 of 16, no coordination
   vitpipe shard /shared/corpus /shared/shards --engine ray --ray-address auto --parts 64   # on a Ray cluster
+  vitpipe shard s3://bucket/photos s3://bucket/shards --engine ray --ray-address auto    # ... writing to a bucket
   vitpipe shard s3://bucket/photos s3://bucket/shards/train # any fsspec URL, in or out (s3fs: make install includes it)
 """)
     s.add_argument("src", help="folder of class subfolders, manifest (.csv/.jsonl/.parquet), save_to_disk folder, "
                                "hf:SPEC (hf:imagefolder:DIR, hf:NAME), or a URL (s3://...) of class folders or a "
                                "manifest")
     s.add_argument("out", help="output folder, or a URL (s3://bucket/prefix)")
-    s.add_argument("--samples-per-shard", type=int_in(1), default=1000, metavar="N", help="images per tar")
+    s.add_argument("--samples-per-shard", type=int_in(1), default=1000, metavar="N",
+                   help="inputs per shard: shard k holds inputs k*N to (k+1)*N-1 of the shuffled order, less those "
+                        "skipped")
     s.add_argument("--max-shard-size", metavar="BYTES",
-                   help="also start a new tar past this size, e.g. 500M, 1G (default: no limit)")
+                   help="cut a shard into pieces past this size (PREFIX-k.tar, PREFIX-k-001.tar, ...), e.g. 500M, 1G "
+                        "(default: no limit)")
     s.add_argument("--prefix", default="shard", help="tar file names: PREFIX-000000.tar, ...")
     s.add_argument("--resize-shorter", type=int_in(1), metavar="N",
                    help="resize so the shorter side is N pixels (default: keep the original size)")
@@ -234,7 +265,9 @@ def _shard_verb(sub) -> None:
                    help="seed of the input order's shuffle (every shard mixes the classes)")
     s.add_argument("--no-shuffle", action="store_true",
                    help="keep the source's order (a class-folder corpus then gives one class per shard)")
-    s.add_argument("--part", default="0/1", metavar="K/N", help="shard only part K of N (N machines, no coordination)")
+    s.add_argument("--part", default="0/1", metavar="K/N",
+                   help="write only part K of N of the shards (N machines, no coordination; the last part to complete "
+                        "writes index.json)")
     s.add_argument("--path-column", metavar="NAME",
                    help="a manifest's image column (default: the first of path, file, filename, file_name, "
                         "image_path, image)")
@@ -253,8 +286,8 @@ def _shard_verb(sub) -> None:
                         "started on this machine, else a new local one); SRC and OUT must be reachable from every "
                         "node at the same paths")
     s.add_argument("--parts", type=int_in(1), metavar="N",
-                   help="ray: parts the job is split into, each what --part K/N writes (default: --workers, else "
-                        "the cluster's CPUs)")
+                   help="ray: parts the job is split into, each what --part K/N writes; the shards are the same for "
+                        "any N (default: --workers, else the cluster's CPUs)")
     s.set_defaults(run=_shard)
 
 

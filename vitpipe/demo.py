@@ -187,6 +187,7 @@ class Demo:
             write_manifest(self.data / "fewshot_test.csv", [test_files[i] for i in few], self.yte[few], self.classes)
 
     def shard(self) -> None:
+        from common.text import plural
         from data_tools.shard import ShardError, ShardOptions, shard
 
         with self.steps.step("shard the training and test images and the labelled subsets"):
@@ -201,7 +202,7 @@ class Demo:
                 except ShardError as e:  # left by an older demo with other sharding arguments
                     print(f"  {e}: sharding {dst} again\n$ {shown([*argv, '--overwrite'])}", flush=True)
                     index = shard(str(src), self.shards / dst, options, workers=2, overwrite=True)
-                print(f"  {dst}: {index['total_samples']} samples in {len(index['shards'])} shards, "
+                print(f"  {dst}: {plural(index['total_samples'], 'sample')} in {plural(len(index['shards']), 'shard')}, "
                       f"{len(index['skipped'])} skipped")
 
     def pretrain(self) -> None:
