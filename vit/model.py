@@ -306,6 +306,15 @@ class VisionTransformer(nn.Module):
                 x = blk(x)
         return self.norm(x)
 
+    def forward_normed_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward_tokens`` with every token through the final LayerNorm, whichever the pooling.
+
+        What MAE and MPP predict from (MAE's encoder normalises all tokens): under average pooling the
+        LayerNorm sits in ``fc_norm`` and ``norm`` is the identity, so it is applied here per token,
+        which also keeps ``fc_norm`` trained (no parameter unused under DDP).
+        """
+        return self.fc_norm(self.forward_tokens(patches, keep))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.embed(x))
 
