@@ -20,9 +20,9 @@ from pretrain.objectives import (
     patchify,
     quantize_colors,
     random_masking,
-    sincos_pos_embed_2d,
 )
 from vit import create_model
+from vit.pos_embed import sincos_pos_embed_2d
 
 from .corpus import pattern_images
 from .helpers import randomize
@@ -264,3 +264,20 @@ def test_a_ratio_that_selects_no_patch_is_refused_naming_key_and_patch_count(nam
     loss, _ = Task(model, OBJECTIVES[name](model, options, Normalization((0.5,) * 3, (0.5,) * 3)))(
         {"pixel_values": torch.randn(2, 3, 16, 16)}, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+def test_multilabel_bce_sums_over_classes_and_averages_over_the_batch_as_big_vision():
+    """big_vision's sigmoid_xent: -mean_b sum_c [y log p + (1 - y) log(1 - p)]; here by hand for 2 x 3 logits."""
+    from pretrain.objectives.supervised import Supervised, SupervisedOptions
+
+    logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 3.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    p = torch.sigmoid(logits)
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 2
+    model = create_model("vit_ti4", image_size=8, depth=1, embed_dim=16, num_heads=2, mlp_dim=32, num_classes=3,
+                         head="linear")
+    model.forward = lambda x: logits  # the objective's arithmetic alone
+    loss, _ = Supervised(model, SupervisedOptions(multilabel=True))(model, {"pixel_values": torch.zeros(2, 3, 8, 8),
+                                                                            "labels": target})
+    torch.testing.assert_close(loss, by_hand)
+    assert loss.item() > 2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()

@@ -17,6 +17,7 @@ from torch import nn
 from pretrain.objectives.base import Normalization, Objective, ObjectiveError, ObjectiveOptions, patchify
 from vit import VisionTransformer, ViTConfig
 from vit.model import Block
+from vit.pos_embed import sincos_position_table
 
 
 def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None,
@@ -50,23 +51,6 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
         target = (target - mean) / (var + 1e-6) ** 0.5
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2D sin-cos position embeddings (gh*gw, dim), row-major; half the channels encode the
-    column, half the row, each as [sin, cos] of 10000^(-2i/(dim/2))-scaled positions (MAE's layout)."""
-    if dim % 4:
-        raise ValueError(f"objective.decoder_dim: must be divisible by 4 for 2D sin-cos embeddings, got {dim}")
-    gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 @dataclass
@@ -106,9 +90,8 @@ class MaskedAutoencoder(Objective):
                           num_classes=0, head="none", layer_norm_eps=cfg.layer_norm_eps)
         self.decoder_embed = nn.Linear(cfg.embed_dim, o.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, o.decoder_dim))
-        grid = sincos_pos_embed_2d(o.decoder_dim, cfg.grid_size)
-        # the class token's position is all zeros; fixed, so not part of any checkpoint
-        self.register_buffer("decoder_pos_embed", torch.cat([grid.new_zeros(1, o.decoder_dim), grid])[None],
+        # fixed, so not part of any checkpoint
+        self.register_buffer("decoder_pos_embed", sincos_position_table(o.decoder_dim, cfg.grid_size),
                              persistent=False)
         self.decoder_blocks = nn.ModuleList(Block(block, 0.0) for _ in range(o.decoder_depth))
         self.decoder_norm = nn.LayerNorm(o.decoder_dim, eps=cfg.layer_norm_eps)
