@@ -509,6 +509,20 @@ def test_resuming_a_model_of_another_depth_is_one_line_whatever_resume_mismatch_
                     "train.resume=none with another train.output_dir to start over")
 
 
+def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_before_any_step(small_shards, tmp_path, run_here):
+    out = tmp_path / "run"
+    first = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=2", f"train.output_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    res = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=1", f"train.output_dir={out}",
+                    "train.resume=none")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: train.resume=none: {out / 'checkpoints'} holds checkpoints up to step 2; choose another "
+        "train.output_dir or train.resume=auto")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
 def test_checkpoint_state_files_follow_the_umask(small_shards, tmp_path, run_here):
     import os
 
