@@ -19,7 +19,7 @@ import itertools
 import logging
 import random
 import tarfile
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -468,12 +468,12 @@ class ShardStream(IterableDataset):
         handler = _SkipCounter()
         replay = self.resume is None or self.resume.get(str(logical), {}) is None
         stream = self._worker_stream(logical, handler, None if replay else self.resume.get(str(logical)))
-        samples = iter(stream)
-        if done and replay:  # what was lost before the resume point was reported with the batches before it
-            deque(itertools.islice(samples, done * self.batch_size), maxlen=0)
+        # a replay forms the batches before the resume point again and drops them: a sample that did not decode
+        # was in none of them, so counting raw samples would shift every batch after it
+        replayed, done = (done, 0) if replay else (0, done)
         batch, keys, reported = BatchBuilder(self.batch_size), [], handler.count
         failing: Counter = Counter()  # shard -> samples that did not decode since the last one that did
-        for sample in samples:
+        for sample in stream:
             rng = random.Random(seed_for("augment", self.seed, self.epoch, self.rank, logical, stream.given - 1))
             try:
                 img, label = _open(sample)
@@ -489,8 +489,9 @@ class ShardStream(IterableDataset):
             if len(batch) == self.batch_size:
                 out = batch.take(handler.count - reported)
                 out["keys"], out["stream"] = keys, {"worker": logical, "state": stream.state()}
-                yield out
                 reported, keys, done = handler.count, [], done + 1
+                if done > replayed:  # what was lost before the resume point was reported with the batches before it
+                    yield out
                 if done >= total:
                     return
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from data_tools.loader import ShardSet
-from pretrain.config import best_metric, best_mode
+from pretrain.config import best_metric, best_mode, steps_per_epoch
 from vit import VisionTransformer
 from vit.formats import formats_refusing
 
@@ -54,8 +54,8 @@ def _millions(n: int) -> str:
 
 
 def epochs_of(steps: int, global_batch: int, samples: int) -> float:
-    """Passes over ``samples`` that ``steps`` steps of ``global_batch`` read."""
-    return steps * global_batch / samples
+    """The loader's epochs (``steps_per_epoch``) that ``steps`` steps of ``global_batch`` read."""
+    return steps / max(1, steps_per_epoch(samples, global_batch))
 
 
 def banner(f: RunFacts) -> str:
@@ -69,7 +69,7 @@ def banner(f: RunFacts) -> str:
         f"vitpipe {f.stage}: {f.objective} objective, {f.model}, {_millions(f.parameters)} parameters{extra}",
         f"  on        {where}, {threads} torch thread{'s' if threads > 1 else ''} each ({source}), "
         f"mixed precision {f.mixed_precision}",
-        f"  length    {f.steps:,} step{'s' if f.steps != 1 else ''} = {epochs:.3g} epochs of {f.samples:,} samples; "
+        f"  length    {f.steps:,} step{'s' if f.steps != 1 else ''} = {epochs:.3g} epoch{'s' if epochs != 1 else ''} of {f.samples:,} samples; "
         "global batch "
         f"{f.global_batch} ({f.per_process_batch} per process{accum})",
         f"  data      {f.data} ({f.shards} shard{'s' if f.shards != 1 else ''}"

@@ -345,10 +345,15 @@ def _length_in_epochs_only(values: dict) -> None:
             given[steps] = None if steps == "max_steps" else 0
 
 
+def steps_per_epoch(samples: int, global_batch: int) -> int:
+    """The loader's epoch: whole global batches only (the last partial one is not trained on in that epoch)."""
+    return samples // global_batch
+
+
 def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
-    """Optimizer steps that read ``epochs`` passes over ``samples`` at ``global_batch`` samples a step (a last
-    partial step counts)."""
-    return math.ceil(epochs * samples / global_batch)
+    """Optimizer steps in ``epochs`` of the loader's epochs (a fraction rounds to the nearest step), so a run
+    given in epochs ends where an epoch ends and never reads into the next."""
+    return round(epochs * steps_per_epoch(samples, global_batch))
 
 
 def resolve_epochs(cfg: Config, samples: int | None) -> None:

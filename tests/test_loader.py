@@ -318,6 +318,29 @@ def test_resuming_late_in_an_epoch_reads_the_buffer_and_the_shard_in_flight_not_
     assert replayed > 3 * resumed
 
 
+def test_a_replayed_resume_past_samples_that_do_not_decode_goes_on_bit_identically(shards, tmp_path):
+    """Replay forms the batches before the resume point again: skipping raw samples would shift every batch
+    after an undecodable one."""
+    urls = []
+    for path in sorted(shards.glob("*.tar")):
+        damaged = tmp_path / path.name
+        with tarfile.open(path) as src, tarfile.open(damaged, "w") as dst:
+            for i, member in enumerate(src.getmembers()):  # .cls, .jpg, .json of each sample
+                data = src.extractfile(member).read()
+                if i // 3 == 1 and member.name.endswith(".jpg"):  # the second image of every shard
+                    data, member.size = b"garbage" * 10, 70
+                dst.addfile(member, io.BytesIO(data))
+        urls.append(f"pipe:cat {damaged}")
+    s = resolve_shards(urls, num_samples=60)
+    whole = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5))
+    assert sum(int(b["skipped"]) for b in whole) == 7
+    for done in (1, 5):
+        resumed = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5, skip_batches=done,
+                                    resume=states_before(whole, done)))
+        for x, y in zip(whole[done:], resumed, strict=True):
+            assert torch.equal(x["images"], y["images"]) and x["keys"] == y["keys"]
+
+
 def test_shards_that_cannot_be_read_from_an_offset_resume_by_replay(shards):
     s = resolve_shards([f"pipe:cat {p}" for p in sorted(shards.glob("*.tar"))], num_samples=67)
     whole = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5))

@@ -24,14 +24,15 @@ def patterns(tmp_path_factory):
 
 
 def test_epochs_become_steps_from_the_sample_count_and_the_global_batch():
-    assert steps_for_epochs(1, 120, 32) == 4  # 3.75 steps: the last partial one counts
+    assert steps_for_epochs(1, 120, 32) == 3  # the loader's epoch: 3 whole batches of 32 out of 120 samples
     assert steps_for_epochs(2.5, 100, 50) == 5 and steps_for_epochs(0, 100, 50) == 0
+    assert steps_for_epochs(0.5, 120, 16) == 4  # 3.5 of the 7 steps an epoch holds: the nearest step
     cfg = load_config(TINY, ["data.train=x", "train.epochs=2", "schedule.warmup_epochs=0.5", "data.batch_size=16"])
     assert (cfg.train.max_steps, cfg.schedule.warmup_steps) == (None, 0)  # the file's steps give way to the epochs
     resolve_epochs(cfg, 120)
     assert (cfg.train.max_steps, cfg.train.epochs, cfg.schedule.warmup_steps, cfg.schedule.warmup_epochs) == \
-        (15, None, 4, None)
-    assert epochs_of(15, 16, 120) == 2.0
+        (14, None, 4, None)
+    assert epochs_of(14, 16, 120) == 2.0
     with pytest.raises(ConfigError, match="train.max_steps, train.epochs: give exactly one"):
         load_config(TINY, ["data.train=x", "train.epochs=2", "train.max_steps=3"])
     with pytest.raises(ConfigError, match="train.max_steps, train.epochs: give exactly one"):
@@ -74,7 +75,7 @@ def test_banner_says_what_where_how_long_and_from_where():
     text = banner(facts)
     assert text.splitlines()[0] == "vitpipe finetune: supervised objective, ViT (4px patches), 0.12M parameters"
     for part in ("2 processes on cpu, 1 torch thread each (OMP_NUM_THREADS), mixed precision no",
-                 "10 steps = 2.67 epochs of 120 samples; global batch 32 (16 per process)",
+                 "10 steps = 3.33 epochs of 120 samples; global batch 32 (16 per process)",
                  "shards/x (4 shards, 3 classes)", "output    runs/ft",
                  "resumed from runs/ft/ck/step_4 at step 4 (6 steps to go)", "model     pooling token -> avg",
                  "note      export --format transformers will refuse this model: why"):
@@ -110,7 +111,7 @@ def test_a_run_prints_its_banner_keeps_best_and_repeats_from_its_config_json(pat
     assert res.returncode == 0, res.stderr[-2000:]
     for part in ("vitpipe pretrain: mae objective, vit_ti4 (4px patches, 16x16, width 64, depth 2, token pooling), ",
                  "1 process on cpu, 1 torch thread each (OMP_NUM_THREADS), mixed precision no",
-                 "4 steps = 1.07 epochs of 120 samples; global batch 32 (32 per process)",
+                 "3 steps = 1 epoch of 120 samples; global batch 32 (32 per process)",
                  f"data      {patterns} (4 shards, 3 classes)", f"output    {out}", "start     fresh",
                  "kNN monitor (data.monitor) at every checkpoint", "best/     the checkpoint with the best knn_top1 (max)"):
         assert part in res.stdout, part
@@ -119,21 +120,21 @@ def test_a_run_prints_its_banner_keeps_best_and_repeats_from_its_config_json(pat
     assert (records[-1]["best_step"], records[-1]["best_knn_top1"]) == (step, value)
     best = (out / "best" / "model.safetensors").read_bytes()
     assert best == (out / "checkpoints" / f"step_{step:08d}" / "model" / "model.safetensors").read_bytes()
-    assert [s for s in range(1, 5) if (out / "checkpoints" / f"step_{s:08d}" / "model" / "model.safetensors")
+    assert [s for s in range(1, 4) if (out / "checkpoints" / f"step_{s:08d}" / "model" / "model.safetensors")
             .read_bytes() == best] == [step]
 
     recorded = json.loads((out / "config.json").read_text())
     again = load_config(out / "config.json", stage="pretrain")
     assert recorded["stage"] == "pretrain" and again.to_dict() == {k: v for k, v in recorded.items() if k != "stage"}
-    assert (again.train.max_steps, again.train.epochs) == (4, None)
+    assert (again.train.max_steps, again.train.epochs) == (3, None)
     with pytest.raises(ConfigError, match="stage: .* is the config of a pretrain run; run it with vitpipe pretrain"):
         load_config(out / "config.json", stage="finetune")
 
     res = run_here(pretrain_cmd("train.epochs=2", config=str(out / "config.json")))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"start     resumed from {out / 'checkpoints' / 'step_00000004'} at step 4 (4 steps to go)" in res.stdout
+    assert f"start     resumed from {out / 'checkpoints' / 'step_00000003'} at step 3 (3 steps to go)" in res.stdout
     records = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(1, 7))
     step, _ = best_so_far(records, "knn_top1", "max")
     assert (out / "best" / "model.safetensors").read_bytes() == \
         (out / "checkpoints" / f"step_{step:08d}" / "model" / "model.safetensors").read_bytes()
