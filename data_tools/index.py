@@ -25,6 +25,22 @@ class IndexFileError(VitpipeError, ValueError):
     """An index.json that is not what vitpipe shard writes; the message names the file and the field."""
 
 
+def class_list_difference(reference: list[str], other: list[str] | None) -> str | None:
+    """How ``other`` differs from the ``reference`` class list, in words (None: the same names in the same order).
+
+    Labels are class numbers, so two shard folders a label is compared across must list their classes alike.
+    """
+    if other == reference:
+        return None
+    if not other:
+        return "its index.json lists no classes"
+    if sorted(other) == sorted(reference):
+        return "the same classes in another order"
+    missing, extra = [c for c in reference if c not in other], [c for c in other if c not in reference]
+    return "; ".join(f"{word} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                     for word, names in (("lacks", missing), ("adds", extra)) if names)
+
+
 def parse_index(text: str, path: str) -> dict:
     """The index in ``text`` (read from ``path``, named in every message), checked field by field."""
     try:

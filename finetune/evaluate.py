@@ -19,6 +19,7 @@ from tqdm import tqdm
 from common.errors import VitpipeError
 from common.io import atomic_path, write_json
 from common.redact import redact
+from data_tools.index import class_list_difference
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from vit import ModelInfo, VisionTransformer, nonfinite_parameters
@@ -217,16 +218,9 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
 def _check_same_classes(train: list[str] | None, test: list[str], fewshot_train, data) -> None:
     """Few-shot labels are class numbers: the training shards must number the test shards' classes alike, else
     every accuracy compares labels that name different classes."""
-    if train == test:
+    why = class_list_difference(test, train)
+    if why is None:
         return
-    if not train:
-        why = "its index.json lists no classes"
-    elif sorted(train) == sorted(test):
-        why = "the same classes in another order"
-    else:
-        missing, extra = [c for c in test if c not in train], [c for c in train if c not in test]
-        why = "; ".join(f"{word} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                        for word, names in (("lacks", missing), ("adds", extra)) if names)
     raise EvalError(f"--fewshot-train {fewshot_train}: its classes are not those of {data} ({why}); both must list "
                     "the same classes in the same order")
 

@@ -39,7 +39,7 @@ def finetune_defaults() -> Config:
     """The paper's fine-tuning choices: SGD momentum 0.9, no weight decay, clip 1, cosine with warmup;
     the checkpoint's resolution and pooling unless the config sets them."""
     return Config(
-        model=ModelConfig(name="", image_size=None, head="linear", global_pool=None),
+        model=ModelConfig(name="", image_size=None, head="linear", global_pool=None, pos_embed=None),
         optim=OptimConfig(name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, clip_grad_norm=1.0),
         schedule=ScheduleConfig(warmup_steps=500, decay="cosine"),
         train=TrainConfig(output_dir="runs/finetune"),
@@ -67,10 +67,11 @@ def finetune(cfg: Config) -> Path:
     before = dataclasses.replace(model.cfg)
     try:
         prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation, cfg.model.head,
-                             cfg.model.global_pool)
+                             cfg.model.global_pool, cfg.model.pos_embed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    cfg.model.global_pool = model.cfg.global_pool  # the run's config.json records the pooling it used
+    # the run's config.json records the pooling and position embeddings it used
+    cfg.model.global_pool, cfg.model.pos_embed = model.cfg.global_pool, model.cfg.pos_embed
     changes = finetune_changes(before, model.cfg, cfg.model.pos_embed_interpolation)
     labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
     info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),

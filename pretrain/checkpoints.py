@@ -344,10 +344,14 @@ def save_loader_state(run: Run, folder: Path) -> None:
 
 def find_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from, if any; first, that the run's checkpoints folder is inside it (the run
-    writes there: a link to elsewhere is refused before any work)."""
+    writes there: a link to elsewhere is refused before any work), and that a fresh start finds none there."""
     check_inside(Path(cfg.train.output_dir) / CHECKPOINTS, cfg.train.output_dir)
     r = cfg.train.resume
     if r == "none":
+        held = step_folders(Path(cfg.train.output_dir) / CHECKPOINTS)
+        if held:  # a fresh run's step_1.. would sort before them, and pruning would delete what it just wrote
+            raise ConfigError(f"train.resume=none: {held[-1].parent} holds checkpoints up to step "
+                              f"{int(held[-1].name[5:])}; choose another train.output_dir or train.resume=auto")
         return None
     if r != "auto":
         path = Path(r)

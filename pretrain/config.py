@@ -47,6 +47,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    pos_embed: Literal["learned", "sincos"] | None = "learned"  # sincos: MAE's fixed 2D table, not trained
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 from common.errors import TrainingError
 from common.seeding import torch_seed
+from data_tools.index import class_list_difference
 from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from pretrain.checkpoints import mark_best
@@ -39,6 +40,10 @@ def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals
     for key, labelled in (("data.monitor", monitor_shards), ("data.monitor_bank", bank)):
         if labelled is not None and not labelled.classes:
             raise ConfigError(f"{key}: the kNN monitor needs labelled shards (their index.json lists no classes)")
+    why = class_list_difference(monitor_shards.classes, bank.classes) if monitor_shards and bank else None
+    if why is not None:  # the bank's labels vote for the queries' classes by number
+        raise ConfigError(f"data.monitor_bank {d.monitor_bank}: its classes are not those of data.monitor "
+                          f"{d.monitor} ({why}); both must list the same classes in the same order")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3 and (val or monitor_shards):
         accelerator.print("note: data.val and data.monitor are not evaluated under ZeRO-3 (its parameters are "

@@ -35,7 +35,8 @@ def build_model(cfg: Config, classes: list[str] | None):
                           f"self-supervised objective.name: {', '.join(n for n, o in OBJECTIVES.items() if not o.uses_labels)})")
     try:
         return create_model(m.name, image_size=m.image_size, num_classes=num_classes,
-                            head=m.head if num_classes else "none", global_pool=m.global_pool, embed_dim=m.embed_dim,
+                            head=m.head if num_classes else "none", global_pool=m.global_pool, pos_embed=m.pos_embed,
+                            embed_dim=m.embed_dim,
                             depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, drop_rate=m.drop_rate,
                             drop_path_rate=m.drop_path_rate)
     except ValueError as e:

@@ -46,6 +46,8 @@ TIMM_CASES = {
             "vit_base_patch16_224"),
     "p32-nonsquare": ("vit_b32", dict(image_size=(64, 96), depth=1, num_classes=7), "vit_base_patch16_224"),
     "vit_s16": ("vit_s16", dict(image_size=224, num_classes=10), "vit_small_patch16_224"),
+    # the fixed sin-cos table travels as timm's (learned) pos_embed weights
+    "demo-sincos": ("vit_ti4", dict(DEMO, pos_embed="sincos"), "vit_base_patch16_224"),
 }
 
 
@@ -71,6 +73,16 @@ def test_timm_export_loads_with_timms_local_dir(case, tmp_path):
     assert info.source_format == "timm" and back.cfg.mlp_dim == ours.cfg.mlp_dim
     with torch.no_grad():
         torch.testing.assert_close(back(x), logits, rtol=0, atol=0)
+
+
+def test_a_sincos_model_exports_to_transformers_with_the_table_as_its_position_weights(tmp_path):
+    ours = randomize(create_model("vit_ti4", **dict(DEMO, pos_embed="sincos")))
+    export_checkpoint(ours, ModelInfo(), tmp_path, "transformers")
+    theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(theirs.vit.embeddings.position_embeddings.detach(), ours.pos_embed, rtol=0, atol=0)
+    x = _image(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=x).logits, ours(x), **TOL)
 
 
 def test_mlp_ratio_gives_timm_the_exact_hidden_width():

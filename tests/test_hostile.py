@@ -474,6 +474,27 @@ def test_validation_and_monitor_where_nothing_decodes_stop_in_one_line(small_sha
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_knn_monitor_bank_with_other_classes_than_the_queries_is_one_line(small_shards, tmp_path, run_here):
+    write_folder(tmp_path / "src", {"a": 3, "c": 3}, size=(24, 32))
+    shard(str(tmp_path / "src"), tmp_path / "bank", ShardOptions(samples_per_shard=6), progress=False)
+    res = _pretrain(run_here, f"data.train={small_shards}", f"data.monitor={small_shards}",
+                    f"data.monitor_bank={tmp_path / 'bank'}", "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: data.monitor_bank {tmp_path / 'bank'}: its classes are not those of data.monitor "
+        f"{small_shards} (lacks b; adds c); both must list the same classes in the same order")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_class_list_difference_in_words():
+    from data_tools.index import class_list_difference
+
+    assert class_list_difference(["a", "b"], ["a", "b"]) is None
+    assert class_list_difference(["a", "b"], ["b", "a"]) == "the same classes in another order"
+    assert class_list_difference(["a", "b"], None) == "its index.json lists no classes"
+    assert class_list_difference(list("abcde"), ["a", "z"]) == "lacks b, c, d ...; adds z"
+
+
 def test_resuming_a_model_of_another_depth_is_one_line_whatever_resume_mismatch_says(small_shards, tmp_path, run_here):
     out = tmp_path / "run"
     first = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=1", f"train.output_dir={out}")
@@ -486,6 +507,20 @@ def test_resuming_a_model_of_another_depth_is_one_line_whatever_resume_mismatch_
                     "shape than this run's (12 tensors differ, e.g. blocks.2.attn.proj.bias missing vs (64,): "
                     "checkpoint vs run); it cannot be resumed whatever train.resume_mismatch says: "
                     "train.resume=none with another train.output_dir to start over")
+
+
+def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_before_any_step(small_shards, tmp_path, run_here):
+    out = tmp_path / "run"
+    first = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=2", f"train.output_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    res = _pretrain(run_here, f"data.train={small_shards}", "train.max_steps=1", f"train.output_dir={out}",
+                    "train.resume=none")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: train.resume=none: {out / 'checkpoints'} holds checkpoints up to step 2; choose another "
+        "train.output_dir or train.resume=auto")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_checkpoint_state_files_follow_the_umask(small_shards, tmp_path, run_here):

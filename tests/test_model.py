@@ -139,3 +139,24 @@ def test_global_average_pooling():
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown model config key.*colour"):
         ViTConfig.from_dict({"colour": 1})
+
+
+def test_sincos_position_embeddings_are_a_saved_fixed_table_recomputed_at_a_new_grid(tmp_path):
+    from vit import ModelInfo, load_model, save_checkpoint
+    from vit.pos_embed import sincos_position_table
+
+    model = create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64, num_classes=3,
+                         pos_embed="sincos")
+    assert "pos_embed" not in dict(model.named_parameters())  # never trained: no optimizer sees it
+    assert torch.equal(model.state_dict()["pos_embed"], sincos_position_table(32, (4, 4)))
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(32))  # the class token's position, as MAE
+    save_checkpoint(model, tmp_path / "ckpt", ModelInfo())
+    back, _ = load_model(tmp_path / "ckpt")
+    assert back.cfg.pos_embed == "sincos" and "pos_embed" not in dict(back.named_parameters())
+    back.set_image_size(24, interpolation="bilinear")  # recomputed, not interpolated
+    assert torch.equal(back.pos_embed, sincos_position_table(32, (6, 6)))
+    back.set_pos_embed("learned")  # what MAE's fine-tuning does: the table, trained from here on
+    assert isinstance(back.pos_embed, torch.nn.Parameter) and torch.equal(back.pos_embed.detach(),
+                                                                          sincos_position_table(32, (6, 6)))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        create_model("vit_ti4", image_size=16, depth=1, embed_dim=30, num_heads=2, mlp_dim=64, pos_embed="sincos")

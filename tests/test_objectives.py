@@ -20,9 +20,9 @@ from pretrain.objectives import (
     patchify,
     quantize_colors,
     random_masking,
-    sincos_pos_embed_2d,
 )
 from vit import create_model
+from vit.pos_embed import sincos_pos_embed_2d
 
 from .corpus import pattern_images
 from .helpers import randomize
@@ -227,3 +227,57 @@ def test_knn_predict_matches_a_hand_computed_vote():
     # leave-one-out never lets a sample vote for itself
     lonely = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
     assert knn_top1((lonely, torch.tensor([0, 1, 1])), None, 2, k=1) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("name, values", [("mpp", {}), ("mae", {"decoder_dim": 16, "decoder_depth": 1,
+                                                                 "decoder_heads": 2})])
+def test_average_pooling_objectives_see_normalised_tokens_and_train_every_parameter(name, values):
+    """Under global_pool=avg the final LayerNorm sits in fc_norm: MAE / MPP apply it per token (MAE's encoder
+    normalises every token), so every parameter gets a gradient (DDP refuses unused ones)."""
+    torch.manual_seed(0)
+    model = randomize(create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                                   head="none", global_pool="avg"))
+    objective = OBJECTIVES[name](model, _options(name, **values), Normalization((0.5,) * 3, (0.5,) * 3))
+    seen = []
+    target = objective.decoder_embed if name == "mae" else objective.head
+    target.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    loss, _ = Task(model, objective)({"pixel_values": torch.randn(2, 3, 16, 16)}, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert [n for n, p in Task(model, objective).named_parameters() if p.grad is None] == []
+    standardised = (seen[0] - model.fc_norm.bias) / model.fc_norm.weight  # undo the affine part
+    torch.testing.assert_close(standardised.mean(-1), torch.zeros(standardised.shape[:-1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardised.var(-1, unbiased=False), torch.ones(standardised.shape[:-1]),
+                               atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name, key, ratio", [("mae", "mask_ratio", 0.01), ("mae", "mask_ratio", 0.0),
+                                              ("mpp", "corrupt_ratio", 0.01)])
+def test_a_ratio_that_selects_no_patch_is_refused_naming_key_and_patch_count(name, key, ratio):
+    from common.errors import VitpipeError
+
+    model = create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64, head="none")
+    options = _options(name, **{key: ratio}, **({"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+                                                 if name == "mae" else {}))
+    with pytest.raises(VitpipeError, match=rf"^objective\.{key}: {ratio} \w+ 0 of the 16 patches \(4x4 grid\)"):
+        OBJECTIVES[name](model, options, Normalization((0.5,) * 3, (0.5,) * 3))
+    setattr(options, key, 0.04)  # round(0.64) = 1 patch: a finite loss
+    loss, _ = Task(model, OBJECTIVES[name](model, options, Normalization((0.5,) * 3, (0.5,) * 3)))(
+        {"pixel_values": torch.randn(2, 3, 16, 16)}, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+def test_multilabel_bce_sums_over_classes_and_averages_over_the_batch_as_big_vision():
+    """big_vision's sigmoid_xent: -mean_b sum_c [y log p + (1 - y) log(1 - p)]; here by hand for 2 x 3 logits."""
+    from pretrain.objectives.supervised import Supervised, SupervisedOptions
+
+    logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 3.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    p = torch.sigmoid(logits)
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 2
+    model = create_model("vit_ti4", image_size=8, depth=1, embed_dim=16, num_heads=2, mlp_dim=32, num_classes=3,
+                         head="linear")
+    model.forward = lambda x: logits  # the objective's arithmetic alone
+    loss, _ = Supervised(model, SupervisedOptions(multilabel=True))(model, {"pixel_values": torch.zeros(2, 3, 8, 8),
+                                                                            "labels": target})
+    torch.testing.assert_close(loss, by_hand)
+    assert loss.item() > 2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common.images import image_pair
-from vit.pos_embed import resample_abs_pos_embed
+from vit.pos_embed import resample_abs_pos_embed, sincos_position_table
 
 # width, depth, heads, mlp width: Table 1 of the paper, plus DeiT's Ti and S
 SIZES = {
@@ -29,6 +29,7 @@ SIZES = {
 }
 HEADS = ("linear", "pretrain", "none")
 POOLS = ("token", "avg")
+POS_EMBEDS = ("learned", "sincos")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ViTConfig:
     head: str = "linear"
     representation_size: int | None = None  # width of the pretraining head's tanh layer
     global_pool: str = "token"
+    pos_embed: str = "learned"  # sincos: MAE's fixed 2D sin-cos table, a buffer (saved, never trained)
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -67,6 +69,10 @@ class ViTConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {self.global_pool!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"pos_embed sincos needs embed_dim divisible by 4, got {self.embed_dim}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
 
@@ -195,7 +201,10 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
+        if cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_position_table(d, cfg.grid_size))
+        else:
+            self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also when built on "meta"
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
@@ -263,9 +272,31 @@ class VisionTransformer(nn.Module):
             self.norm, self.fc_norm = self.fc_norm, self.norm
             self.cfg.global_pool = pool
 
+    def set_pos_embed(self, kind: str) -> None:
+        """Switch between learned position embeddings and the fixed sin-cos table.
+
+        ``learned`` from ``sincos``: the table becomes a trained parameter starting from its values (MAE
+        fine-tunes its encoder's table so); ``sincos`` from ``learned``: the learned values are replaced.
+        """
+        if kind not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {kind!r}")
+        if kind == self.cfg.pos_embed:
+            return
+        if kind == "sincos" and self.cfg.embed_dim % 4:
+            raise ValueError(f"pos_embed sincos needs embed_dim divisible by 4, got {self.cfg.embed_dim}")
+        table = self.pos_embed.detach()
+        del self.pos_embed
+        if kind == "learned":
+            self.pos_embed = nn.Parameter(table.clone())
+        else:
+            fixed = sincos_position_table(self.cfg.embed_dim, self.cfg.grid_size)
+            self.register_buffer("pos_embed", fixed.to(table.device, table.dtype))
+        self.cfg.pos_embed = kind
+
     def set_image_size(self, image_size, interpolation: str = "bicubic") -> None:
-        """Move to another input resolution with the same patches (paper §3.2): the patch grid follows, and
-        the position embeddings are 2D-interpolated from the old grid to the new one (the class token's kept)."""
+        """Move to another input resolution with the same patches (paper §3.2): the patch grid follows; learned
+        position embeddings are 2D-interpolated from the old grid to the new one (the class token's kept), the
+        fixed sin-cos table is recomputed for the new grid (``interpolation`` does not apply to it)."""
         h, w = image_pair(image_size)
         p = self.cfg.patch_size
         if h % p or w % p:
@@ -274,6 +305,10 @@ class VisionTransformer(nn.Module):
             return
         old_grid = self.cfg.grid_size
         self.cfg.image_size = (h, w)
+        if self.cfg.pos_embed == "sincos":
+            old = self.pos_embed
+            self.pos_embed = sincos_position_table(self.cfg.embed_dim, self.cfg.grid_size).to(old.device, old.dtype)
+            return
         with torch.no_grad():
             resampled = resample_abs_pos_embed(self.pos_embed, self.cfg.grid_size, old_grid, 1, interpolation)
         self.pos_embed = nn.Parameter(resampled)
@@ -305,6 +340,15 @@ class VisionTransformer(nn.Module):
             else:
                 x = blk(x)
         return self.norm(x)
+
+    def forward_normed_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward_tokens`` with every token through the final LayerNorm, whichever the pooling.
+
+        What MAE and MPP predict from (MAE's encoder normalises all tokens): under average pooling the
+        LayerNorm sits in ``fc_norm`` and ``norm`` is the identity, so it is applied here per token,
+        which also keeps ``fc_norm`` trained (no parameter unused under DDP).
+        """
+        return self.fc_norm(self.forward_tokens(patches, keep))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.embed(x))

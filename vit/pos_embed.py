@@ -1,4 +1,5 @@
-"""Position-embedding resampling: a pure function, the same arithmetic as timm's."""
+"""Position embeddings as pure functions: resampling learned ones (the same arithmetic as timm's), and the
+fixed 2D sin-cos table (MAE's ``util/pos_embed.py``) of MAE's decoder and of ``pos_embed=sincos`` encoders."""
 
 from __future__ import annotations
 
@@ -6,6 +7,29 @@ import torch
 import torch.nn.functional as F
 
 INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2D sin-cos position embeddings (gh*gw, dim), row-major; half the channels encode the
+    column, half the row, each as [sin, cos] of 10000^(-2i/(dim/2))-scaled positions (MAE's layout)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embeddings need a width divisible by 4, got {dim}")
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                                indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def sincos_position_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The whole table (1, 1 + gh*gw, dim) as MAE lays it out: the class token's position all zeros, then the grid."""
+    patches = sincos_pos_embed_2d(dim, grid)
+    return torch.cat([patches.new_zeros(1, dim), patches])[None]
 
 
 def resample_abs_pos_embed(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
-from pretrain.objectives.mae import MaskedAutoencoder, mae_loss, random_masking, sincos_pos_embed_2d
+from pretrain.objectives.mae import MaskedAutoencoder, mae_loss, random_masking
 from pretrain.objectives.mpp import (
     MaskedPatchPrediction,
     corrupt,
@@ -30,7 +30,6 @@ __all__ = [
     "OBJECTIVES", "MaskedAutoencoder", "MaskedPatchPrediction", "Normalization", "Objective", "ObjectiveOptions",
     "Supervised", "Task", "build_objective", "corrupt", "corruption_plan", "downsampled_target", "mae_loss",
     "masked_patch_loss", "mean_color_target", "options_for", "patchify", "quantize_colors", "random_masking",
-    "sincos_pos_embed_2d",
 ]
 
 

@@ -8,7 +8,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from common.errors import VitpipeError
 from common.images import unnormalize
+
+
+class ObjectiveError(VitpipeError, ValueError):
+    """An objective setting impossible for this model (e.g. at its patch grid); the message names the key."""
 
 
 @dataclass

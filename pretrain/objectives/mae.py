@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
+from pretrain.objectives.base import Normalization, Objective, ObjectiveError, ObjectiveOptions, patchify
 from vit import VisionTransformer, ViTConfig
 from vit.model import Block
+from vit.pos_embed import sincos_position_table
 
 
 def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None,
@@ -24,14 +25,19 @@ def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.
     """(keep, mask, restore): the visible patches' indices (B, K), sorted by a random score; a float
     mask (B, N), 1 on masked patches; and the permutation that puts [visible, masked] back in order.
 
-    Exactly ``N - round(ratio * N)`` patches are kept per image (at least one).
+    Exactly ``N - masked_count(ratio, N)`` patches are kept per image.
     """
-    keep_n = max(1, num_patches - round(ratio * num_patches))
+    keep_n = num_patches - masked_count(ratio, num_patches)
     order = torch.rand(batch, num_patches, generator=generator, device=device).argsort(dim=1)
     restore = order.argsort(dim=1)
     mask = torch.ones(batch, num_patches, device=device)
     mask[:, :keep_n] = 0
     return order[:, :keep_n], torch.gather(mask, 1, restore), restore
+
+
+def masked_count(ratio: float, num_patches: int) -> int:
+    """How many of ``num_patches`` patches a ``ratio`` masks: round(ratio * N), leaving at least one visible."""
+    return min(num_patches - 1, round(ratio * num_patches))
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
@@ -45,23 +51,6 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
         target = (target - mean) / (var + 1e-6) ** 0.5
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
-
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2D sin-cos position embeddings (gh*gw, dim), row-major; half the channels encode the
-    column, half the row, each as [sin, cos] of 10000^(-2i/(dim/2))-scaled positions (MAE's layout)."""
-    if dim % 4:
-        raise ValueError(f"objective.decoder_dim: must be divisible by 4 for 2D sin-cos embeddings, got {dim}")
-    gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 @dataclass
@@ -91,14 +80,18 @@ class MaskedAutoencoder(Objective):
         super().__init__()
         cfg, o = model.cfg, options
         self.patch, self.ratio, self.norm_pix = cfg.patch_size, o.mask_ratio, o.norm_pix_loss
+        if masked_count(o.mask_ratio, cfg.num_patches) < 1:  # the loss is a mean over the masked patches
+            gh, gw = cfg.grid_size
+            raise ObjectiveError(f"objective.mask_ratio: {o.mask_ratio} masks 0 of the {cfg.num_patches} patches "
+                             f"({gh}x{gw} grid); the loss would be NaN (raise it to at least "
+                             f"{0.5 / cfg.num_patches:.4g})")
         block = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=o.decoder_dim,
                           depth=o.decoder_depth, num_heads=o.decoder_heads, mlp_dim=4 * o.decoder_dim,
                           num_classes=0, head="none", layer_norm_eps=cfg.layer_norm_eps)
         self.decoder_embed = nn.Linear(cfg.embed_dim, o.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, o.decoder_dim))
-        grid = sincos_pos_embed_2d(o.decoder_dim, cfg.grid_size)
-        # the class token's position is all zeros; fixed, so not part of any checkpoint
-        self.register_buffer("decoder_pos_embed", torch.cat([grid.new_zeros(1, o.decoder_dim), grid])[None],
+        # fixed, so not part of any checkpoint
+        self.register_buffer("decoder_pos_embed", sincos_position_table(o.decoder_dim, cfg.grid_size),
                              persistent=False)
         self.decoder_blocks = nn.ModuleList(Block(block, 0.0) for _ in range(o.decoder_depth))
         self.decoder_norm = nn.LayerNorm(o.decoder_dim, eps=cfg.layer_norm_eps)
@@ -125,5 +118,5 @@ class MaskedAutoencoder(Objective):
         patches = model.embed(images)
         keep, mask, restore = random_masking(patches.shape[0], patches.shape[1], self.ratio, generator,
                                              patches.device)
-        pred = self.decode(model.forward_tokens(patches, keep), restore)
+        pred = self.decode(model.forward_normed_tokens(patches, keep), restore)
         return mae_loss(pred, patchify(images, self.patch), mask, self.norm_pix), {}

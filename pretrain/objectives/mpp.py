@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
+from pretrain.objectives.base import Normalization, Objective, ObjectiveError, ObjectiveOptions, patchify
 from vit import VisionTransformer
 
 
@@ -49,7 +49,7 @@ def corruption_plan(batch: int, num_patches: int, ratio: float, mask_prob: float
     Exactly round(ratio * N) patches per image are corrupted (so every image, and every rank,
     weighs the same); each corrupted patch independently goes to [mask] / random / unchanged.
     """
-    k = max(1, round(ratio * num_patches))
+    k = round(ratio * num_patches)
     scores = torch.rand(batch, num_patches, generator=generator, device=device)
     chosen = scores.argsort(dim=1)[:, :k]
     corrupted = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
@@ -114,6 +114,11 @@ class MaskedPatchPrediction(Objective):
         cfg, o = model.cfg, options
         self.patch, self.norm, self.target, self.bits = cfg.patch_size, norm, o.mpp_target, o.color_bits
         self.ratio, self.mask_prob, self.random_prob = o.corrupt_ratio, o.mask_prob, o.random_prob
+        if round(o.corrupt_ratio * cfg.num_patches) < 1:  # the loss is a mean over the corrupted patches
+            gh, gw = cfg.grid_size
+            raise ObjectiveError(f"objective.corrupt_ratio: {o.corrupt_ratio} corrupts 0 of the {cfg.num_patches} "
+                                 f"patches ({gh}x{gw} grid); the loss would be NaN (raise it to at least "
+                                 f"{0.5 / cfg.num_patches:.4g})")
         self.metrics = () if o.mpp_target == "pixels" else ("accuracy",)
         self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.embed_dim) * 0.02)
         classes = 2 ** (3 * o.color_bits)
@@ -134,6 +139,6 @@ class MaskedPatchPrediction(Objective):
         b, n, _ = patches.shape
         corrupted, to_mask, to_random = corruption_plan(b, n, self.ratio, self.mask_prob, self.random_prob,
                                                         generator, patches.device)
-        tokens = model.forward_tokens(corrupt(patches, to_mask, to_random, self.mask_token, generator))
+        tokens = model.forward_normed_tokens(corrupt(patches, to_mask, to_random, self.mask_token, generator))
         loss, accuracy = masked_patch_loss(self.head(tokens[:, 1:]), self.targets(images), corrupted, self.target)
         return loss, {"accuracy": accuracy} if self.metrics else {}

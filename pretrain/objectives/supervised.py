@@ -1,4 +1,8 @@
-"""Supervised classification: softmax cross-entropy (optional label smoothing) or sigmoid BCE."""
+"""Supervised classification: softmax cross-entropy (optional label smoothing) or sigmoid BCE.
+
+The sigmoid BCE is big_vision's ``sigmoid_xent``: summed over the classes, averaged over the batch
+(torch's default mean over classes too would shrink the loss, and its gradient, by the class count).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,18 @@ from vit import VisionTransformer
 class SupervisedOptions(ObjectiveOptions):
     name: str = "supervised"
     label_smoothing: float = 0.0
-    multilabel: bool = False  # sigmoid binary cross-entropy instead of softmax
+    multilabel: bool = False  # sigmoid BCE instead of softmax: summed over classes, mean over batch (big_vision)
 
     def validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"objective.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+
+
+def sigmoid_xent(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every class's sigmoid (B, C) against ``target`` in [0, 1], summed over the
+    classes and averaged over the batch, as big_vision's ``sigmoid_xent``."""
+    per_class = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    return per_class.sum(dim=-1).mean()
 
 
 class Supervised(Objective):
@@ -38,7 +49,7 @@ class Supervised(Objective):
             target = labels.float() if labels.ndim == 2 else F.one_hot(labels, logits.shape[-1]).float()
             if self.label_smoothing:
                 target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+            loss = sigmoid_xent(logits, target)
             hits = target.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1) > 0.5
         else:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
