@@ -26,6 +26,7 @@ from vit.checkpoint import CheckpointError, save_state_dict
 
 if TYPE_CHECKING:
     from pretrain.loop import Run
+    from pretrain.metrics import Window
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
@@ -215,14 +216,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore(accelerator, resume_from: Path | None) -> Position:
-    """Load the checkpoint's full state (weights, optimizer, ...) into the prepared objects; where it stopped."""
+def restore(accelerator, resume_from: Path | None, window: Window) -> Position:
+    """Load the checkpoint's full state (weights, optimizer, ...) into the prepared objects and the metrics
+    window it was in; where it stopped."""
     if resume_from is None:
         return Position()
     deepspeed = accelerator.state.deepspeed_plugin is not None
     with weights_only_loads(deepspeed_safe_globals() if deepspeed else []):
         accelerator.load_state(str(resume_from / "state"))
-    pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
+    trainer = json.loads((resume_from / TRAINER_STATE).read_text())
+    pos = Position(**trainer["position"])
+    if "window" in trainer:  # a checkpoint between two log lines (a stop signal's)
+        window.load(trainer["window"])
     accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     return pos
 
@@ -252,7 +257,8 @@ def save_training_checkpoint(run: Run) -> Path:
         with _writing(tmp):
             save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
                                                                           {**info.provenance, **provenance}))
-        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage})
+        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage,
+                                         **({"window": run.window.state()} if run.window.steps else {})})
         write_manifest(tmp)
         replace_dir(tmp, final)
         for old in step_folders(root)[: -cfg.train.keep_last]:

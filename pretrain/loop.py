@@ -37,7 +37,7 @@ from pretrain.checkpoints import (
 )
 from pretrain.config import Config
 from pretrain.evaluation import Evals, evaluate, evaluation_sets
-from pretrain.launch import launch_lock, make_accelerator, on_main, per_rank_batch
+from pretrain.launch import StopSignals, agreed_stop, launch_lock, make_accelerator, on_main, per_rank_batch, stopped
 from pretrain.metrics import Window, log_window, measure_peak_flops, record_run, train_flops_per_image
 from pretrain.objectives import Task
 from pretrain.optim import build_optimizer, lr_factor
@@ -60,6 +60,7 @@ class Run:
     batches: Callable  # (epoch=, skip_batches=) -> this rank's micro-batches of that epoch
     evals: Evals
     pos: Position
+    window: Window  # the steps since the last metrics line
     resumed: bool
     flops_per_image: float
     peak_flops: float
@@ -83,18 +84,20 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     """Run (or resume) the configured training on ``shards``; returns the final model folder."""
     accelerator = make_accelerator(cfg, model.cfg.embed_dim)
     try:
-        with launch_lock(accelerator, Path(cfg.train.output_dir), stage):
+        with StopSignals() as stop, launch_lock(accelerator, Path(cfg.train.output_dir), stage):
             run = set_up(accelerator, cfg, model, objective, info, stage, shards)
-            return run_steps(run)
+            return run_steps(run, stop)
     finally:
         accelerator.end_training()  # also ends the process group
 
 
-def run_steps(run: Run) -> Path:
-    """Optimizer steps up to ``train.max_steps``, logging and checkpointing on schedule; then ``final/``."""
+def run_steps(run: Run, stop: StopSignals) -> Path:
+    """Optimizer steps up to ``train.max_steps``, logging and checkpointing on schedule; then ``final/``.
+    On a stop signal (any rank's), every rank ends the step in progress, the run checkpoints there and raises
+    ``Stopped``."""
     cfg = run.cfg.train
     stream = micro_batches(run)
-    window = Window(run.metrics)
+    window = run.window
     saved_at = run.pos.step if run.resumed else None
     run.task.train()
     with tqdm(total=cfg.max_steps, initial=run.pos.step, desc=run.stage,
@@ -109,6 +112,10 @@ def run_steps(run: Run) -> Path:
                 evaluate(run, bar)
                 save_training_checkpoint(run)
                 saved_at = run.pos.step
+            if not last and (signum := agreed_stop(run.accelerator, stop)):
+                if saved_at != run.pos.step:
+                    save_training_checkpoint(run)
+                raise stopped(run.accelerator, signum, run.pos.step)
         if saved_at != run.pos.step:  # max_steps already reached when resumed
             save_training_checkpoint(run)
         return finish(run)
@@ -135,12 +142,13 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     task = Task(model, objective)
     optimizer = build_optimizer(cfg, task)
     task_p, optimizer = accelerator.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
-    pos = restore(accelerator, resume_from)
+    window = Window(("loss", *objective.metrics))
+    pos = restore(accelerator, resume_from, window)
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
     accelerator.init_trackers(stage)
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device)
-    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, evals, pos, resume_from is not None,
-               train_flops_per_image(model), peak, ("loss", *objective.metrics))
+    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, evals, pos, window, resume_from is not None,
+               train_flops_per_image(model), peak, window.names)
 
 
 def micro_batches(run: Run) -> Iterator[tuple[dict, tuple[int, int]]]:
