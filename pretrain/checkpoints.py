@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from common.errors import TrainingError
 from common.io import fresh_tmp_dir, replace_dir, tmp_beside, write_json
 from pretrain.config import Config, ConfigError
+from pretrain.launch import on_main
 from vit import ModelInfo
 from vit.checkpoint import CheckpointError, save_state_dict
 
@@ -238,12 +239,13 @@ def save_training_checkpoint(run: Run) -> Path:
     root = run.out / CHECKPOINTS
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
+    state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
+    on_main(accelerator, lambda: refuse_nonfinite(state, run.out, final.name))
     if accelerator.is_main_process:
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
     with _writing(tmp):
         accelerator.save_state(str(tmp / "state"), safe_serialization=True)
-        state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.task).model
@@ -265,6 +267,16 @@ def save_training_checkpoint(run: Run) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def refuse_nonfinite(state: dict, out: Path, name: str) -> None:
+    """No checkpoint from a non-finite state: a TrainingError naming the first non-finite tensor and the newest
+    checkpoint, which is finite (every one was checked so before it was written). Reads every weight once."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            last = latest_checkpoint(out)
+            raise TrainingError(f"weights are not finite ({key.removeprefix('_orig_mod.')}); not writing {name}. "
+                                f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}")
 
 
 @contextmanager
