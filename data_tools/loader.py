@@ -19,16 +19,19 @@ import random
 import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.gopen import Pipe
 
 from common.errors import VitpipeError
 from common.seeding import seed_for
 from data_tools import store
+from data_tools.stall import StalledRead, watched
 from data_tools.tars import ForeignTar, image_bytes, read_tar
 
 log = logging.getLogger(__name__)
@@ -124,20 +127,39 @@ def _foreign_samples(url: str, on_error):
     return wds.tariterators.group_by_keys(files, handler=on_error)
 
 
-def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = None):
+def _native_samples(url: str):
+    with _open_stream(url) as f:
+        yield from read_tar(url, f)
+
+
+def _keep_error(errors: list, exn: Exception) -> bool:
+    """webdataset's handler: note the error and read on. A stalled read ends the stream with its one line
+    (webdataset has appended the stream and url to its args) and ends a ``pipe:`` command or ``curl`` that
+    stalled: closing the pipe would otherwise wait for it (up to webdataset's two hours)."""
+    if isinstance(exn, StalledRead):
+        for held in exn.args[1:]:
+            if isinstance(held, Pipe):
+                held.proc.kill()
+        raise StalledRead(exn.args[0]) from None
+    errors.append(exn)
+    return True
+
+
+def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = None, stall_timeout: float = 0,
+                 where: str = "rank 0, worker 0"):
     """Samples from a stream of shard urls. A damaged shard is read as far as it goes, and what it
     lost goes to ``handler``: the samples ``counts`` (index.json) lists beyond those read, else one
-    per error."""
+    per error. A shard that yields no sample for ``stall_timeout`` seconds (0: no limit) raises
+    ``StalledRead`` naming it and ``where`` (rank, worker)."""
     for url in urls:
         errors: list[Exception] = []
         yielded = 0
         foreign = url.startswith("pipe:") or store.scheme(url) in _WDS_SCHEMES or not url.endswith(".tar")
         if not foreign:
             try:
-                with _open_stream(url) as f:
-                    for sample in read_tar(url, f):
-                        yielded += 1
-                        yield sample
+                for sample in watched(_native_samples(url), stall_timeout, f"{url} ({where})"):
+                    yielded += 1
+                    yield sample
             except ForeignTar:
                 foreign = True
             except Exception as exn:  # a damaged tar, a missing file, a store that stopped answering
@@ -145,7 +167,7 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
                     raise
                 errors.append(exn)
         if foreign:
-            samples = _foreign_samples(url, lambda exn, errors=errors: errors.append(exn) or True)
+            samples = watched(_foreign_samples(url, partial(_keep_error, errors)), stall_timeout, f"{url} ({where})")
             for sample in itertools.islice(samples, yielded, None):
                 yielded += 1
                 yield sample
@@ -212,8 +234,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform, batch_size: int, *, train: bool, rank: int = 0,
                  world_size: int = 1, workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0):
+                 shuffle_buffer: int = 1000, skip_batches: int = 0, stall_timeout: float = 0):
         super().__init__()
+        self.stall_timeout = stall_timeout
         self.shards, self.transform, self.batch_size, self.train = shards, transform, batch_size, train
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.workers = workers, max(1, workers)  # 0: load in the main process
@@ -296,7 +319,7 @@ class ShardStream(IterableDataset):
                     order = list(urls)
                     random.Random(seed_for("resample", self.seed, self.epoch, self.rank, logical, n)).shuffle(order)
                     count = 0
-                    for sample in read_samples(order, handler, self.shards.counts):
+                    for sample in self._read(order, handler, logical):
                         count += 1
                         yield sample
                     if not count:  # going round again would never end
@@ -312,11 +335,15 @@ class ShardStream(IterableDataset):
         for n in itertools.count():
             rng = random.Random(seed_for("shuffle", self.seed, self.epoch, self.rank, logical, n))
             count = 0
-            for sample in shuffled(read_samples(mine, handler, self.shards.counts), self.shuffle_buffer, rng):
+            for sample in shuffled(self._read(mine, handler, logical), self.shuffle_buffer, rng):
                 count += 1
                 yield sample
             if not count:  # going round again would never end
                 raise LoaderError(f"no readable sample in {', '.join(mine)} (rank {self.rank}, worker {logical})")
+
+    def _read(self, urls, handler: _SkipCounter, worker: int):
+        return read_samples(urls, handler, self.shards.counts, self.stall_timeout,
+                            f"rank {self.rank}, worker {worker}")
 
     def _eval_batches(self):
         w, workers = self._worker(), self.workers
@@ -325,7 +352,7 @@ class ShardStream(IterableDataset):
         by_shard = len(urls) >= slots
         handler = _SkipCounter(shards=by_shard or slot == 0)  # every slot reads every shard when not by_shard
         mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
-        samples = read_samples(mine, handler, self.shards.counts)
+        samples = self._read(mine, handler, w)
         batch, reported = [], 0
         for i, sample in enumerate(samples):
             if not by_shard and i % slots != slot:
@@ -359,16 +386,16 @@ def make_loader(stream: ShardStream) -> DataLoader:
 
 def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0) -> DataLoader:
+                 shuffle_buffer: int = 1000, skip_batches: int = 0, stall_timeout: float = 0) -> DataLoader:
     """``batch_size`` is per rank; every rank yields ``num_samples // (batch_size * world_size)`` batches."""
     stream = ShardStream(shards, transform, batch_size, train=True, rank=rank, world_size=world_size,
                          workers=workers, seed=seed, epoch=epoch, resampled=resampled,
-                         shuffle_buffer=shuffle_buffer, skip_batches=skip_batches)
+                         shuffle_buffer=shuffle_buffer, skip_batches=skip_batches, stall_timeout=stall_timeout)
     return make_loader(stream)
 
 
 def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                workers: int = 0) -> DataLoader:
+                workers: int = 0, stall_timeout: float = 0) -> DataLoader:
     """Every sample exactly once across ranks and workers; ranks may get different batch counts."""
     return make_loader(ShardStream(shards, transform, batch_size, train=False, rank=rank,
-                                   world_size=world_size, workers=workers))
+                                   world_size=world_size, workers=workers, stall_timeout=stall_timeout))

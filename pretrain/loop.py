@@ -134,7 +134,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
         else EvalTransform(model.cfg.image_size, *norm)
     batches = partial(train_loader, shards, transform, per_rank_batch(cfg, accelerator.num_processes),
                       rank=accelerator.process_index, world_size=accelerator.num_processes, workers=d.workers,
-                      seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
+                      seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+                      stall_timeout=d.stall_timeout)
     len(batches(epoch=0, skip_batches=0))  # checks shards vs ranks x workers before any work
     evals = evaluation_sets(accelerator, cfg, EvalTransform(model.cfg.image_size, *norm))
     if cfg.model.grad_checkpointing:

@@ -237,3 +237,22 @@ def test_training_counts_samples_lost_in_damaged_shards(damaged, caplog):
     assert len(batches) == 67 // 4 and sum(int(b["skipped"]) for b in batches) >= 25
     named = sorted(name for r in caplog.records for name in DAMAGED if name in r.getMessage())
     assert named == list(DAMAGED)
+
+
+@pytest.mark.parametrize("workers", [0])  # in a DataLoader worker: see README "Reliability" (not yet)
+def test_a_shard_that_never_produces_stops_the_stream_naming_it(shards, workers):
+    """A ``pipe:`` command that never writes a byte (a hung mount, a stuck read): one line naming the shard,
+    rank and worker once data.stall_timeout passes."""
+    from common.errors import user_message
+    from data_tools.stall import StalledRead
+
+    good = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    hung = "pipe:sleep 3600"
+    s = resolve_shards([f"pipe:cat {good}", hung], num_samples=20)
+    loader = train_loader(s, EvalTransform(16), 2, workers=workers, seed=0, stall_timeout=1)
+    with pytest.raises(StalledRead) as e:
+        list(loader)
+    message = user_message(e.value)
+    worker = next(w for w in range(max(1, workers)) if f"worker {w}" in message)
+    assert message == (f"{hung} (rank 0, worker {worker}): no sample for 1 s (data.stall_timeout); stopping. "
+                       "Check the storage or the command, then rerun to resume")
