@@ -239,10 +239,10 @@ def test_training_counts_samples_lost_in_damaged_shards(damaged, caplog):
     assert named == list(DAMAGED)
 
 
-@pytest.mark.parametrize("workers", [0])  # in a DataLoader worker: see README "Reliability" (not yet)
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_that_never_produces_stops_the_stream_naming_it(shards, workers):
     """A ``pipe:`` command that never writes a byte (a hung mount, a stuck read): one line naming the shard,
-    rank and worker once data.stall_timeout passes."""
+    rank and worker once data.stall_timeout passes, in the loader's process and in a worker."""
     from common.errors import user_message
     from data_tools.stall import StalledRead
 
