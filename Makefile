@@ -14,7 +14,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q $(PIP_EXTRA) $(TORCH) -e ".[dev]"
+	@echo "installing torch, accelerate, DeepSpeed, Ray and the other dependencies into $(VENV) (a few minutes; pip reports each package)"
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on $(PIP_EXTRA) $(TORCH) -e ".[dev]"
 	touch $(STAMP)
 
 test: install
@@ -33,6 +34,7 @@ bench: install
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/resume.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from common.redact import redact
+
 
 class VitpipeError(Exception):
     """Bad input, or a state the user has to fix; the message is one line naming the file, key or folder."""
@@ -52,7 +54,7 @@ def exit_status(prog: str, work: Callable[[], int | None]) -> int:
             print(f"{prog}: {e}", file=sys.stderr)
         return e.status
     except USER_ERRORS as e:
-        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
+        print(f"{prog}: error: {redact(user_message(e))}", file=sys.stderr)
         return 2
 
 

@@ -8,10 +8,12 @@ kill. The file is removed on release.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +37,10 @@ class FolderBusy(VitpipeError):
     """Another run holds the folder's lock; the message names it."""
 
 
+class UnsafeLock(VitpipeError):
+    """Something other than a plain file sits where the lock file goes; the message names it."""
+
+
 class FolderLock:
     """``with FolderLock(folder, "vitpipe shard"):`` or ``acquire()`` / ``release()``.
 
@@ -48,7 +54,7 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -69,6 +75,22 @@ class FolderLock:
         self.fd = fd
         _held.add(fd)
         return self
+
+    def _open(self) -> int:
+        """The lock file, opened (created if missing) only if it is a regular file: writing its record through a
+        planted link would overwrite the link's target."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise UnsafeLock(f"{self.path}: not vitpipe's lock file (a symbolic link, or not a regular file); "
+                             "remove it, then run again")
+        return fd
 
     def release(self) -> None:
         if self.fd is None:

@@ -37,13 +37,24 @@ class Encoded:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: alpha is composited on white, 16-bit is scaled, not clipped."""
+    """Any PIL mode to 8-bit RGB: alpha is composited on white, 16-bit is scaled, not clipped, and float
+    images are read as 0..1 when no value exceeds 1 (scientific TIFFs), else as 0..255. A mode PIL cannot
+    convert is a BadImage naming it."""
+    try:
+        return _to_rgb(img)
+    except ValueError as e:  # a mode PIL cannot convert (La, for one)
+        raise BadImage(f"unsupported pixel mode {img.mode} ({short_error(e)})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "PA", "La"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "RGBa"):
@@ -89,6 +100,10 @@ def _resized_size(w: int, h: int, opts: EncodeOptions) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+def _area(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
+
+
 def encode(data: bytes, opts: EncodeOptions) -> Encoded:
     """Validate one image and return the bytes to store.
 
@@ -108,6 +123,11 @@ def encode(data: bytes, opts: EncodeOptions) -> Encoded:
             and not getattr(img, "is_animated", False)
         if passthrough and opts.validate == "header":
             return Encoded(data, PASS_THROUGH[fmt], w, h)
+        if resize and (pixels := _area(_resized_size(w, h, opts))) > opts.max_pixels:
+            # checked before decoding: a 370-byte 100000x1 PNG resized to a shorter side of 64 would be 1.2 GB
+            size = _resized_size(w, h, opts)
+            raise BadImage(f"resized image too large ({w}x{h} resized to {size[0]}x{size[1]} = {pixels} pixels "
+                           f"> {opts.max_pixels}; --max-side caps it)")
         if resize and fmt == "JPEG":
             # decode at the smallest DCT scale that still covers the target size: much faster
             img.draft("RGB", _resized_size(*img.size, opts))

@@ -23,14 +23,12 @@ from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
+from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
+from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, parse_index
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
 from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
-
-INDEX = "index.json"
-INDEX_FORMAT = "vitpipe-shards"
-INDEX_VERSION = 1
 
 
 class ShardError(VitpipeError, ValueError):
@@ -49,6 +47,7 @@ class ShardOptions:
     split: str | None = None
     shuffle: bool = True
     shuffle_seed: int = 0
+    allow_local_paths: bool = False  # a remote manifest may name local files (a permission: not recorded)
 
 
 def parse_size(text: str) -> int:
@@ -119,10 +118,11 @@ def _index_name(opts: ShardOptions) -> str:
 
 def _identity(src: str, opts: ShardOptions) -> dict:
     d = asdict(opts)
+    del d["allow_local_paths"]
     d["part"] = f"{opts.part[0]}/{opts.part[1]}"
     if not opts.shuffle:
         d["shuffle_seed"] = None  # unused: does not make a rerun different
-    return {"source": src, **d}
+    return {"source": redact(src), **d}
 
 
 def _part_inputs(inputs: list[Input], opts: ShardOptions) -> list[Input]:
@@ -149,9 +149,23 @@ def differing_keys(a: dict, b: dict) -> list[str]:
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
-def check_options(opts: ShardOptions) -> None:
-    if opts.samples_per_shard < 1:
-        raise ShardError(f"--samples-per-shard must be >= 1, got {opts.samples_per_shard}")
+def check_prefix(prefix: str) -> None:
+    """Shards are written inside OUT: the prefix of their names is a name, not a path."""
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ShardError(f"--prefix must be a plain file name (no '/', not '..', not absolute), got {prefix!r}")
+
+
+def check_options(opts: ShardOptions, workers: int = 1) -> None:
+    """Every number the CLI range-checks, checked again here for callers of the Python API; the prefix too."""
+    check_prefix(opts.prefix)
+    e = opts.encode
+    at_least_one = {"--samples-per-shard": opts.samples_per_shard, "--workers": workers,
+                    "--resize-shorter": e.resize_shorter, "--max-side": e.max_side, "--max-pixels": e.max_pixels}
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ShardError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= e.quality <= 100:
+        raise ShardError(f"--quality must be in [1, 100], got {e.quality}")
     if not 0 <= opts.shuffle_seed < 2**32:
         raise ShardError(f"--shuffle-seed must be in [0, 2**32), got {opts.shuffle_seed}")
 
@@ -163,10 +177,10 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     ``merge=False``: a part does not write ``index.json`` when it completes the set (a driver that runs
     every part merges once, itself).
     """
-    check_options(opts)
+    check_options(opts, workers)
     folder = shard_folder(out)
     folder.prepare()
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     inputs = _part_inputs(corpus.inputs, opts)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
@@ -179,7 +193,7 @@ def _shard_locked(src, corpus, inputs, folder, opts, workers, overwrite, progres
     index_name = _index_name(opts)
     index_path = folder.where(index_name)
     text = None if overwrite else folder.read_json_text(index_name)
-    index = json.loads(text) if text is not None else None
+    index = parse_index(text, index_path) if text is not None else None
     if index is not None:
         if index.get("args") != identity:
             diff = differing_keys(identity, index.get("args", {}))
@@ -279,7 +293,7 @@ class _ShardWriter:
         self.classes = Counter()
 
     def add(self, pos: int, inp: Input, enc, classes) -> None:
-        meta = {"source": inp.source, "width": enc.width, "height": enc.height}
+        meta = {"source": redact(inp.source), "width": enc.width, "height": enc.height}
         sample = {enc.ext: enc.data}
         if inp.label is not None:
             sample["cls"] = str(inp.label).encode()
@@ -300,7 +314,7 @@ class _ShardWriter:
             self._close(pos + 1)
 
     def skip(self, pos: int, inp: Input, reason: str) -> None:
-        self.pending_skips.append({"input": pos, "source": inp.source, "reason": reason})
+        self.pending_skips.append({"input": pos, "source": redact(inp.source), "reason": redact(reason)})
 
     def _close(self, next_input: int) -> None:
         """Complete the open shard: move (upload) it into place, then record it (and the skips before it)."""
@@ -374,10 +388,4 @@ def read_index(folder: str | os.PathLike) -> dict:
     text = where.read_json_text(INDEX)
     if text is None:
         raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
-    try:
-        index = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise ShardError(f"{path}: not a vitpipe shard index")
-    return index
+    return parse_index(text, path)

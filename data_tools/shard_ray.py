@@ -68,7 +68,7 @@ def shard_on_ray(src: str, out, opts: ShardOptions, workers: int | None = None,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out}: exists and is not a folder")
-    corpus = read_source(src, opts.path_column, opts.label_column, opts.split)  # a bad SRC fails before Ray starts
+    corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)  # a bad SRC fails before Ray starts
     ray = _import_ray()
     started = _connect(ray, ray_address)
     try:

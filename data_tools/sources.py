@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import VitpipeError
+from common.redact import redact
 from data_tools import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga"}
@@ -56,7 +57,7 @@ class Corpus:
 
 def sample_key(source: str) -> str:
     """Unique, stable, dot-free key: the readable part of the source plus a hash of all of it."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", redact(source)).strip("_")[-60:]
     return f"{readable}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}"
 
 
@@ -65,6 +66,7 @@ class ReadOptions:
     path_column: str | None = None
     label_column: str | None = None
     split: str | None = None
+    allow_local_paths: bool = False  # a manifest on an object store may name this machine's files
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ def source(name: str, matches: Callable[[str], bool]):
 
 
 def read_source(src: str, path_column: str | None = None, label_column: str | None = None,
-                split: str | None = None) -> Corpus:
-    opts = ReadOptions(path_column, label_column, split)
+                split: str | None = None, allow_local_paths: bool = False) -> Corpus:
+    opts = ReadOptions(path_column, label_column, split, allow_local_paths)
     found = next((s for s in SOURCES if s.matches(src)), None)
     if found is None:
         kinds = "; ".join(s.name for s in SOURCES)
@@ -120,7 +122,7 @@ def _hf_spec(src: str, opts: ReadOptions) -> Corpus:
         lambda src: _is_fsspec_url(src) and src.lower().endswith(MANIFEST_SUFFIXES))
 def _remote_manifest(src: str, opts: ReadOptions) -> Corpus:
     with store.remote_errors(src):
-        return read_manifest(src, opts.path_column, opts.label_column)
+        return read_manifest(src, opts.path_column, opts.label_column, opts.allow_local_paths)
 
 
 @source("a URL of class folders (s3://bucket/prefix; any fsspec scheme)", _is_fsspec_url)
@@ -152,7 +154,8 @@ def read_image_folder(root: Path) -> Corpus:
     skipped: files outside a class folder, hidden files and folders, links that lead nowhere, FIFOs,
     sockets. Non-image files are listed as inputs and skipped when they do not decode.
     """
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and _utf8_problem(d.name) is None)
     if not classes:
         return Corpus([_input(p, root, None, reason) for p, reason in _listing(root)], None)
     inputs = []
@@ -165,7 +168,21 @@ def read_image_folder(root: Path) -> Corpus:
 
 
 def _input(path: Path, root: Path, label: int | None, skip: str | None) -> Input:
-    return Input(str(path.relative_to(root)), label, str(path), skip=skip)
+    return Input(printable(str(path.relative_to(root))), label, str(path), skip=skip)
+
+
+def printable(name: str) -> str:
+    """A file name as the index and the logs show it: a name that is not valid UTF-8 (Python holds its bad
+    bytes as lone surrogates, which no JSON or tar writer takes) with those bytes escaped, ``bad\\xff.jpg``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _utf8_problem(name: str) -> str | None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8 (skipped; rename it)"
+    return None
 
 
 def _listing(folder: Path, descend: bool = True) -> list[tuple[Path, str | None]]:
@@ -180,7 +197,9 @@ def _listing(folder: Path, descend: bool = True) -> list[tuple[Path, str | None]
     for e in entries:
         path = Path(e.path)
         is_dir = e.is_dir(follow_symlinks=False)
-        if e.name.startswith("."):
+        if problem := _utf8_problem(e.name):
+            out.append((path, f"folder {problem}" if is_dir else f"file {problem}"))
+        elif e.name.startswith("."):
             out.append((path, "hidden folder (not read)" if is_dir else "hidden file"))
         elif is_dir:
             if descend:
@@ -292,8 +311,13 @@ def label_ids(values: list) -> tuple[list[int | None], list[str] | None]:
     return [None if v is None or v == "" else lookup[str(v)] for v in values], names
 
 
-def read_manifest(path: str | Path, path_column: str | None, label_column: str | None) -> Corpus:
-    """Rows of (path, label); a row's path is absolute, a URL, or relative to the manifest's folder (or URL)."""
+def read_manifest(path: str | Path, path_column: str | None, label_column: str | None,
+                  allow_local_paths: bool = False) -> Corpus:
+    """Rows of (path, label); a row's path is absolute, a URL, or relative to the manifest's folder (or URL).
+
+    A manifest on an object store names objects of that store only (its scheme): whoever can write the
+    manifest could otherwise pull this machine's files (``/etc/...``, ``file://``) into the shards.
+    ``allow_local_paths`` lifts that."""
     path = str(path)
     rows = _rows(path)
     if not rows:
@@ -302,13 +326,35 @@ def read_manifest(path: str | Path, path_column: str | None, label_column: str |
     pcol = _pick(columns, path_column, PATH_COLUMNS, "path", path, required=True)
     lcol = _pick(columns, label_column, LABEL_COLUMNS, "label", path, required=False)
     ids, classes = label_ids([r.get(lcol) for r in rows] if lcol else [None] * len(rows))
-    inputs = []
+    if classes is not None and None in ids:
+        n = ids.index(None) + 1
+        raise SourceError(f"{path}: row {n} has no {lcol!r} but {len(ids) - ids.count(None)} of {len(ids)} rows do; "
+                          "label every row (or none, for an unlabelled corpus)")
+    inputs, first_row = [], {}
     for n, (row, label) in enumerate(zip(rows, ids), 1):
         rel = row.get(pcol)
         if not rel:
             raise SourceError(f"{path}: row {n} has an empty {pcol!r}")
-        inputs.append(Input(str(rel), label, _resolve(path, str(rel))))
+        where = _resolve(path, str(rel))
+        if store.is_url(path) and not allow_local_paths and store.scheme(where) != store.scheme(path):
+            raise SourceError(f"{redact(path)}: row {n} names {redact(str(rel))!r}, not an object of "
+                              f"{store.scheme(path)}://; a manifest on an object store names only objects there "
+                              "(--allow-local-paths lets it name this machine's files)")
+        skip = None
+        if where in first_row:  # the same image listed twice: one sample, or two labels that contradict
+            m = first_row[where]
+            if ids[m - 1] != label:
+                raise SourceError(f"{path}: {rel} is listed with different labels ({_label_name(ids[m - 1], classes)} "
+                                  f"in row {m}, {_label_name(label, classes)} in row {n})")
+            skip = f"listed again (row {m} has it)"
+        else:
+            first_row[where] = n
+        inputs.append(Input(str(rel), label, where, skip=skip))
     return Corpus(inputs, classes)
+
+
+def _label_name(label: int | None, classes: list[str] | None) -> str:
+    return repr(classes[label]) if classes and label is not None and label < len(classes) else repr(label)
 
 
 def _resolve(manifest: str, rel: str) -> str:

@@ -15,13 +15,14 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from common.errors import VitpipeError
-from common.io import fsync_dir, json_text, write_json
+from common.io import fsync_dir, json_text, open_new, write_json
 from common.lock import FolderLock
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -39,6 +40,11 @@ def scheme(path: str | os.PathLike) -> str | None:
     """``s3`` for ``s3://bucket/key``; None for a local path."""
     m = _URL.match(str(path))
     return m.group(1).lower() if m else None
+
+
+def lower_scheme(url: str) -> str:
+    """``S3://bucket/x`` as ``s3://bucket/x``: schemes are case-insensitive (RFC 3986), fsspec's names are lower case."""
+    return _URL.sub(lambda m: m.group(0).lower(), url, count=1)
 
 
 def is_url(path) -> bool:
@@ -59,6 +65,56 @@ def parent(url: str) -> str:
     return posixpath.dirname(url.rstrip("/"))
 
 
+def _setting(name: str, default: float, cast=float, fallback: str | None = None) -> float:
+    raw = os.environ.get(name) or (os.environ.get(fallback) if fallback else None)
+    if raw is None:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise StoreError(f"{name if os.environ.get(name) else fallback}: expected a positive "
+                         f"{'integer' if cast is int else 'number'}, got {raw!r}")
+    return value
+
+
+def store_timeout() -> float:
+    """Seconds an object-store request may wait to connect, and then for each read of its reply."""
+    return _setting("VITPIPE_STORE_TIMEOUT", 60.0)
+
+
+def store_attempts() -> int:
+    """Tries of one object-store request before its error is the run's (botocore's standard retry mode)."""
+    return int(_setting("VITPIPE_STORE_ATTEMPTS", 3, int, fallback="AWS_MAX_ATTEMPTS"))
+
+
+def client_options(name: str | None) -> dict:
+    """The filesystem options that bound every request: an endpoint that stops answering is an error after at most
+    ``store_attempts() x 2 x store_timeout()`` seconds (plus backoff), never a hang. Listings are not cached:
+    other processes (``--part`` runs on other machines) write the same prefix, and a stale listing would name
+    an object as it was."""
+    if name not in ("s3", "s3a"):
+        return {}
+    timeout = store_timeout()
+    return {"use_listings_cache": False, "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                              "retries": {"max_attempts": store_attempts(), "mode": "standard"}}}
+
+
+UPLOAD_MIN_RATE = 2**20  # bytes/s: an upload slower than this on average is taken for a stalled endpoint
+
+
+def upload_deadline(fs, nbytes: int) -> dict:
+    """The ``timeout=`` that bounds one upload as a whole, for filesystems that take one (fsspec's async ones):
+    a PUT to an endpoint that stopped answering waits past the read timeout (aiobotocore, 2026-12), so the
+    upload gets ``store_attempts() x store_timeout()`` plus its size at ``UPLOAD_MIN_RATE``."""
+    from fsspec.asyn import AsyncFileSystem
+
+    if not isinstance(fs, AsyncFileSystem):
+        return {}
+    return {"timeout": store_attempts() * store_timeout() + nbytes / UPLOAD_MIN_RATE}
+
+
 def filesystem(url: str):
     """(fsspec filesystem, path without the scheme) for ``url``; one line naming the scheme if it cannot be used."""
     import fsspec
@@ -68,7 +124,10 @@ def filesystem(url: str):
     if name not in fsspec.available_protocols():
         raise StoreError(f"{url}: unknown URL scheme {name}:// (known: {', '.join(known_schemes())})")
     try:
-        return url_to_fs(url)
+        fs, path = url_to_fs(lower_scheme(url), **client_options(name))
+        if hasattr(fs, "retries"):  # s3fs retries a timed-out request itself too: one pass, so the two do not multiply
+            fs.retries = 1
+        return fs, path
     except ImportError as e:  # fsspec knows the scheme, its client is not installed ("Install s3fs to access S3")
         raise StoreError(f"{url}: {e}" + (" (pip install s3fs; make install includes it)" if name in ("s3", "s3a") else "")) from None
 
@@ -88,7 +147,7 @@ def remote_errors(url: str, keep: tuple[type[Exception], ...] = ()):
     except Exception as e:
         if isinstance(e, keep) or not is_client_error(e):
             raise
-        raise StoreError(f"{url}: {describe(e)}") from None
+        raise StoreError(f"{url}: {describe(e)}{stall_hint(e)}") from None
 
 
 def errors_for(path: str):
@@ -96,9 +155,59 @@ def errors_for(path: str):
     return remote_errors(path) if is_url(path) else nullcontext()
 
 
+def is_timeout(e: BaseException) -> bool:
+    """A request that got no answer in time (botocore's ReadTimeoutError, fsspec's FSTimeoutError, ...)."""
+    return any("Timeout" in cls.__name__ for cls in type(e).__mro__)
+
+
+def stall_hint(e: BaseException) -> str:
+    """For a timeout: what the limits were and how to change them; else nothing."""
+    if not is_timeout(e):
+        return ""
+    return (f" (no answer in {store_attempts()} tries of {store_timeout():g} s; VITPIPE_STORE_TIMEOUT and "
+            "VITPIPE_STORE_ATTEMPTS set them)")
+
+
 def describe(e: BaseException) -> str:
     text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
     return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+
+
+def plain_name(name) -> bool:
+    """A file name with no folder in it (``--prefix``, a shard that index.json lists): never ``..``, ``/x``, ``a/b``
+    or a URL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def listed_shard(name, index_path: str) -> str:
+    """``name`` from index.json's shard list, refused unless a plain name: an index lists only the tars beside
+    it, so a hostile one cannot make verify or training read ``/etc/passwd`` or ``../../x``."""
+    if not plain_name(name):
+        raise StoreError(f"{index_path}: shard entry {name!r} is not a file name in this folder (an index lists "
+                         "only the tars beside it)")
+    return name
+
+
+def open_regular(path: str | os.PathLike, buffering: int = 1 << 20):
+    """A local shard opened for reading, if it is a regular file: a FIFO would wait forever for a writer, and
+    ``/dev/zero`` or ``/dev/urandom`` never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a folder" if stat.S_ISDIR(mode) else "not a file"
+        raise StoreError(f"{path}: {kind}, not a regular file; a shard is a tar file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=buffering)
+
+
+def check_regular(path: str | os.PathLike) -> None:
+    """``open_regular``'s check alone (a missing file passes: its reader reports it)."""
+    try:
+        open_regular(path, buffering=0).close()
+    except FileNotFoundError:
+        pass
 
 
 def read_bytes(url: str) -> bytes:
@@ -152,7 +261,7 @@ class LocalFolder:
         (self.path / name).unlink(missing_ok=True)
 
     def open_shard(self, name: str):
-        return open(self.path / (name + ".tmp"), "wb")
+        return open_new(self.path / (name + ".tmp"))
 
     def commit_shard(self, name: str, f) -> None:
         f.flush()
@@ -174,7 +283,7 @@ class LocalFolder:
             p.unlink()
 
     def open_read(self, name: str):
-        return open(self.path / name, "rb", buffering=1 << 20)
+        return open_regular(self.path / name)
 
     def flush(self) -> None:
         """Nothing to wait for: local writes are done when they return."""
@@ -278,7 +387,7 @@ class RemoteFolder:
 
     def _put_bytes(self, name: str, data: bytes) -> None:
         with remote_errors(self.where(name)):
-            self.fs.pipe_file(self._path(name), data)
+            self.fs.pipe_file(self._path(name), data, **upload_deadline(self.fs, len(data)))
 
     def sizes(self, pattern: str) -> dict[str, int]:
         self.flush()
@@ -311,7 +420,7 @@ class RemoteFolder:
     def _upload(self, name: str) -> None:
         local = os.path.join(self.staging, name)
         with remote_errors(self.where(name)):
-            self.fs.put_file(local, self._path(name))
+            self.fs.put_file(local, self._path(name), **upload_deadline(self.fs, os.path.getsize(local)))
         os.unlink(local)
 
     def discard_shard(self, name: str, f) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import tarfile
@@ -10,25 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from common.io import atomic_path
 from data_tools.images import decode_rgb
 from data_tools.shard import INDEX, read_index
-from data_tools.store import LocalFolder, RemoteFolder, errors_for, shard_folder
-from data_tools.tars import IMAGE_EXTS, image_bytes, read_tar
-
-
-class _Hashing:
-    """A reader that hashes and counts what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
+from data_tools.store import LocalFolder, RemoteFolder, errors_for, listed_shard, shard_folder
+from data_tools.tars import IMAGE_EXTS, HashingReader, image_bytes, read_tar
 
 
 def check_shard(folder: LocalFolder | RemoteFolder, entry: dict, decode: bool = True) -> str | None:
@@ -38,10 +25,9 @@ def check_shard(folder: LocalFolder | RemoteFolder, entry: dict, decode: bool = 
     except FileNotFoundError:
         return f"{entry['name']}: missing"
     with f:
-        stream = _Hashing(f)
+        stream = HashingReader(f)
         count, bad, error = _read_samples(folder.where(entry["name"]), stream, decode)
-        while stream.read(1 << 20):  # the end-of-archive padding, for the size and the hash
-            pass
+        stream.drain()
     problems = []
     if stream.size != entry["bytes"]:
         problems.append(f"size {stream.size} != {entry['bytes']} in index")
@@ -76,17 +62,44 @@ def _read_samples(name: str, stream, decode: bool) -> tuple[int, list[str], Exce
     return count, bad, None
 
 
-def _shard_samples(folder: LocalFolder | RemoteFolder, name: str):
-    with folder.open_read(name) as f:
-        yield from read_tar(folder.where(name), f)
+def _shard_samples(folder: LocalFolder | RemoteFolder, name: str, problems: list[str]):
+    """A shard's samples as far as they can be read; what stops the read is a line in ``problems``."""
+    read = 0
+    try:
+        with folder.open_read(name) as f:
+            for sample in read_tar(folder.where(name), f):
+                read += 1
+                yield sample
+    except FileNotFoundError:
+        problems.append(f"{name}: missing")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{name}: unreadable after {read} samples ({e})")
 
 
-def verify(folder: str | Path, decode: bool = True) -> tuple[list[str], list[str]]:
-    """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file."""
+def _meta(sample: dict) -> dict:
+    """A sample's json member; a damaged one reads as empty (its image is what inspect shows)."""
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def verify(folder: str | Path, decode: bool = True, progress: bool = False) -> tuple[list[str], list[str]]:
+    """Returns (problems, notes): a line per damaged or missing shard, and a line per stray file. ``progress``:
+    a bar counting the samples checked, with rate and ETA, on a terminal (the problems go to stderr too: a log
+    of them gets no bar lines)."""
     index = read_index(folder)
     where = shard_folder(folder)
-    with errors_for(str(folder)):
-        problems = [p for p in (check_shard(where, e, decode) for e in index["shards"]) if p]
+    for entry in index["shards"]:
+        listed_shard(entry["name"], where.where(INDEX))
+    with errors_for(str(folder)), tqdm(total=index.get("total_samples"), unit="img", desc="verify", leave=False,
+                                       disable=None if progress else True) as bar:
+        problems = []
+        for entry in index["shards"]:
+            if problem := check_shard(where, entry, decode):
+                problems.append(problem)
+            bar.update(entry.get("count", 0))
         known = {e["name"] for e in index["shards"]}
         notes = [f"{name}: a tar not listed in index.json" for name in sorted(where.sizes("*.tar")) if name not in known]
     if not index.get("complete", False):
@@ -133,14 +146,17 @@ def _quantiles(values: list[int]) -> str:
 
 
 def inspect(folder: str | Path, show: int = 5, grid: str | Path | None = None, grid_size: int = 25,
-            seed: int = 0) -> str:
-    """A human summary of a shard folder; with ``grid``, also a contact sheet PNG of random samples."""
+            seed: int = 0) -> tuple[str, list[str]]:
+    """A human summary of a shard folder (with ``grid``, also a contact sheet PNG of random samples), and a
+    line per shard that cannot be read to its end (empty, cut, missing) or image that does not decode."""
     index = read_index(folder)
+    problems: list[str] = []
     with errors_for(str(folder)):
-        return _inspect(shard_folder(folder), index, show, grid, grid_size, seed)
+        return _inspect(shard_folder(folder), index, show, grid, grid_size, seed, problems), problems
 
 
-def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, grid_size: int, seed: int) -> str:
+def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, grid_size: int, seed: int,
+             problems: list[str]) -> str:
     classes = index.get("classes")
     lines = [
         f"{folder}: {index['total_samples']} samples in {len(index['shards'])} shards "
@@ -161,9 +177,9 @@ def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, g
     picked: list[tuple[bytes, str]] = []
     seen = 0
     for entry in index["shards"]:
-        for sample in _shard_samples(folder, entry["name"]):
+        for sample in _shard_samples(folder, entry["name"], problems):
             key = sample["__key__"]
-            meta = json.loads(sample.get("json", b"{}"))
+            meta = _meta(sample)
             widths.append(meta.get("width", 0))
             heights.append(meta.get("height", 0))
             formats.update(e for e in IMAGE_EXTS if e in sample)
@@ -173,27 +189,32 @@ def _inspect(folder: LocalFolder | RemoteFolder, index: dict, show: int, grid, g
             if grid:
                 seen += 1  # reservoir sampling: a uniform pick in one pass
                 if len(picked) < grid_size:
-                    picked.append((image_bytes(sample), label))
+                    picked.append((key, image_bytes(sample), label))
                 elif (j := rng.randrange(seen)) < grid_size:
-                    picked[j] = (image_bytes(sample), label)
+                    picked[j] = (key, image_bytes(sample), label)
     lines.append(f"original width:  {_quantiles(widths)}")
     lines.append(f"original height: {_quantiles(heights)}")
     lines.append("stored formats: " + ", ".join(f"{e} {c}" for e, c in formats.most_common()))
     lines.append("first samples:")
     lines += shown
     if grid:
-        contact_sheet(picked, grid)
-        lines.append(f"wrote {grid}")
+        items = []
+        for key, data, label in picked:
+            try:
+                items.append((decode_rgb(data), label))
+            except Exception as e:  # any decoder failure means a damaged sample; it stays off the sheet
+                problems.append(f"{key}: does not decode ({type(e).__name__}); left off the contact sheet")
+        contact_sheet(items, grid)
+        lines.append(f"wrote {grid} ({len(items)} images)")
     return "\n".join(lines)
 
 
-def contact_sheet(items: list[tuple[bytes, str]], path: str | Path, cell: int = 128) -> None:
+def contact_sheet(items: list[tuple[Image.Image, str]], path: str | Path, cell: int = 128) -> None:
     cols = max(1, int(len(items) ** 0.5 + 0.999))
     rows = max(1, -(-len(items) // cols))
     sheet = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (data, label) in enumerate(items):
-        img = decode_rgb(data)
+    for i, (img, label) in enumerate(items):
         if (factor := cell // max(img.size)) > 1:  # small images (28 px) scaled up whole pixels, not left as stamps
             img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
         img.thumbnail((cell, cell))

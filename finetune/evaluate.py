@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common.io import write_json
+from common.errors import VitpipeError
+from common.io import atomic_path, write_json
+from common.redact import redact
 from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
-from vit import ModelInfo, VisionTransformer
+from vit import ModelInfo, VisionTransformer, nonfinite_parameters
 
 
 def _dist():
@@ -36,8 +39,9 @@ def representation(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelInfo, batch_size: int = 64,
                         workers: int = 0, logits: bool = False, device="cpu",
-                        stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-logits features (or logits) and labels of every sample this rank sees.
+                        stats: dict | None = None, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logits features (or logits) and labels of every sample this rank sees; a progress bar
+    (``desc``, main process) counts the images of all ranks at this rank's rate.
 
     ``stats``, if given, gets ``skipped``: the samples this rank lost (damaged shards, images that
     do not decode)."""
@@ -45,18 +49,24 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     model.eval().to(device)
     feats, labels, skipped = [], [], 0
-    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
-        skipped += int(batch["skipped"])
-        if len(batch["labels"]) == 0:
-            continue
-        tokens = model.forward_features(batch["pixel_values"].to(device))
-        out = model.forward_head(tokens) if logits else representation(model, tokens)
-        feats.append(out.float().cpu())
-        labels.append(batch["labels"])
+    loader = eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers)
+    # on a terminal only (disable=None): a log or a captured stderr keeps its lines, errors included
+    with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=True if rank else None,
+              leave=False) as bar:
+        for batch in loader:
+            skipped += int(batch["skipped"])
+            bar.update((len(batch["labels"]) + int(batch["skipped"])) * world)
+            if len(batch["labels"]) == 0:
+                continue
+            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
+            out = model.forward_head(tokens) if logits else representation(model, tokens)
+            feats.append(out.float().cpu())
+            labels.append(batch["labels"])
     if stats is not None:
         stats["skipped"] = skipped
     if not feats:
-        return torch.empty(0, model.cfg.embed_dim), torch.empty(0, dtype=torch.long)
+        width = model.cfg.num_classes if logits else model.cfg.embed_dim  # a rank that saw nothing: the same shape
+        return torch.empty(0, width), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -65,7 +75,21 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
 
+def untrained_head(provenance: dict) -> bool:
+    """A head nothing has trained: ``vitpipe init``'s, or a fine-tune's prepared with ``train.max_steps=0``."""
+    return provenance.get("stage") == "init" or ("stage" not in provenance and "init_stage" in provenance)
+
+
+def in_shard_order(logits: torch.Tensor, model_labels: list[str] | None, shard_classes: list[str]) -> torch.Tensor:
+    """The logits' columns in the shards' class order (the eval labels index it), when the model names the same
+    classes in another order; as they are otherwise."""
+    if not model_labels or list(model_labels) == list(shard_classes) or sorted(model_labels) != sorted(shard_classes):
+        return logits
+    return logits[:, [list(model_labels).index(c) for c in shard_classes]]
+
+
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, names: list[str] | None) -> dict:
+    """Top-1, per-class accuracy and the confusion matrix (rows: true class), and top-5 for more than 5 classes."""
     k = logits.shape[1]
     cm = confusion_matrix(logits.argmax(1), labels, k)
     top5 = (logits.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).float().sum().item()
@@ -78,8 +102,8 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, names: lis
     names = names or [str(i) for i in range(k)]
     per_class = {names[i]: (cm[i, i].item() / cm[i].sum().item() if cm[i].sum() else None) for i in range(k)}
     return {"samples": total, "top1": cm.diag().sum().item() / max(1, total),
-            "top5": counts.item() / max(1, total), "per_class": per_class, "confusion": cm.tolist(),
-            "classes": names}
+            **({"top5": counts.item() / max(1, total)} if k > 5 else {}), "per_class": per_class,
+            "confusion": cm.tolist(), "classes": names}
 
 
 def plot_confusion(report: dict, path: str | Path) -> None:
@@ -106,7 +130,8 @@ def plot_confusion(report: dict, path: str | Path) -> None:
                             color="white" if rows[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -170,28 +195,88 @@ def linear_probe(train: tuple, test: tuple, num_classes: int, weight_decay: floa
         return (layer(xte).argmax(1) == yte).float().mean().item()
 
 
+class EvalError(VitpipeError, ValueError):
+    """An evaluation that cannot give a meaningful number; one line naming the flag, shards or checkpoint."""
+
+
+def check_eval_options(shots, seeds: int, batch_size: int, workers: int) -> None:
+    """The numbers ``vitpipe eval`` range-checks, checked again for callers of the Python API."""
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--seeds", seeds, 1),
+                             *(("--shots", k, 1) for k in shots)):
+        if value < low:
+            raise EvalError(f"{flag} must be >= {low}, got {value}")
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """A model whose weights hold NaN or inf is named as such: its accuracy would be a number that means nothing."""
+    if bad := nonfinite_parameters(model):
+        raise EvalError(f"{where}: the model's weights hold NaN or inf ({', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}): the training run diverged")
+
+
+def _check_same_classes(train: list[str] | None, test: list[str], fewshot_train, data) -> None:
+    """Few-shot labels are class numbers: the training shards must number the test shards' classes alike, else
+    every accuracy compares labels that name different classes."""
+    if train == test:
+        return
+    if not train:
+        why = "its index.json lists no classes"
+    elif sorted(train) == sorted(test):
+        why = "the same classes in another order"
+    else:
+        missing, extra = [c for c in test if c not in train], [c for c in train if c not in test]
+        why = "; ".join(f"{word} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                        for word, names in (("lacks", missing), ("adds", extra)) if names)
+    raise EvalError(f"--fewshot-train {fewshot_train}: its classes are not those of {data} ({why}); both must list "
+                    "the same classes in the same order")
+
+
+def _check_shots(labels: torch.Tensor, shots, classes: list[str], data) -> None:
+    """Every class has at least max(shots) examples, else a K-shot result would silently be a fewer-shot one."""
+    if len(labels) == 0:
+        raise EvalError(f"{data}: no few-shot training sample decodes (vitpipe verify {data} names the damage)")
+    counts = torch.bincount(labels, minlength=len(classes))
+    fewest = int(counts.argmin())
+    if max(shots) > counts[fewest]:
+        raise EvalError(f"--shots {max(shots)}: {data} has only {int(counts[fewest])} decodable images of class "
+                        f"{classes[fewest] if fewest < len(classes) else fewest!r} (the fewest of any class); use "
+                        f"--shots up to {int(counts[fewest])}")
+
+
 def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Path | None = None,
              fewshot_train=None, shots=(1, 5, 10, 25), seeds: int = 3, probe: bool = False,
-             batch_size: int = 64, workers: int = 0, device="cpu") -> dict:
+             batch_size: int = 64, workers: int = 0, device="cpu", where: str = "the model") -> dict:
     """Top-1 (if the model has a head) and few-shot / linear probe (if ``fewshot_train`` is given)."""
+    check_eval_options(shots, seeds, batch_size, workers)
+    check_finite(model, where)
     test = resolve_shards(data)
     if not test.classes:
         raise LoaderError(f"{data}: eval shards without labels (their index.json lists no classes)")
-    report: dict = {"data": str(data)}
-    has_head = isinstance(model.head, torch.nn.Linear)
+    report: dict = {"data": redact(str(data))}
+    has_head = isinstance(model.head, torch.nn.Linear) and not untrained_head(info.provenance)
+    if isinstance(model.head, torch.nn.Linear) and not has_head:
+        report["note"] = "no top-1: the model's head is untrained (" + \
+            ("vitpipe init" if info.provenance.get("stage") == "init" else "prepared, train.max_steps=0") + ")"
     lost: dict = {}
     if has_head:
         if model.cfg.num_classes != len(test.classes):
             raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
         t = time.perf_counter()
         logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device,
-                                             stats=lost)
-        report.update(classification_report(logits, labels, info.labels or test.classes))
+                                             stats=lost, desc="eval")
+        ordered = in_shard_order(logits, info.labels, test.classes)
+        names = test.classes if ordered is not logits else info.labels or test.classes
+        report.update(classification_report(ordered, labels, names))
+        _check_decoded(report["samples"], lost["skipped"], data)
         report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
     if fewshot_train is not None:
         train = resolve_shards(fewshot_train)
-        xtr = features_and_labels(model, train, info, batch_size, workers, device=device)
-        xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost)
+        _check_same_classes(train.classes, test.classes, fewshot_train, data)
+        xtr = features_and_labels(model, train, info, batch_size, workers, device=device, desc="few-shot train")
+        _check_shots(xtr[1], shots, test.classes, fewshot_train)
+        xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost,
+                                  desc="few-shot test")
+        _check_decoded(len(xte[1]), lost["skipped"], data)
         k = len(test.classes)
         report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
         if probe:
@@ -203,7 +288,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report.setdefault("samples", int(totals[1]))
         report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
         if report["samples"] < test.num_samples:
-            report["warning"] = (f"{data}: saw {report['samples']} of the {test.num_samples} samples the index lists "
+            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
                                  f"({report['skipped_samples']} lost to damaged shards or images that do not "
                                  "decode; vitpipe verify names them)")
     if out_dir is not None and _dist()[0] == 0:
@@ -215,10 +300,18 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
     return report
 
 
+def _check_decoded(samples: int, skipped: int, data) -> None:
+    if samples == 0:
+        raise EvalError(f"{data}: no sample decodes ({skipped} lost to damaged shards or images; vitpipe verify "
+                        f"{data} names them)")
+
+
 def summary(report: dict) -> str:
     lines = [f"warning: {report['warning']}"] if "warning" in report else []
+    lines += [f"note: {report['note']}"] if "note" in report else []
     if "top1" in report:
-        lines.append(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  on {report['samples']} images "
+        top5 = f"  top-5 {report['top5']:.2%}" if "top5" in report else ""
+        lines.append(f"top-1 {report['top1']:.2%}{top5}  on {report['samples']} images "
                      f"({report['images_per_s']:.0f} img/s incl. decoding)")
     for k, v in report.get("fewshot", {}).items():
         lines.append(f"{k:>8s} linear: {v['mean']:.2%} ± {v['std']:.2%} over {len(v['runs'])} seeds")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.images import unnormalize
 from common.io import atomic_path
+from pretrain.metrics import VAL_METRICS, read_metrics
 from vit import ModelInfo, VisionTransformer
 
 
@@ -53,15 +53,20 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch: in
     return (a * dist).sum(-1).mean(dim=(0, 2))
 
 
-def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
-    """(B, P): how much the class token attends to each patch through all layers (residual included)."""
+def attention_rollout(maps: list[torch.Tensor], global_pool: str = "token") -> torch.Tensor:
+    """(B, P): how much what the model pools attends to each patch through all layers (residual included): the
+    class token's row, or for average pooling the mean of the patch tokens' rows."""
     n = maps[0].shape[-1]
     rollout = torch.eye(n).expand(maps[0].shape[0], n, n)
     for attn in maps:
         a = 0.5 * attn.mean(1) + 0.5 * torch.eye(n)
         a = a / a.sum(-1, keepdim=True)
         rollout = a @ rollout
-    return rollout[:, 0, 1:]
+    return rollout[:, 1:, 1:].mean(1) if global_pool == "avg" else rollout[:, 0, 1:]
+
+
+ROLLOUT_FROM = {"token": "class token to patches", "avg": "average of the patch tokens (the model's pooling) to "
+                                                           "patches"}
 
 
 def _plt():
@@ -127,7 +132,7 @@ def plot_attention_distance(model: VisionTransformer, images: torch.Tensor, path
 def plot_rollout(model: VisionTransformer, images: torch.Tensor, raw: list[np.ndarray], path: Path,
                  name: str = "") -> None:
     plt = _plt()
-    rollout = attention_rollout(attention_maps(model.eval(), images))
+    rollout = attention_rollout(attention_maps(model.eval(), images), model.cfg.global_pool)
     gh, gw = model.cfg.grid_size
     fig, axes = plt.subplots(3, len(raw), figsize=(1.5 * len(raw) + 1.2, 5.2), squeeze=False)
     for k, img in enumerate(raw):
@@ -142,7 +147,8 @@ def plot_rollout(model: VisionTransformer, images: torch.Tensor, raw: list[np.nd
             ax.set_yticks([])
     for row, label in enumerate(("input", "rollout", "input x\nrollout")):
         axes[row][0].set_ylabel(label, fontsize=9)
-    fig.suptitle(f"{name + ': ' if name else ''}attention rollout (class token to patches, all layers)", fontsize=10)
+    fig.suptitle(f"{name + ': ' if name else ''}attention rollout ({ROLLOUT_FROM[model.cfg.global_pool]}, all layers)",
+                 fontsize=10)
     bar = fig.colorbar(im, ax=axes, fraction=0.03)
     bar.set_label("attention, scaled to [0, 1] per image")
     _save(fig, path)
@@ -150,7 +156,10 @@ def plot_rollout(model: VisionTransformer, images: torch.Tensor, raw: list[np.nd
 
 STAGE_TITLES = {"pretrain": "pretraining", "finetune": "fine-tuning"}
 FAMILIES = {"loss": ("training loss", "loss"), "accuracy": ("training accuracy (batches)", "accuracy"),
+            "knn_top1": ("kNN monitor top-1 (frozen features)", "kNN top-1"),
             "lr": ("learning rate", "learning rate")}
+FROM_EVALUATIONS = {"knn_top1"}  # read from val_metrics.jsonl beside metrics.jsonl (one line per checkpoint)
+PERCENT = {"accuracy", "knn_top1"}
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
 
@@ -175,18 +184,20 @@ def _run_kind(metrics: Path) -> tuple[str, str | None]:
 def curve_panels(runs: dict[str, Path]) -> list[Panel]:
     """A row per (stage, objective), pretraining above fine-tuning, a panel per metric family that any of its runs
     logs: a masked-patch loss never shares axes with a classification loss, and MAE (loss only) gets no accuracy."""
-    groups: dict[tuple[str, str | None], dict[str, list[dict]]] = {}
+    groups: dict[tuple[str, str | None], dict[str, tuple[list[dict], list[dict]]]] = {}
     for run, metrics in runs.items():
-        rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-        groups.setdefault(_run_kind(metrics), {})[run] = rows
+        rows = read_metrics(Path(metrics))
+        evaluations = read_metrics(Path(metrics).parent / VAL_METRICS)
+        groups.setdefault(_run_kind(metrics), {})[run] = (rows, evaluations)
     rank = {stage: i for i, stage in enumerate(STAGE_TITLES)}
     panels = []
     for row, (stage, objective) in enumerate(sorted(groups, key=lambda g: (rank.get(g[0], len(rank)), str(g[1])))):
         title = STAGE_TITLES.get(stage, stage) + (f" ({objective})" if objective else "")
         col = 0
         for key, (what, _) in FAMILIES.items():
-            lines = {run: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-                     for run, rows in groups[(stage, objective)].items()}
+            lines = {run: [(r["step"], r[key]) for r in (evaluations if key in FROM_EVALUATIONS else rows)
+                           if r.get(key) is not None]
+                     for run, (rows, evaluations) in groups[(stage, objective)].items()}
             lines = {run: points for run, points in lines.items() if points}
             if lines:
                 panels.append(Panel(row, col, f"{title}: {what}", key, lines))
@@ -201,12 +212,12 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 
     panels = curve_panels(runs)
     nrows, ncols = max(p.row for p in panels) + 1, max(p.col for p in panels) + 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.set_visible(False)
+    fig = plt.figure(figsize=(4.6 * ncols, 3.3 * nrows + 0.5), layout="constrained")
+    rows = fig.subfigures(nrows, 1, squeeze=False)[:, 0]
+    # each row as wide as the figure with its own number of panels: no empty axes where a row has fewer
+    axes = [row.subplots(1, sum(p.row == r for p in panels), squeeze=False)[0] for r, row in enumerate(rows)]
     for p in panels:
         ax = axes[p.row][p.col]
-        ax.set_visible(True)
         for k, (run, points) in enumerate(p.lines.items()):
             style, marker = STYLES[k % len(STYLES)]
             ax.plot(*zip(*points), linestyle=style, marker=marker, markersize=4, linewidth=1.6,
@@ -214,14 +225,13 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
         ax.set_title(p.title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(FAMILIES[p.key][1])
-        if p.key == "accuracy":
+        if p.key in PERCENT:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         if p.key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Training curves: {', '.join(runs)}")
-    fig.tight_layout()
     _save(fig, path)
 
 
@@ -233,9 +243,7 @@ def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8)
     # a shuffled stream (eval transform, no augmentation) so the samples span the classes
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     batch = next(iter(train_loader(resolve_shards(shards), transform, n, shuffle_buffer=2000)))
-    x = batch["pixel_values"]
-    raw = (unnormalize(x, info.mean, info.std).clamp(0, 1) * 255).permute(0, 2, 3, 1).byte().numpy()
-    return x, list(raw)
+    return transform.to_device(batch, "cpu")["pixel_values"], list(batch["images"].numpy())
 
 
 def plot_all(model: VisionTransformer, info: ModelInfo, out: str | Path, images=None,

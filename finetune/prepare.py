@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vit import VisionTransformer
+from vit.model import ViTConfig
 
 
 def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size: tuple[int, int] | None = None,
@@ -27,3 +28,20 @@ def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size:
         model.set_global_pool(global_pool)
     model.reset_head(num_classes=num_classes, head=head)
     return model
+
+
+def finetune_changes(before: ViTConfig, after: ViTConfig, interpolation: str) -> list[str]:
+    """What ``prepare_for_finetune`` changed, in words for the start banner: resolution and position grid,
+    pooling, head."""
+    changes = []
+    if before.image_size != after.image_size:
+        (h0, w0), (h1, w1), (g0, g1) = before.image_size, after.image_size, (before.grid_size, after.grid_size)
+        changes.append(f"resolution {h0}x{w0} -> {h1}x{w1}, position embeddings {g0[0]}x{g0[1]} -> {g1[0]}x{g1[1]} "
+                       f"({interpolation})")
+    if before.global_pool != after.global_pool:
+        changes.append(f"pooling {before.global_pool} -> {after.global_pool}")
+    head = "a linear head" if after.head == "linear" else "a pretraining head (tanh layer + linear)"
+    replaced = f"replaces the pretraining head ({before.num_classes} outputs)" if before.head == "pretrain" and \
+        before.num_classes else f"replaces the {before.num_classes}-class head" if before.num_classes else "added"
+    changes.append(f"{head} for {after.num_classes} classes, zero-initialised ({replaced})")
+    return changes

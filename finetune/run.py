@@ -10,6 +10,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from common.devices import is_main_process
 from common.errors import exit_status
 from common.images import image_pair
 from data_tools.loader import resolve_shards
-from finetune.prepare import prepare_for_finetune
+from finetune.prepare import finetune_changes, prepare_for_finetune
 from pretrain.config import (
     Config,
     ConfigError,
@@ -26,8 +27,9 @@ from pretrain.config import (
     ScheduleConfig,
     TrainConfig,
     load_config,
+    resolve_epochs,
 )
-from pretrain.config_help import stage_parser
+from pretrain.config_help import config_text, stage_parser
 from pretrain.loop import train
 from pretrain.objectives import build_objective
 from vit import ModelInfo, load_model, save_checkpoint
@@ -57,16 +59,19 @@ def finetune(cfg: Config) -> Path:
             raise ConfigError(f"model.name: {cfg.model.name} asks for patch size {asked.group(1)} but {cfg.init} "
                               f"has patch size {m.patch_size}")
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
+    resolve_epochs(cfg, shards.num_samples)
     num_classes = cfg.model.num_classes or (len(shards.classes) if shards.classes else None)
     if not num_classes:
         raise ConfigError("model.num_classes: not set and the training shards' index lists no classes")
     size = None if cfg.model.image_size is None else image_pair(cfg.model.image_size)
+    before = dataclasses.replace(model.cfg)
     try:
         prepare_for_finetune(model, num_classes, size, cfg.model.pos_embed_interpolation, cfg.model.head,
                              cfg.model.global_pool)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cfg.model.global_pool = model.cfg.global_pool  # the run's config.json records the pooling it used
+    changes = finetune_changes(before, model.cfg, cfg.model.pos_embed_interpolation)
     labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
     info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
                      provenance={"init": str(cfg.init), "init_stage": info.provenance.get("stage"),
@@ -76,7 +81,7 @@ def finetune(cfg: Config) -> Path:
         final = Path(cfg.train.output_dir) / "final"
         save_checkpoint(model, final, info)
         return final
-    return train(cfg, model, build_objective(cfg, model), info, "finetune", shards)
+    return train(cfg, model, build_objective(cfg, model), info, "finetune", shards, changes)
 
 
 def parser(prog: str = "finetune") -> argparse.ArgumentParser:
@@ -87,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        final = finetune(load_config(args.config, args.overrides, base=finetune_defaults()))
+        cfg = load_config(args.config, args.overrides, base=finetune_defaults(), stage="finetune", need_data=not args.print_config)
+        if args.print_config:
+            print(config_text(cfg, "finetune"), end="")
+            return
+        final = finetune(cfg)
         if is_main_process():  # once per launch
             print(f"final model: {final}")
 

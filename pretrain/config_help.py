@@ -17,6 +17,7 @@ import types
 import typing
 from typing import Literal
 
+from common.args import Once
 from pretrain.config import Config
 from pretrain.objectives import OBJECTIVES
 
@@ -67,10 +68,11 @@ def _lines(obj, prefix: str, indent: str, skip: tuple[str, ...] = ()) -> list[st
     return [f"{key.ljust(width)}{what}" for key, what in rows]
 
 
-def config_help(defaults: Config) -> str:
-    """Every section and key with its type and its default in ``defaults`` (a stage's starting config)."""
+def config_help(defaults: Config, skip: tuple[str, ...] = ()) -> str:
+    """Every section and key with its type and its default in ``defaults`` (a stage's starting config); top-level
+    keys in ``skip`` (another stage's) left out."""
     out = ["config keys (YAML sections, or key=value on the command line), with this stage's defaults:"]
-    out += ["", *_lines(defaults, "", "  ")]
+    out += ["", *_lines(defaults, "", "  ", skip)]
     for f in dataclasses.fields(defaults):
         section = getattr(defaults, f.name)
         if not dataclasses.is_dataclass(section) or f.name == "objective":
@@ -84,11 +86,47 @@ def config_help(defaults: Config) -> str:
     return "\n".join(out)
 
 
-def stage_parser(prog: str, doc: str, defaults: Config) -> argparse.ArgumentParser:
-    """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=config_help(defaults),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml")
+KEY_VALUE_HINT = "config keys are given as key=value, e.g. train.max_steps=20 (the keys are listed by --help)"
+
+
+class StageArgumentParser(argparse.ArgumentParser):
+    """argparse, with a hint on usage errors (``--max_steps 20`` is a config key written as an option), and
+    ``key=value`` accepted after options too (``--print-config train.seed=1``)."""
+
+    def error(self, message: str):
+        if "unrecognized arguments" in message:
+            message += f"\n{KEY_VALUE_HINT}"
+        super().error(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if any(a.startswith("-") for a in extra):
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        parsed.overrides += extra
+        return parsed
+
+
+def add_stage_arguments(p: argparse.ArgumentParser, prog: str) -> None:
+    """``--config``, ``--print-config`` and the ``key=value`` overrides of ``vitpipe pretrain`` / ``finetune``."""
+    p.add_argument("--config", action=Once, help=f"YAML recipe, e.g. configs/{prog.split()[-1]}/tiny.yaml, or a run folder's "
+                                    "config.json (repeats that run)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, file and overrides merged) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config keys listed below, e.g. train.max_steps=100 data.batch_size=64")
+
+
+def stage_parser(prog: str, doc: str, defaults: Config, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A stage's command line; its help shows ``doc`` (with examples) and every config key with its default
+    (top-level keys in ``skip`` left out)."""
+    p = StageArgumentParser(prog=prog, description=doc, epilog=config_help(defaults, skip),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stage_arguments(p, prog)
     return p
+
+
+def config_text(cfg: Config, stage: str) -> str:
+    """The resolved config as YAML that ``--config`` accepts as it is (``stage`` first)."""
+    import yaml
+
+    return yaml.safe_dump({"stage": stage, **cfg.to_dict()}, sort_keys=False)

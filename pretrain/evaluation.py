@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
+from pretrain.checkpoints import mark_best
 from pretrain.config import Config, ConfigError
 from pretrain.metrics import VAL_METRICS, append_line
 from pretrain.monitor import knn_top1, pooled_features
@@ -45,6 +47,12 @@ def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals
     return Evals(val, monitor_shards, bank, transform)
 
 
+def evaluated_metrics(evals: Evals, objective_metrics: tuple[str, ...]) -> list[str]:
+    """The names ``evaluate`` records at each checkpoint."""
+    return ([f"val_{m}" for m in ("loss", *objective_metrics)] if evals.val is not None else []) + \
+        (["knn_top1"] if evals.monitor is not None else [])
+
+
 def evaluate(run: Run, bar) -> None:
     """Held-out loss and kNN monitor (those configured), logged to val_metrics.jsonl and TensorBoard."""
     evals, accelerator = run.evals, run.accelerator
@@ -58,11 +66,19 @@ def evaluate(run: Run, bar) -> None:
     if evals.monitor is not None:
         record.update(monitor(accelerator, unwrapped.model, evals.monitor, evals.bank, evals.transform, run.micro,
                               run.cfg.data.workers))
+    if run.cfg.train.keep_best:
+        mark_best(run, record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.pos.step)
     if accelerator.is_main_process:
         append_line(run.out / VAL_METRICS, record)
         bar.write(f"step {run.pos.step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+
+
+def _named(shards: ShardSet) -> str:
+    """The shards as a message names them: their folder, or the first one and how many there are."""
+    folders = {u.rsplit("/", 1)[0] for u in shards.urls}
+    return folders.pop() if len(folders) == 1 else f"{shards.urls[0]} (and {len(shards.urls) - 1} more shards)"
 
 
 @torch.no_grad()
@@ -81,7 +97,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
         n = len(batch["labels"])
         if not n:
             continue
-        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "skipped"}
+        batch = transform.to_device(batch, accelerator.device)
         gen = torch.Generator(device=accelerator.device)
         gen.manual_seed(torch_seed(seed, "val", accelerator.process_index, i))
         with accelerator.autocast():
@@ -89,6 +105,9 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
         totals += torch.tensor([n, loss.item() * n, *(extra[k].item() * n for k in names)], dtype=torch.float64)
     task.train()
     totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    if totals[0] == 0:  # every rank sees the same sum: they all stop here, none waits at a collective
+        raise TrainingError(f"data.val: no sample of {_named(shards)} decodes; the validation loss would be NaN "
+                            f"(vitpipe verify names the damage)")
     means = (totals[1:] / totals[0]).tolist()
     return {"val_samples": int(totals[0]), **{f"val_{k}": v for k, v in zip(("loss", *names), means)}}
 
@@ -108,6 +127,10 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()
+    for (_, labels), key, shards in zip(sets.values(), ("data.monitor", "data.monitor_bank"), (queries, bank)):
+        if len(labels) == 0:  # gathered: the same on every rank
+            raise TrainingError(f"{key}: no sample of {_named(shards)} decodes; the kNN monitor would be NaN "
+                                f"(vitpipe verify names the damage)")
     classes = len(queries.classes)
     if "bank" in sets:
         return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}

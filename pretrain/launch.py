@@ -21,6 +21,42 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
+def threads_per_process(setting: int | None, environ: dict, cores: int) -> tuple[int, str]:
+    """Torch threads for each process of a launch, and where the number came from: ``train.threads``, else
+    ``OMP_NUM_THREADS``, else the cores this process may use divided by the launch's processes on this machine
+    (torch alone would take every core in every process: on a busy machine 3-4x slower)."""
+    if setting is not None:
+        return setting, "train.threads"
+    if (omp := environ.get("OMP_NUM_THREADS", "")).isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    local = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local), f"{cores} cores / {local} process{'es' if local > 1 else ''} on this machine"
+
+
+def set_threads(setting: int | None) -> tuple[int, str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = threads_per_process(setting, dict(os.environ), cores)
+    torch.set_num_threads(threads[0])
+    return threads
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # where configs/deepspeed/*.json ship
+DEEPSPEED_CONFIG = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # accelerate launch passes deepspeed_config_file in it
+
+
+def resolve_deepspeed_config(env: dict = os.environ) -> None:
+    """The accelerate configs we ship name ``configs/deepspeed/*.json`` relative to the checkout: found from any
+    folder (the env variable made absolute), or one line naming the file, instead of DeepSpeed's traceback."""
+    path = env.get(DEEPSPEED_CONFIG)
+    if not path or path == "none" or path.lstrip().startswith("{") or Path(path).is_file():
+        return
+    if not Path(path).is_absolute() and (CHECKOUT / path).is_file():
+        env[DEEPSPEED_CONFIG] = str(CHECKOUT / path)
+        return
+    raise ConfigError(f"{path}: the DeepSpeed config that the accelerate config's deepspeed_config_file names does "
+                      f"not exist (a relative path is looked for in {os.getcwd()} and in {CHECKOUT})")
+
+
 def make_accelerator(cfg: Config, hidden: int) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -30,6 +66,8 @@ def make_accelerator(cfg: Config, hidden: int) -> Accelerator:
     # DeepSpeed on CPU needs gloo named explicitly; plain CPU runs get it from cpu=True
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and distributed and not cuda else []
+    if deepspeed:
+        resolve_deepspeed_config()
     accelerator = Accelerator(
         cpu=not cuda and not deepspeed, mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import TrainingError
-from common.io import atomic_path, write_json
+from common.io import open_append, open_update, write_json
+from common.redact import redacted
 from pretrain.config import Config
 from vit import VisionTransformer
 
@@ -73,35 +74,80 @@ def log_window(run: Run, window: Window, grad_norm, bar) -> None:
 
 
 def append_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def record_run(out: Path, cfg: Config, stage: str, step: int) -> None:
-    """The run's config.json, and its metric logs cut back to ``step`` (what a killed run logged past it)."""
-    rewind_metrics(out / METRICS, step)
-    rewind_metrics(out / VAL_METRICS, step)
-    write_json(out / "config.json", {"stage": stage, **cfg.to_dict()})
+    """The run's config.json, and its metric logs and sample records cut back to ``step`` (what a killed run logged
+    past it; records of ranks a resume on fewer processes no longer has, too)."""
+    for path in (out / METRICS, out / VAL_METRICS, *sorted((out / "samples").glob("rank*.jsonl"))):
+        rewind_metrics(path, step)
+    write_json(out / "config.json", redacted({"stage": stage, **cfg.to_dict()}))
 
 
 def rewind_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines the killed run logged past its checkpoint (a torn last line too:
-    it was being written when the run died, so it is past the checkpoint)."""
+    it was being written when the run died, so it is past the checkpoint).
+
+    The lines are in step order (appended as the run goes, cut back at each resume), so what goes is a tail:
+    read from the end back to the first line at or before ``step``, then truncated there. The cost grows with the
+    lines logged past the checkpoint, not with the run's length (a sample record holds every key trained on).
+    """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
+    with open_update(path) as f:
+        end = f.seek(0, 2)
+        cut, last = end, True
+        for start, line in _lines_from_end(f, end):
+            if not line.strip():
+                cut = start
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if not last:
+                    raise TrainingError(f"{path}:{_line_number(f, start)}: not a JSON line; fix or remove it to "
+                                        "resume") from None
+                record = None
+            last = False
+            if record is not None and record["step"] <= step:
                 break
-            raise TrainingError(f"{path}:{n}: not a JSON line; fix or remove it to resume") from None
-        if record["step"] <= step:
-            kept.append(line)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+            cut = start
+        # one truncate: the file is either as it was or cut back, never half-written
+        f.truncate(cut)
+        if cut:
+            f.seek(cut - 1)
+            if f.read(1) != b"\n":  # a complete last record whose newline was not written yet
+                f.write(b"\n")
+
+
+def _lines_from_end(f, end: int, chunk: int = 1 << 16):
+    """(offset, bytes) of each line of the binary file ``f`` before byte ``end``, the last first, without its
+    newline; memory bounded by the longest line."""
+    head, pos = b"", end
+    while pos > 0:
+        size = min(chunk, pos)
+        pos -= size
+        f.seek(pos)
+        head, *lines = (f.read(size) + head).split(b"\n")
+        offset = pos + len(head) + 1
+        starts = []
+        for line in lines:
+            starts.append(offset)
+            offset += len(line) + 1
+        yield from reversed(list(zip(starts, lines)))
+    yield 0, head
+
+
+def _line_number(f, offset: int, chunk: int = 1 << 20) -> int:
+    f.seek(0)
+    return sum(f.read(min(chunk, offset - at)).count(b"\n") for at in range(0, offset, chunk)) + 1
 
 
 def train_flops_per_image(model: VisionTransformer) -> float:
@@ -113,16 +159,22 @@ def train_flops_per_image(model: VisionTransformer) -> float:
     return 3.0 * (c.depth * per_layer + embed)
 
 
-def measure_peak_flops(device: torch.device, n: int = 2048) -> float:
-    """Best of three timings of an fp32 n x n matmul: the denominator of MFU on this device."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
+    """Best of a few timings of an n x n matmul in ``dtype`` (the run's: bf16 under bf16 autocast): the
+    denominator of MFU on this device. On CUDA n is 8192 and ten matmuls are timed at once (one 2048 matmul
+    is over before the launch is)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048 if dtype == torch.float32 else 512)  # bf16 on a CPU may be emulated: slow
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    repeat = 10 if cuda else 1
     best = float("inf")
     for _ in range(4):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
+        for _ in range(repeat):
+            a @ b
+        if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, (time.perf_counter() - t) / repeat)
     return 2 * n**3 / best

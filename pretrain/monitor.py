@@ -41,7 +41,7 @@ def pooled_features(model: VisionTransformer, shards: ShardSet, transform, batch
     feats, labels = [], []
     for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
         if len(batch["labels"]):
-            tokens = model.forward_features(batch["pixel_values"].to(device))
+            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
             feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
             labels.append(batch["labels"])
     if not feats:

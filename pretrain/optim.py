@@ -58,11 +58,13 @@ def param_groups(module: torch.nn.Module, weight_decay: float, layer_decay: floa
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
 
 
-def build_optimizer(cfg: Config, module: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, module: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: AdamW's one-kernel update (where the parameters will live on CUDA; the CPU keeps the
+    for-each update its published results were made with)."""
     o = cfg.optim
     groups = param_groups(module, o.weight_decay, o.layer_decay)
     for g in groups:
         g["lr"] = o.lr * g["lr_scale"]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)

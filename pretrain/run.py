@@ -3,6 +3,8 @@
 examples:
   vitpipe pretrain --config configs/pretrain/tiny.yaml data.train=shards/train
   vitpipe pretrain --config configs/pretrain/tiny_mae.yaml data.train=shards/train train.max_steps=2000
+  vitpipe pretrain --config configs/pretrain/tiny_mae.yaml data.train=shards/train train.epochs=5 --print-config
+  vitpipe pretrain --config runs/tiny-mae/config.json          # a run folder's resolved config: repeat (or resume) it
   accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pretrain \\
       --config configs/pretrain/tiny.yaml data.train=shards/train
 """
@@ -15,8 +17,8 @@ from common.devices import is_main_process
 from common.errors import exit_status
 from common.images import INCEPTION_MEAN, INCEPTION_STD
 from data_tools.loader import resolve_shards
-from pretrain.config import Config, ConfigError, load_config
-from pretrain.config_help import stage_parser
+from pretrain.config import Config, ConfigError, load_config, resolve_epochs
+from pretrain.config_help import config_text, stage_parser
 from pretrain.loop import train
 from pretrain.objectives import OBJECTIVES, build_objective
 from vit import ModelInfo, create_model
@@ -41,9 +43,13 @@ def build_model(cfg: Config, classes: list[str] | None):
 
 
 def pretrain(cfg: Config):
+    if cfg.init is not None:
+        raise ConfigError(f"init: a fine-tuning key (vitpipe finetune init={cfg.init} ...); pretraining starts "
+                          "from a fresh model")
     cfg.data.mean = cfg.data.mean or list(INCEPTION_MEAN)
     cfg.data.std = cfg.data.std or list(INCEPTION_STD)
     shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
+    resolve_epochs(cfg, shards.num_samples)
     import torch
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
@@ -56,14 +62,18 @@ def pretrain(cfg: Config):
 
 
 def parser(prog: str = "pretrain") -> argparse.ArgumentParser:
-    return stage_parser(prog, __doc__, Config())
+    return stage_parser(prog, __doc__, Config(), skip=("init",))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def run() -> None:
-        final = pretrain(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides, stage="pretrain", need_data=not args.print_config)
+        if args.print_config:
+            print(config_text(cfg, "pretrain"), end="")
+            return
+        final = pretrain(cfg)
         if is_main_process():  # once per launch
             print(f"final model: {final}")
 

@@ -63,6 +63,7 @@ def run_here(capfd, monkeypatch):
         capfd.readouterr()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a launched process (helpers.launch_env)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # which a run reads for its threads (train.threads unset)
         try:
             code = main(cmd[3:])
         except SystemExit as e:  # argparse: --help, or a usage error

@@ -9,7 +9,7 @@ def test_config_errors_name_the_key(tmp_path):
     base = ["data.train=x"]
     with pytest.raises(ConfigError, match="optim.lrr: unknown config key"):
         load_config(None, [*base, "optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match="train.max_steps: expected int, got 'many'"):
+    with pytest.raises(ConfigError, match="train.max_steps: expected int or null, got 'many'"):
         load_config(None, [*base, "train.max_steps=many"])
     with pytest.raises(ConfigError, match=r"objective.name: unknown objective 'simclr' \(known: mae, mpp, supervised\)"):
         load_config(None, [*base, "objective.name=simclr"])

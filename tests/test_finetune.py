@@ -352,8 +352,8 @@ def test_push_uploads_through_the_hub_api(data, tmp_path):
     (["init=/no/such/ckpt"], "checkpoint folder does not exist"),
 ])
 def test_bad_finetune_input(data, tmp_path, overrides, message, run_here):
-    res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}",
-                                f"train.output_dir={tmp_path}", *overrides))
+    init = [] if any(o.startswith("init=") for o in overrides) else [f"init={data / 'pretrained'}"]  # a key once
+    res = run_here(finetune_cmd(*init, f"data.train={data / 'train'}", f"train.output_dir={tmp_path}", *overrides))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
     assert len(res.stderr.strip().splitlines()) == 1
 

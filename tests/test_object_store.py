@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-from fsspec.core import url_to_fs
 
 from data_tools.loader import eval_loader, resolve_shards, train_loader
 from data_tools.shard import ShardError, ShardOptions, shard
 from data_tools.sources import read_source
+from data_tools.store import filesystem
 from data_tools.transforms import EvalTransform, TrainTransform
 from data_tools.verify import inspect, verify
 from vitpipe.cli import main
@@ -48,7 +48,7 @@ def test_shard_to_s3_is_the_local_result_and_reads_back_streaming(s3, tmp_path):
     assert index["complete"] and index["total_samples"] == 21
 
     assert verify(url) == ([], [])
-    assert "21 samples in 5 shards" in inspect(url)
+    assert "21 samples in 5 shards" in inspect(url)[0]
     shards = resolve_shards(url)
     assert shards.num_samples == 21 and shards.classes == ["a", "b"]
     assert shards.urls[0].startswith(url + "/shard-")
@@ -112,7 +112,7 @@ def test_an_upload_failing_mid_run_is_one_line_and_a_rerun_finishes(s3, tmp_path
     opts = ShardOptions(samples_per_shard=4)
     shard(str(src), tmp_path / "local", opts, progress=False)
     url = f"s3://{bucket(s3, 'failing')}/set"
-    fs = url_to_fs(url)[0]  # the (cached) client the writer will use
+    fs = filesystem(url)[0]  # the (cached) client the writer will use
     real, uploads = fs.put_file, []
 
     def refuse_the_third(lpath, rpath, **kw):
@@ -227,4 +227,4 @@ def test_the_s3_stream_is_the_local_stream(s3, shards):
     assert (remote.num_samples, remote.classes) == (local.num_samples, local.classes)
     for a, b in zip(train_loader(local, TrainTransform(16), 8, workers=2, seed=3),
                     train_loader(remote, TrainTransform(16), 8, workers=2, seed=3), strict=True):
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])

@@ -20,10 +20,12 @@ from .corpus import write_patterns
 from .helpers import randomize
 
 
-def _run(folder, stage, objective, rows):
+def _run(folder, stage, objective, rows, evaluations=()):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"stage": stage, "objective": {"name": objective}}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if evaluations:
+        (folder / "val_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluations))
     return folder / "metrics.jsonl"
 
 
@@ -33,7 +35,8 @@ def runs(tmp_path):
     return {
         "pretrain": _run(tmp_path / "mpp", "pretrain", "mpp",
                          [{"step": s, "loss": 6.2 - s / 20, "accuracy": s / 100, "lr": 1e-3} for s in steps]),
-        "mae": _run(tmp_path / "mae", "pretrain", "mae", [{"step": s, "loss": 1 / s, "lr": 1e-3} for s in steps]),
+        "mae": _run(tmp_path / "mae", "pretrain", "mae", [{"step": s, "loss": 1 / s, "lr": 1e-3} for s in steps],
+                    evaluations=[{"step": s, "knn_top1": 0.3 + s / 100, "knn_queries": 30} for s in steps]),
         "pretrained+finetune": _run(tmp_path / "ft", "finetune", "supervised",
                                     [{"step": s, "loss": 2.3 - s / 40, "accuracy": s / 60, "lr": 0.01} for s in steps]),
         "scratch": _run(tmp_path / "scratch", "finetune", "supervised",
@@ -46,7 +49,8 @@ def test_curve_panels_keep_stages_objectives_and_metric_families_apart(runs):
     layout = {(p.row, p.col): (p.title, sorted(p.lines)) for p in panels}
     assert layout == {
         (0, 0): ("pretraining (mae): training loss", ["mae"]),
-        (0, 1): ("pretraining (mae): learning rate", ["mae"]),  # MAE logs no accuracy: no empty panel for it
+        (0, 1): ("pretraining (mae): kNN monitor top-1 (frozen features)", ["mae"]),  # from val_metrics.jsonl
+        (0, 2): ("pretraining (mae): learning rate", ["mae"]),  # MAE logs no accuracy: no empty panel for it
         (1, 0): ("pretraining (mpp): training loss", ["pretrain"]),
         (1, 1): ("pretraining (mpp): training accuracy (batches)", ["pretrain"]),
         (1, 2): ("pretraining (mpp): learning rate", ["pretrain"]),
@@ -94,11 +98,27 @@ def test_every_plot_names_the_model_and_labels_its_axes(runs, tmp_path, monkeypa
     assert figs["position_similarity.png"]["bars"] == ["cosine similarity with the other positions"]
     assert figs["attention_distance.png"]["labels"] == [("network depth (layer)", "mean attention distance (pixels)")]
     assert figs["attention_rollout.png"]["bars"] == ["attention, scaled to [0, 1] per image"]
+    assert "(class token to patches, all layers)" in figs["attention_rollout.png"]["title"]
     curves = figs["training_curves.png"]
     assert curves["title"] == "Training curves: pretrain, mae, pretrained+finetune, scratch"
+    assert curves["titles"] == [p.title for p in plots.curve_panels(runs)]  # every axes a panel: none empty
+    assert all(curves["styles"])
     assert all(x == "step" and y for x, y in curves["labels"])
     finetune_lr = curves["styles"][-1]  # two runs, the same schedule: the lines coincide, so they must differ
     assert len(finetune_lr) == 2 and finetune_lr[0] != finetune_lr[1]
+
+
+def test_rollout_of_an_average_pooling_model_follows_its_pooling(tmp_path, monkeypatch):
+    recorder = _Recorder()
+    monkeypatch.setattr(plots, "_save", recorder)
+    model = randomize(create_model("vit_ti4", image_size=16, depth=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                                   global_pool="avg"))
+    x = torch.randn(2, 3, 16, 16)
+    plots.plot_rollout(model, x, [np.zeros((16, 16, 3), np.uint8)] * 2, tmp_path / "r.png", "avg/final")
+    assert "average of the patch tokens" in recorder.figures["r.png"]["title"]
+    maps = plots.attention_maps(model, x)
+    rows = plots.attention_rollout(maps, "token"), plots.attention_rollout(maps, "avg")
+    assert rows[0].shape == rows[1].shape == (2, 16) and not torch.allclose(*rows)
 
 
 def test_plot_pngs_are_written(runs, tmp_path):

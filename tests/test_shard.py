@@ -319,7 +319,8 @@ def test_verify_and_inspect(tmp_path, run_here):
     out = tmp_path / "out"
     shard(str(src), out, ShardOptions(samples_per_shard=5), progress=False)
     assert verify(out) == ([], [])
-    text = inspect(out, grid=tmp_path / "grid.png", grid_size=9)
+    text, problems = inspect(out, grid=tmp_path / "grid.png", grid_size=9)
+    assert problems == []
     assert "21 samples in 5 shards" in text and "a" in text and "median" in text
     assert Image.open(tmp_path / "grid.png").size[0] >= 3 * 128
     damaged = out / "shard-000001.tar"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -68,6 +69,9 @@ def test_two_cpu_ranks_match_one_process(shards, tmp_path, env, run_here):
     two = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'two'}", launcher="cpu_2proc.yaml"), env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("final model:") == 1  # once per launch, not once per rank
+    assert two.stdout.count("vitpipe pretrain:") == 1  # the start banner too
+    assert "2 processes on cpu, 1 torch thread each (OMP_NUM_THREADS)" in two.stdout
+    assert "64 samples; global batch 64 (32 per process)" in two.stdout
     a, _ = load_model(tmp_path / "one" / "final")
     b, _ = load_model(tmp_path / "two" / "final")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -93,6 +97,8 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(shards, tmp_path, env, de
     # DeepSpeed told the CPU is meant: only accelerate's launcher process, before our code runs, still warns
     assert "DS_ACCELERATOR" in env or (second.stdout + second.stderr).count("unable to detect") <= 1
     assert second.stdout.count("final model:") == 1  # once per launch, not once per rank
+    banner = next(line for line in second.stdout.splitlines() if line.startswith("vitpipe pretrain:"))
+    assert f"(DeepSpeed ZeRO-{zero})" in second.stdout and re.search(r", 0\.\d\dM parameters", banner)  # unpartitioned
     steps = [r["step"] for r in metrics(out)]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     model, _ = load_model(out / "final")  # gathered full weights, not ZeRO shards

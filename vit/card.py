@@ -2,7 +2,8 @@
 
 Built with ``huggingface_hub``'s card classes, so the hub reads its metadata (license, library,
 tags, an evaluation ``model-index``). Nothing in it names a local absolute path: ``public`` turns
-every path in the provenance, config and metrics into its last two parts (``shards/train``).
+every path in the provenance, config and metrics into its last two parts (``shards/train``), and no secret:
+``common.redact`` masks credentials in them (again: a checkpoint written by an older vitpipe may hold one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from common.redact import redacted
 from vit.model import ViTConfig
 
 # an absolute path (or file:// URL, or ~/...) where a path can start: the start, after a space, '=', ':' (not
@@ -82,7 +84,7 @@ def model_card(cfg: ViTConfig, library: str, how_to_load: str, labels, provenanc
                repo: str = "REPO_ID", license: str = "apache-2.0") -> str:
     """The card's text for an export in ``library``'s format; ``how_to_load`` is the format's snippet (``{repo}``
     filled in here). ``provenance`` and ``metrics`` may hold local paths: the card shows them via ``public``."""
-    provenance, metrics = public(provenance), public(metrics or {})
+    provenance, metrics = public(redacted(provenance)), public(redacted(metrics or {}))
     size = f"{cfg.image_size[0]}x{cfg.image_size[1]}"
     trained, start = describe(provenance)
     results = []
@@ -113,7 +115,8 @@ def model_card(cfg: ViTConfig, library: str, how_to_load: str, labels, provenanc
         f"| initialised from | {start} |",
     ]
     if "top1" in metrics:
-        lines.append(f"| top-1 / top-5 | {metrics['top1']:.2%} / {metrics.get('top5', 0):.2%} on "
+        top5 = (" / top-5", f" / {metrics['top5']:.2%}") if "top5" in metrics else ("", "")
+        lines.append(f"| top-1{top5[0]} | {metrics['top1']:.2%}{top5[1]} on "
                      f"{metrics.get('samples')} images of {metrics.get('data') or 'a held-out set'} |")
     for k, v in (metrics.get("fewshot") or {}).items():
         lines.append(f"| {k} linear | {v['mean']:.2%} ± {v['std']:.2%} |")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from common.errors import VitpipeError
 from common.images import INCEPTION_MEAN, INCEPTION_STD
 from common.io import atomic_path, write_json
+from common.redact import redacted
 from vit.model import VisionTransformer, ViTConfig
 
 FORMAT = "vitpipe"
@@ -76,7 +77,7 @@ def checkpoint_config(cfg: ViTConfig, info: ModelInfo) -> dict:
         "model": cfg.to_dict(),
         "labels": info.labels,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
-        "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info.provenance},
+        "provenance": redacted({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info.provenance}),
     }
 
 

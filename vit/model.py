@@ -6,6 +6,7 @@ between the two without renaming; transformers' names are mapped in ``vit.format
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -196,7 +197,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also when built on "meta"
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         # as in timm: with average pooling the final norm is applied after pooling
         avg = cfg.global_pool == "avg"
@@ -322,3 +323,9 @@ class VisionTransformer(nn.Module):
 
 def create_model(name: str, **overrides) -> VisionTransformer:
     return VisionTransformer(config_for(name, **overrides))
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or inf (a diverged run); one pass over the weights."""
+    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_floating_point() and not torch.isfinite(t).all()]

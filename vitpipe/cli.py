@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.args import Once, int_in
 from common.errors import VitpipeError, exit_status
 
 
@@ -31,7 +32,7 @@ def _init(args) -> None:
 def _export(args) -> None:
     from finetune.share import export_with_card
 
-    for note in export_with_card(args.ckpt, args.out, args.format):
+    for note in export_with_card(args.ckpt, args.out, args.format, force=args.force):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out} ({args.format} format, with a model card)")
 
@@ -43,7 +44,7 @@ def _eval(args) -> None:
     model, info = load_model(args.ckpt)
     report = evaluate(model, info, args.data, args.out or args.ckpt, fewshot_train=args.fewshot_train,
                       shots=tuple(args.shots), seeds=args.seeds, probe=args.linear_probe,
-                      batch_size=args.batch_size, workers=args.workers)
+                      batch_size=args.batch_size, workers=args.workers, where=args.ckpt)
     print(summary(report))
     print(f"report: {args.out or args.ckpt}/eval.json")
 
@@ -51,7 +52,7 @@ def _eval(args) -> None:
 def _push(args) -> None:
     from finetune.share import push
 
-    files = push(args.ckpt, args.repo_id, args.format, args.private, args.revision, args.dry_run)
+    files = push(args.ckpt, args.repo_id, args.format, args.private, args.revision, args.dry_run, force=args.force)
     verb = "would upload" if args.dry_run else "uploaded"
     for name, size in files:
         print(f"{verb} {name} ({size} bytes)")
@@ -71,7 +72,7 @@ def _shard(args) -> None:
         encode=EncodeOptions(resize_shorter=args.resize_shorter, max_side=args.max_side, quality=args.quality,
                              validate=args.validate, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS),
         path_column=args.path_column, label_column=args.label_column, split=args.split,
-        shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed,
+        shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed, allow_local_paths=args.allow_local_paths,
     )
     index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
                        ray_address=args.ray_address, parts=args.parts)
@@ -83,7 +84,7 @@ def _verify(args) -> int:
     from data_tools.shard import read_index
     from data_tools.verify import class_sorting, verify
 
-    problems, notes = verify(args.shards, decode=not args.no_decode)
+    problems, notes = verify(args.shards, decode=not args.no_decode, progress=True)
     for line in notes:
         print(f"note: {line}")
     if warning := class_sorting(read_index(args.shards)):
@@ -95,10 +96,18 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
-def _inspect(args) -> None:
+def _inspect(args) -> int:
     from data_tools.verify import inspect
 
-    print(inspect(args.shards, show=args.samples, grid=args.grid, grid_size=args.grid_size, seed=args.seed))
+    text, problems = inspect(args.shards, show=args.samples, grid=args.grid, grid_size=args.grid_size,
+                             seed=args.seed)
+    print(text)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"{args.shards}: {len(problems)} problem(s) above; vitpipe verify {args.shards} checks every shard",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _plot(args) -> None:
@@ -130,8 +139,8 @@ def _stage(module: str):
         from common.devices import cpu_for_deepspeed_without_a_gpu
 
         cpu_for_deepspeed_without_a_gpu()
-        return importlib.import_module(module).main(["--config", args.config, *args.overrides] if args.config
-                                                    else args.overrides)
+        argv = (["--config", args.config] if args.config else []) + (["--print-config"] if args.print_config else [])
+        return importlib.import_module(module).main([*argv, *args.overrides])
     return run
 
 
@@ -205,23 +214,23 @@ def _shard_verb(sub) -> None:
                                "hf:SPEC (hf:imagefolder:DIR, hf:NAME), or a URL (s3://...) of class folders or a "
                                "manifest")
     s.add_argument("out", help="output folder, or a URL (s3://bucket/prefix)")
-    s.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="images per tar")
+    s.add_argument("--samples-per-shard", type=int_in(1), default=1000, metavar="N", help="images per tar")
     s.add_argument("--max-shard-size", metavar="BYTES",
                    help="also start a new tar past this size, e.g. 500M, 1G (default: no limit)")
     s.add_argument("--prefix", default="shard", help="tar file names: PREFIX-000000.tar, ...")
-    s.add_argument("--resize-shorter", type=int, metavar="N",
+    s.add_argument("--resize-shorter", type=int_in(1), metavar="N",
                    help="resize so the shorter side is N pixels (default: keep the original size)")
-    s.add_argument("--max-side", type=int, metavar="N", help="cap the longer side at N pixels (default: no cap)")
-    s.add_argument("--quality", type=int, default=95, metavar="Q",
+    s.add_argument("--max-side", type=int_in(1), metavar="N", help="cap the longer side at N pixels (default: no cap)")
+    s.add_argument("--quality", type=int_in(1, 100), default=95, metavar="Q",
                    help="JPEG quality for images that are re-encoded (resized or converted)")
     s.add_argument("--validate", choices=["full", "header"], default="full",
                    help="full: decode every image; header: read headers only (faster)")
-    s.add_argument("--max-pixels", type=int, metavar="N",
+    s.add_argument("--max-pixels", type=int_in(1), metavar="N",
                    help="larger images are skipped as decompression bombs (default: PIL's limit, 89,478,485)")
-    s.add_argument("--workers", type=int, metavar="N",
+    s.add_argument("--workers", type=int_in(1), metavar="N",
                    help="local: encoding processes, the output is the same for any number (default: 1); "
                         "ray: parts running at once (default: as many as the cluster's CPUs allow)")
-    s.add_argument("--shuffle-seed", type=int, default=0, metavar="N",
+    s.add_argument("--shuffle-seed", type=int_in(0, 2**32 - 1), default=0, metavar="N",
                    help="seed of the input order's shuffle (every shard mixes the classes)")
     s.add_argument("--no-shuffle", action="store_true",
                    help="keep the source's order (a class-folder corpus then gives one class per shard)")
@@ -233,6 +242,9 @@ def _shard_verb(sub) -> None:
                    help="a manifest's or HF dataset's label column (default: the first of label, labels, class, "
                         "cls, target; none: unlabelled)")
     s.add_argument("--split", help="split of a Hugging Face dataset (default: train, else the first)")
+    s.add_argument("--allow-local-paths", action="store_true",
+                   help="let a manifest on an object store name local files or file:// URLs (default: only objects "
+                        "of its own store)")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
     s.add_argument("--engine", choices=list(ENGINES), default="local",
                    help="where the work runs: " + "; ".join(f"{k}: {e.summary}" for k, e in ENGINES.items()))
@@ -240,7 +252,7 @@ def _shard_verb(sub) -> None:
                    help="ray: the cluster, HOST:PORT of its head or auto (default: RAY_ADDRESS, else a cluster "
                         "started on this machine, else a new local one); SRC and OUT must be reachable from every "
                         "node at the same paths")
-    s.add_argument("--parts", type=int, metavar="N",
+    s.add_argument("--parts", type=int_in(1), metavar="N",
                    help="ray: parts the job is split into, each what --part K/N writes (default: --workers, else "
                         "the cluster's CPUs)")
     s.set_defaults(run=_shard)
@@ -264,10 +276,10 @@ def _inspect_verb(sub) -> None:
   vitpipe inspect s3://bucket/shards/train
 """)
     s.add_argument("shards", help="shard folder or URL (with index.json)")
-    s.add_argument("--samples", type=int, default=5, metavar="N", help="samples to list")
+    s.add_argument("--samples", type=int_in(0), default=5, metavar="N", help="samples to list")
     s.add_argument("--grid", metavar="FILE.png", help="write a contact sheet of random samples (default: none)")
-    s.add_argument("--grid-size", type=int, default=25, metavar="N", help="images on the contact sheet")
-    s.add_argument("--seed", type=int, default=0, help="seed of the contact sheet's random pick")
+    s.add_argument("--grid-size", type=int_in(1), default=25, metavar="N", help="images on the contact sheet")
+    s.add_argument("--seed", type=int_in(0), default=0, help="seed of the contact sheet's random pick")
     s.set_defaults(run=_inspect)
 
 
@@ -279,7 +291,8 @@ def _stage_verbs(sub) -> None:
                                          "several)")):
         s = sub.add_parser(verb, help=what, add_help=False, description=what[0].upper() + what[1:] + ".")
         s.add_argument("-h", "--help", action=_StageHelp, module=module)
-        s.add_argument("--config")
+        s.add_argument("--config", action=Once)
+        s.add_argument("--print-config", action="store_true")
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(run=_stage(module))
 
@@ -292,14 +305,14 @@ def _init_verb(sub) -> None:
 """)
     s.add_argument("model", help="architecture vit_<ti|s|b|l|h><patch>, e.g. vit_ti16, vit_s16, vit_b16")
     s.add_argument("out", help="checkpoint folder to write")
-    s.add_argument("--img-size", type=int, nargs="+", metavar="N", help="N or H W (default: 224)")
-    s.add_argument("--num-classes", type=int, default=1000, metavar="N", help="classifier outputs")
+    s.add_argument("--img-size", type=int_in(1), nargs="+", metavar="N", help="N or H W (default: 224)")
+    s.add_argument("--num-classes", type=int_in(0), default=1000, metavar="N", help="classifier outputs")
     s.add_argument("--head", choices=["linear", "pretrain", "none"], default="linear",
                    help="linear classifier, the paper's pretraining head (tanh layer + linear), or none")
     s.add_argument("--labels", nargs="+", metavar="NAME", help="class names, one per class (default: none)")
-    s.add_argument("--seed", type=int, help="seed of the initialisation (default: torch's unseeded state)")
+    s.add_argument("--seed", type=int_in(0, 2**64 - 1), help="seed of the initialisation (default: torch's unseeded state)")
     for dim in ("embed-dim", "depth", "num-heads", "mlp-dim"):
-        s.add_argument(f"--{dim}", type=int, metavar="N",
+        s.add_argument(f"--{dim}", type=int_in(1), metavar="N",
                        help=f"override the named size's {dim.replace('-', ' ')} (default: the named size's)")
     s.set_defaults(run=_init)
 
@@ -314,12 +327,12 @@ def _eval_verb(sub) -> None:
     s.add_argument("--out", help="where eval.json and confusion.png go (default: the checkpoint folder)")
     s.add_argument("--fewshot-train", metavar="SHARDS",
                    help="few-shot linear evaluation with examples drawn from these shards (default: none)")
-    s.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], metavar="K",
+    s.add_argument("--shots", type=int_in(1), nargs="+", default=[1, 5, 10, 25], metavar="K",
                    help="examples per class of each few-shot evaluation")
-    s.add_argument("--seeds", type=int, default=3, metavar="N", help="few-shot draws per K (mean and spread)")
+    s.add_argument("--seeds", type=int_in(1), default=3, metavar="N", help="few-shot draws per K (mean and spread)")
     s.add_argument("--linear-probe", action="store_true", help="also a logistic-regression probe on all examples")
-    s.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
-    s.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading processes (0: in this one)")
+    s.add_argument("--batch-size", type=int_in(1), default=64, metavar="N", help="images per forward pass")
+    s.add_argument("--workers", type=int_in(0), default=0, metavar="N", help="data-loading processes (0: in this one)")
     s.set_defaults(run=_eval)
 
 
@@ -348,6 +361,7 @@ def _export_verb(sub) -> None:
     s.add_argument("out", help="folder to write")
     s.add_argument("--format", choices=EXPORT_FORMATS, default="vitpipe", metavar="FORMAT",
                    help="layout to write: %(choices)s")
+    s.add_argument("--force", action="store_true", help="export even a model whose weights hold NaN or inf")
     s.set_defaults(run=_export)
 
 
@@ -363,6 +377,7 @@ def _push_verb(sub) -> None:
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--revision", help="branch to upload to (created if missing; default: main)")
     s.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded")
+    s.add_argument("--force", action="store_true", help="upload even a model whose weights hold NaN or inf")
     s.set_defaults(run=_push)
 
 
@@ -375,14 +390,27 @@ def _demo_verb(sub) -> None:
     s.add_argument("--dataset", choices=["auto", "fashion-mnist", "digits"], default="auto",
                    help="auto: Fashion-MNIST when apt can install it, else digits")
     s.add_argument("--reduced", action="store_true", help="a seconds-long version (the test suite runs it)")
-    s.add_argument("--seed", type=int, default=0, help="seed of every step")
+    s.add_argument("--seed", type=int_in(0), default=0, help="seed of every step")
     s.set_defaults(run=_demo)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint when a stage's config key is written as an option (``--max_steps 20``)."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        stage = next((a for a in self.argv[:1] if a in ("pretrain", "finetune")), None)
+        if stage and "unrecognized arguments" in message:
+            message += "\nconfig keys are given as key=value, e.g. train.max_steps=20 (vitpipe " \
+                       f"{stage} --help lists them)"
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from vitpipe import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vitpipe", formatter_class=_Help,
         description="Shard image corpora, pretrain and fine-tune Vision Transformers, evaluate them and share them.",
         epilog="The verbs in pipeline order: shard the images, verify / inspect the shards, pretrain (or init a\n"
@@ -398,5 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # key=value after an option: vitpipe pretrain ... --print-config train.seed=1
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return exit_status(f"vitpipe {args.verb}", lambda: args.run(args))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from common.io import atomic_path
 from vit.card import model_card
 from vit.checkpoint import (
@@ -23,7 +25,7 @@ from vit.checkpoint import (
     write_folder,
 )
 from vit.formats import timm, transformers, vitpipe
-from vit.model import VisionTransformer
+from vit.model import VisionTransformer, ViTConfig
 
 FORMATS: dict[str, ModuleType] = {f.NAME: f for f in (vitpipe, timm, transformers)}
 
@@ -32,6 +34,11 @@ def get_format(name: str) -> ModuleType:
     if name not in FORMATS:
         raise CheckpointError(f"unknown export format {name!r}: choose one of {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def formats_refusing(cfg) -> dict[str, str]:
+    """The formats that cannot hold a model of ``cfg`` (a ``ViTConfig``), each with why."""
+    return {name: why for name, fmt in FORMATS.items() if (why := fmt.refuses(cfg))}
 
 
 def format_of(meta: dict) -> ModuleType:
@@ -57,10 +64,24 @@ def load_model(folder: str | Path, **overrides) -> tuple[VisionTransformer, Mode
         cfg.validate()
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG}: {e}") from None
+    check_before_building(cfg, state, folder)
     model = VisionTransformer(cfg)
-    check_state_dict(model, state, str(folder / WEIGHTS))
     model.load_state_dict(state)
     return model, info
+
+
+def check_before_building(cfg: ViTConfig, state: dict, folder: Path) -> None:
+    """The weights match what ``config.json`` describes, checked before the model is allocated: a config.json
+    that asks for a huge model beside small weights is one line, not gigabytes. The block count is compared
+    first (a skeleton of a million blocks would itself take long), then every shape on a weightless skeleton
+    (torch's meta device)."""
+    held = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if held != cfg.depth:
+        raise CheckpointError(f"{folder / CONFIG}: asks for depth {cfg.depth} but {folder / WEIGHTS} holds {held} "
+                              "blocks")
+    with torch.device("meta"):
+        skeleton = VisionTransformer(cfg)
+    check_state_dict(skeleton, state, f"{folder / WEIGHTS} (against {folder / CONFIG})")
 
 
 def export_checkpoint(model: VisionTransformer, info: ModelInfo, out: str | Path, fmt: str,

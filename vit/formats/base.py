@@ -7,8 +7,10 @@ A format is a module with:
 - ``recognises(meta) -> bool``: whether a folder's ``config.json`` (``meta``) is in this layout;
 - ``read(folder, meta, state) -> (ViTConfig, state, ModelInfo)``: our model from such a folder, with state in our
   tensor names;
-- ``write(cfg, state, info) -> Export``: the files of an export. A model the layout cannot hold is a ``ValueError``
-  whose message is one line saying why and what to use instead; it is raised before anything is written.
+- ``refuses(cfg) -> str | None``: why the layout cannot hold a model of this config (one line saying what to use
+  instead), None when it can; a fine-tune says so when it starts, not at export time;
+- ``write(cfg, state, info) -> Export``: the files of an export. A model the layout cannot hold (``refuses``) is a
+  ``ValueError``; it is raised before anything is written.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ config = timm.data.resolve_data_config({{}}, model=model)
 transform = timm.data.create_transform(**config)  # PIL image (convert("RGB") first) -> normalised tensor
 ```
 
-vitpipe reads this folder too: `vit.load_model(folder)`."""
+vitpipe reads this folder too: `model, info = vit.load_model(folder)`."""
 
 TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
 # timm's registered plain-ViT entry points (each builds VisionTransformer from its arguments, so model_args can
@@ -58,10 +58,17 @@ def mlp_ratio(embed_dim: int, mlp_dim: int) -> float:
     return ratio
 
 
-def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
+def refuses(cfg: ViTConfig) -> str | None:
+    """Why this layout cannot hold a model of ``cfg`` (None: it can)."""
     if cfg.layer_norm_eps != TIMM_LAYER_NORM_EPS:
-        raise ValueError(f"the model's LayerNorm eps is {cfg.layer_norm_eps:g} and timm's ViT fixes it at "
-                         f"{TIMM_LAYER_NORM_EPS:g} (its hub config cannot set it): export to transformers or vitpipe")
+        return (f"the model's LayerNorm eps is {cfg.layer_norm_eps:g} and timm's ViT fixes it at "
+                f"{TIMM_LAYER_NORM_EPS:g} (its hub config cannot set it): export to transformers or vitpipe")
+    return None
+
+
+def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
+    if why := refuses(cfg):
+        raise ValueError(why)
     num_classes, state, note = exportable_head(cfg, state)
     model_args = {
         "img_size": list(cfg.image_size),

@@ -26,7 +26,7 @@ processor = ViTImageProcessor.from_pretrained("{repo}")  # converts grayscale / 
 logits = model(**processor(images=image, return_tensors="pt")).logits
 ```
 
-vitpipe reads this folder too: `vit.load_model(folder)`."""
+vitpipe reads this folder too: `model, info = vit.load_model(folder)`."""
 PROCESSOR = "preprocessor_config.json"
 
 _TO_HF = [
@@ -69,10 +69,17 @@ def _rename(key: str, rules) -> str:
     raise KeyError(f"no conversion for tensor {key}")
 
 
-def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
+def refuses(cfg: ViTConfig) -> str | None:
+    """Why this layout cannot hold a model of ``cfg`` (None: it can)."""
     if cfg.global_pool != "token":
-        raise ValueError("transformers' ViTForImageClassification classifies from the class token; "
-                         "a global-average-pooling model cannot be exported to it (use --format timm)")
+        return ("transformers' ViTForImageClassification classifies from the class token; a global-average-pooling "
+                "model cannot be exported to it (use --format timm, or fine-tune with model.global_pool=token)")
+    return None
+
+
+def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
+    if why := refuses(cfg):
+        raise ValueError(why)
     num_classes, state, note = exportable_head(cfg, state)
     names = list(info.labels) if info.labels and num_classes else [f"LABEL_{i}" for i in range(num_classes)]
     return Export(_hf_state(state), {PROCESSOR: _processor(cfg, info),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from common.redact import redacted
 from vit.card import public
 from vit.checkpoint import CONFIG, FORMAT, ModelInfo, checkpoint_config, parse_checkpoint_config
 from vit.formats.base import Export
@@ -26,7 +27,11 @@ def read(folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, ModelI
     return cfg, state, info
 
 
+def refuses(cfg: ViTConfig) -> str | None:
+    return None  # our folder holds every model
+
+
 def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
     """Our folder, holding everything; the local paths in the provenance stay in the run folder."""
-    public_info = dataclasses.replace(info, provenance=public(info.provenance))
+    public_info = dataclasses.replace(info, provenance=public(redacted(info.provenance)))
     return Export(state, {CONFIG: checkpoint_config(cfg, public_info)})

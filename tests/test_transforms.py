@@ -1,0 +1,140 @@
+"""uint8 batches normalised on the device, the GPU-decode path (run on the CPU where no GPU is), bf16 on the CPU."""
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.loader import resolve_shards, train_loader
+from data_tools.shard import ShardOptions, shard
+from data_tools.transforms import (
+    BatchBuilder,
+    EvalTransform,
+    GpuTrainTransform,
+    JpegCrop,
+    TrainTransform,
+    draw_train_crop,
+    normalize,
+)
+from pretrain.checkpoints import config_changes
+from pretrain.config import ConfigError, load_config
+from pretrain.loop import train_transform
+
+from .corpus import photo_crops
+from .helpers import pretrain_cmd
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> Image.Image:
+    """``img`` as the loader opens a sample: JPEG bytes, opened, not decoded."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_normalising_on_the_device_gives_what_the_workers_used_to_hand_over():
+    """The float path the workers ran per sample before, bit for bit: resumed runs and published results hold."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    transform = EvalTransform(24, mean, std)
+    images = [transform(jpeg(img)) for img in photo_crops(3, min_side=40, max_side=90)]
+
+    def worker_side_before(pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        return x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+
+    builder = BatchBuilder(4)
+    for i, pixels in enumerate(images):
+        builder.add(pixels, i)
+    batch = builder.take(skipped=0)
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (3, 24, 24, 3)
+    assert torch.equal(normalize(batch["images"], mean, std), torch.stack([worker_side_before(p) for p in images]))
+    on_device = transform.to_device(batch, "cpu")
+    assert set(on_device) == {"pixel_values", "labels"} and on_device["pixel_values"].is_contiguous()
+
+
+def test_a_flip_is_the_mirror_of_the_same_crop():
+    img = photo_crops(1, min_side=200, max_side=201)[0]
+    flips, plain = TrainTransform(32, scale=(0.3, 1.0)), TrainTransform(32, scale=(0.3, 1.0), flip=False)
+    pairs = [(flips(jpeg(img), random.Random(s)), plain(jpeg(img), random.Random(s))) for s in range(20)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in pairs]
+    assert any(mirrored) and not all(mirrored)
+    assert all(m or np.array_equal(a, b) for m, (a, b) in zip(mirrored, pairs))
+
+
+def test_gpu_decode_without_cuda_is_one_line_naming_the_key(shards, run_here, tmp_path):
+    cfg = load_config(None, [f"data.train={shards}", "data.decode=gpu"])
+    with pytest.raises(ConfigError, match=r"^data.decode=gpu: needs a CUDA device \(this process trains on cpu\)"):
+        train_transform(cfg, 16, torch.device("cpu"))
+    res = run_here(pretrain_cmd(f"data.train={shards}", "data.decode=gpu", f"train.output_dir={tmp_path / 'run'}"))
+    assert res.returncode != 0
+    assert [line for line in res.stderr.splitlines() if line.strip()] == \
+        ["pretrain: error: data.decode=gpu: needs a CUDA device (this process trains on cpu); use data.decode=cpu"]
+
+
+def test_cpu_and_gpu_decode_draw_the_same_crops_and_agree_on_the_pixels():
+    """The GPU path's worker side draws what the CPU path draws, from the same generator; its device side
+    (run here on the CPU) crops those boxes of the full-size image, as the CPU path crops them of the
+    draft-decoded one: the images agree up to the two resamplers' differences."""
+    photos = photo_crops(12, seed=4, min_side=120, max_side=400)
+    cpu, gpu = TrainTransform(48), GpuTrainTransform(48)
+    cpu_batch, gpu_batch = BatchBuilder(len(photos)), BatchBuilder(len(photos))
+    for i, img in enumerate(photos):
+        crop = gpu(jpeg(img), random.Random(i))
+        assert isinstance(crop, JpegCrop)
+        drawn = draw_train_crop(img.width, img.height, (48, 48), random.Random(i), cpu.scale, cpu.flip)
+        assert (crop.box, crop.flip) == drawn
+        cpu_batch.add(cpu(jpeg(img), random.Random(i)), i)
+        gpu_batch.add(crop, i)
+    on_gpu_path = gpu.to_device(gpu_batch.take(0), "cpu")
+    on_cpu_path = cpu.to_device(cpu_batch.take(0), "cpu")
+    assert torch.equal(on_gpu_path["labels"], on_cpu_path["labels"])
+    a, b = on_gpu_path["pixel_values"], on_cpu_path["pixel_values"]
+    assert a.shape == b.shape == (12, 3, 48, 48)
+    same = (a - b).abs().mean(dim=(1, 2, 3))
+    mirrored = (a - b.flip(-1)).abs().mean(dim=(1, 2, 3))
+    # pixels in [-1, 1]: under 5% of the range per image (PIL's bicubic is a=-0.5, torch's a=-0.75; the CPU
+    # path decodes large crops at a reduced DCT scale), and each the right way round
+    assert same.max() < 0.1, same
+    assert (same < mirrored / 3).all(), (same, mirrored)
+
+
+def test_gpu_decode_batches_carry_jpeg_bytes_and_decode_other_images_in_the_worker(tmp_path):
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    for i, img in enumerate(photo_crops(8, min_side=40, max_side=80)):
+        img.save(src / (f"{i}.png" if i % 4 == 0 else f"{i}.jpg"), **({} if i % 4 == 0 else {"quality": 90}))
+    shard(str(tmp_path / "src"), tmp_path / "shards", ShardOptions(samples_per_shard=8), progress=False)
+    shards = resolve_shards(tmp_path / "shards")
+    (batch,) = train_loader(shards, GpuTrainTransform(16), 8, shuffle_buffer=1, workers=1)
+    assert len(batch["jpeg_rows"]) == 6 and batch["images"].shape == (8, 16, 16, 3)
+    (same,) = train_loader(shards, TrainTransform(16), 8, shuffle_buffer=1, workers=1)
+    png_rows = sorted(set(range(8)) - set(batch["jpeg_rows"].tolist()))
+    assert torch.equal(batch["images"][png_rows], same["images"][png_rows])  # decoded here, as on the CPU path
+    x = GpuTrainTransform(16).to_device(batch, "cpu")["pixel_values"]
+    assert x.shape == (8, 3, 16, 16) and (x - TrainTransform(16).to_device(same, "cpu")["pixel_values"]).abs().mean() < 0.1
+
+
+def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(shards, run_here, tmp_path):
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        res = run_here(pretrain_cmd(f"data.train={shards}", f"train.mixed_precision={precision}", "train.max_steps=4",
+                                    "train.log_every=1", "train.checkpoint_every=4", "data.workers=0",
+                                    f"train.output_dir={out}"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        losses[precision] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["bf16"]) == 4 and all(np.isfinite(losses["bf16"]))
+    assert losses["bf16"] != losses["no"]  # it did run in bf16
+    np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)
+
+
+def test_a_checkpoint_from_before_the_filter_and_decode_keys_resumes_with_their_defaults(shards):
+    cfg = load_config(None, [f"data.train={shards}"])
+    recorded = cfg.to_dict()
+    del recorded["data"]["resize_filter"], recorded["data"]["decode"]
+    assert config_changes(recorded, cfg.to_dict()) == []
+    cfg.data.resize_filter = "bilinear"
+    assert config_changes(recorded, cfg.to_dict()) == ['data.resize_filter ("bicubic", now "bilinear")']
