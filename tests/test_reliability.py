@@ -501,8 +501,8 @@ def poison_weights_at(monkeypatch, step):
 
     real = pretrain.loop.build_optimizer
 
-    def build(cfg, task):
-        optimizer = real(cfg, task)
+    def build(cfg, task, **kwargs):
+        optimizer = real(cfg, task, **kwargs)
         update, calls = optimizer.step, []
 
         def step(*args, **kwargs):
