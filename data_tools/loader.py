@@ -18,6 +18,7 @@ import io
 import itertools
 import logging
 import random
+import signal
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -571,9 +572,17 @@ class ShardStream(IterableDataset):
             yield batch.take(handler.count - reported)
 
 
-def make_loader(stream: ShardStream) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
+def make_loader(stream: ShardStream, worker_init_fn=None) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, worker_init_fn=worker_init_fn,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A training worker ignores SIGTERM and SIGINT: the training process stops at the end of its step on them
+    (a preemption notice), and needs its workers until then. ``accelerate launch`` (torchrun) signals each rank's
+    whole process group, and torch's worker would otherwise die on it. The worker still ends with its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -588,7 +597,7 @@ def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0,
                          workers=workers, seed=seed, epoch=epoch, resampled=resampled,
                          shuffle_buffer=shuffle_buffer, skip_batches=skip_batches, resume=resume,
                          stall_timeout=stall_timeout)
-    return make_loader(stream)
+    return make_loader(stream, leave_stop_signals_to_the_trainer)
 
 
 def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
