@@ -17,8 +17,8 @@ import bisect
 import io
 import itertools
 import logging
+import os
 import random
-import signal
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -578,11 +578,11 @@ def make_loader(stream: ShardStream, worker_init_fn=None) -> DataLoader:
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A training worker ignores SIGTERM and SIGINT: the training process stops at the end of its step on them
-    (a preemption notice), and needs its workers until then. ``accelerate launch`` (torchrun) signals each rank's
-    whole process group, and torch's worker would otherwise die on it. The worker still ends with its parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A training worker leaves its rank's process group: the training process stops at the end of its step on
+    SIGTERM or SIGINT (a preemption notice) and needs its workers until then, but ``accelerate launch``
+    (torchrun) and a terminal's Ctrl-C signal the whole group, and torch's worker dies on it. The rank can
+    still end its workers (torch's shutdown), and they end with it."""
+    os.setpgrp()
 
 
 def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,

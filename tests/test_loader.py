@@ -359,7 +359,7 @@ def test_a_shard_that_never_produces_stops_the_stream_naming_it(shards, workers)
     from data_tools.stall import StalledRead
 
     good = sorted(str(p) for p in shards.glob("*.tar"))[0]
-    hung = "pipe:sleep 3600"
+    hung = "pipe:exec sleep 3600"  # exec: the killed process is the command itself
     s = resolve_shards([f"pipe:cat {good}", hung], num_samples=20)
     loader = train_loader(s, EvalTransform(16), 2, workers=workers, seed=0, stall_timeout=1)
     with pytest.raises(StalledRead) as e:
