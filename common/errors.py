@@ -33,11 +33,26 @@ def user_message(e: Exception) -> str:
     return text
 
 
+class Stopped(Exception):
+    """A run that stopped cleanly on a signal (a preemption notice) after saving where it was: not an error, but
+    not finished either; the entry point prints the message and exits with ``status`` (128 + the signal's
+    number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def exit_status(prog: str, work: Callable[[], int | None]) -> int:
     """Run an entry point's ``work`` and return its exit status (0 unless it returns another): a user error
-    becomes one line ``PROG: error: MESSAGE`` on stderr and status 2; anything else keeps its traceback."""
+    becomes one line ``PROG: error: MESSAGE`` on stderr and status 2; a clean stop on a signal one line
+    ``PROG: MESSAGE`` and its status; anything else keeps its traceback."""
     try:
         return work() or 0
+    except Stopped as e:
+        if str(e):  # empty on every rank but the main one: one line per launch
+            print(f"{prog}: {e}", file=sys.stderr)
+        return e.status
     except USER_ERRORS as e:
         print(f"{prog}: error: {redact(user_message(e))}", file=sys.stderr)
         return 2

@@ -17,16 +17,19 @@ import bisect
 import io
 import itertools
 import logging
+import os
 import random
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import Pipe
 
 from common.errors import VitpipeError
 from common.redact import redact
@@ -35,6 +38,7 @@ from data_tools import store
 from data_tools.index import parse_index
 from data_tools.positions import epoch_pieces, resampled_pieces, shard_names
 from data_tools.shard import parts_progress
+from data_tools.stall import StalledRead, watched
 from data_tools.tars import ForeignTar, HashingReader, image_bytes, read_tar
 from data_tools.transforms import BatchBuilder
 
@@ -199,29 +203,46 @@ def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = No
                               digests.get(url) if digests else None)
 
 
+def _keep_error(errors: list, exn: Exception) -> bool:
+    """webdataset's handler: note the error and read on. A stalled read ends the stream with its one line
+    (webdataset has appended the stream and url to its args) and ends a ``pipe:`` command or ``curl`` that
+    stalled: closing the pipe would otherwise wait for it (up to webdataset's two hours)."""
+    if isinstance(exn, StalledRead):
+        for held in exn.args[1:]:
+            if isinstance(held, Pipe):
+                held.proc.kill()
+        raise StalledRead(exn.args[0]) from None
+    errors.append(exn)
+    return True
+
+
 def read_shard(url: str, handler: _SkipCounter, expected: int | None = None, digest: str | None = None,
-               start: int = 0, first: int = 0):
+               start: int = 0, first: int = 0, stall_timeout: float = 0, where: str = "rank 0, worker 0"):
     """The samples of one shard from byte ``start`` (where its sample number ``first`` begins) on. A damaged
     shard is read as far as it goes, and what it lost goes to ``handler``: the samples ``expected`` (index.json's
     count) beyond those read, else one per error. A shard read from its start to its end whose sha256 is not
     ``digest`` (index.json's) was replaced by another tar: a LoaderError. The hash is taken of the bytes as they are
     read (nothing is read twice): its cost grows with the bytes read, about 3% of decoding the same JPEGs (README,
-    Reliability); a shard resumed from an offset is not hashed (its start is not read)."""
+    Reliability); a shard resumed from an offset is not hashed (its start is not read). A shard that yields no
+    sample for ``stall_timeout`` seconds (0: no limit) raises ``StalledRead`` naming it and ``where``."""
     errors: list[Exception] = []
     yielded = first
     foreign = not seekable(url) or not url.endswith(".tar")
     if foreign and seekable(url) and not store.is_url(url):
         store.check_regular(url)  # webdataset would open a FIFO and wait
+    def native():
+        with _open_stream(url, start) as f:
+            stream = HashingReader(f)
+            yield from read_tar(url, stream, start)
+            if start == 0:
+                stream.drain()
+                _check_digest(url, stream, digest)
+
     if not foreign:
         try:
-            with _open_stream(url, start) as f:
-                stream = HashingReader(f)
-                for sample in read_tar(url, stream, start):
-                    yielded += 1
-                    yield sample
-                if start == 0:
-                    stream.drain()
-                    _check_digest(url, stream, digest)
+            for sample in watched(native(), stall_timeout, f"{url} ({where})"):
+                yielded += 1
+                yield sample
         except ForeignTar:
             foreign = True
         except Exception as exn:  # a damaged tar, a missing file, a store that stopped answering
@@ -231,7 +252,7 @@ def read_shard(url: str, handler: _SkipCounter, expected: int | None = None, dig
                 raise LoaderError(f"{url}: {store.describe(exn)}{store.stall_hint(exn)}") from None
             errors.append(exn)
     if foreign:
-        samples = _foreign_samples(url, lambda exn, errors=errors: errors.append(exn) or True)
+        samples = watched(_foreign_samples(url, partial(_keep_error, errors)), stall_timeout, f"{url} ({where})")
         for sample in itertools.islice(samples, yielded, None):
             yielded += 1
             yield sample
@@ -315,10 +336,10 @@ class WorkerStream:
     """
 
     def __init__(self, shards: ShardSet, pieces_of, buffer: int, key: tuple, resampled: bool, handler: _SkipCounter,
-                 state: dict | None = None, who: str = ""):
+                 state: dict | None = None, who: str = "", stall_timeout: float = 0):
         self.urls, self.pieces_of, self.buffer, self.key = shards.urls, pieces_of, buffer, tuple(key)
         self.counts, self.digests = shards.counts, shards.digests
-        self.resampled, self.handler, self.who = resampled, handler, who
+        self.resampled, self.handler, self.who, self.stall_timeout = resampled, handler, who, stall_timeout
         s = state or {}
         self.explicit = s.get("pieces")  # a re-dealt share of an epoch (elastic resume), the same every pass
         if self.explicit is not None:
@@ -412,7 +433,8 @@ class WorkerStream:
             return
         expected = self.counts.get(url) if self.counts and take is None else None
         digest = self.digests.get(url) if self.digests else None
-        for n, sample in enumerate(read_shard(url, self.handler, expected, digest, start, index), 1):
+        for n, sample in enumerate(read_shard(url, self.handler, expected, digest, start, index, self.stall_timeout,
+                                              self.who), 1):
             if n <= skip:
                 continue
             self.start, self.index = sample.get("__end__"), index + n
@@ -428,8 +450,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform, batch_size: int, *, train: bool, rank: int = 0,
                  world_size: int = 1, workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0, resume: dict | None = None):
+                 shuffle_buffer: int = 1000, skip_batches: int = 0, resume: dict | None = None,
+                 stall_timeout: float = 0):
         super().__init__()
+        self.stall_timeout = stall_timeout
         self.shards, self.transform, self.batch_size, self.train = shards, transform, batch_size, train
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.workers = workers, max(1, workers)  # 0: load in the main process
@@ -525,7 +549,7 @@ class ShardStream(IterableDataset):
                 return mine
         return WorkerStream(self.shards, pieces_of, self.shuffle_buffer,
                             ("shuffle", self.seed, self.epoch, self.rank, logical), self.resampled, handler, state,
-                            f"rank {self.rank}, worker {logical}")
+                            f"rank {self.rank}, worker {logical}", self.stall_timeout)
 
     def _eval_batches(self):
         w, workers = self._worker(), self.workers
@@ -552,22 +576,32 @@ class ShardStream(IterableDataset):
             yield batch.take(handler.count - reported)
 
 
-def make_loader(stream: ShardStream) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
+def make_loader(stream: ShardStream, worker_init_fn=None) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, worker_init_fn=worker_init_fn,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A training worker leaves its rank's process group: the training process stops at the end of its step on
+    SIGTERM or SIGINT (a preemption notice) and needs its workers until then, but ``accelerate launch``
+    (torchrun) and a terminal's Ctrl-C signal the whole group, and torch's worker dies on it. The rank can
+    still end its workers (torch's shutdown), and they end with it."""
+    os.setpgrp()
 
 
 def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0, resume: dict | None = None) -> DataLoader:
+                 shuffle_buffer: int = 1000, skip_batches: int = 0, resume: dict | None = None,
+                 stall_timeout: float = 0) -> DataLoader:
     """``batch_size`` is per rank; every rank yields ``num_samples // (batch_size * world_size)`` batches.
 
     Each batch carries, beside the tensors, ``keys`` (``shard name/sample key`` of its samples) and ``stream``
     (its logical worker and that worker's state after it: what ``resume`` takes to go on from there)."""
     stream = ShardStream(shards, transform, batch_size, train=True, rank=rank, world_size=world_size,
                          workers=workers, seed=seed, epoch=epoch, resampled=resampled,
-                         shuffle_buffer=shuffle_buffer, skip_batches=skip_batches, resume=resume)
-    return make_loader(stream)
+                         shuffle_buffer=shuffle_buffer, skip_batches=skip_batches, resume=resume,
+                         stall_timeout=stall_timeout)
+    return make_loader(stream, leave_stop_signals_to_the_trainer)
 
 
 def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,

@@ -25,11 +25,13 @@ from common.redact import redacted
 from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError, best_metric, best_mode
+from pretrain.launch import on_main
 from vit import ModelInfo
 from vit.checkpoint import WEIGHTS, CheckpointError, save_state_dict
 
 if TYPE_CHECKING:
     from pretrain.loop import Run
+    from pretrain.metrics import Window
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -372,8 +374,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore(accelerator, resume_from: Path | None) -> Position:
-    """Load the checkpoint's full state (weights, optimizer, ...) into the prepared objects; where it stopped."""
+def restore(accelerator, resume_from: Path | None, window: Window) -> Position:
+    """Load the checkpoint's full state (weights, optimizer, ...) into the prepared objects and the metrics
+    window it was in; where it stopped."""
     if resume_from is None:
         return Position()
     deepspeed = accelerator.state.deepspeed_plugin is not None
@@ -388,7 +391,10 @@ def restore(accelerator, resume_from: Path | None) -> Position:
             raise TrainingError(f"{resume_from / 'state'}: does not fit this run's model and objective ({first}); "
                                 "it cannot be resumed: train.resume=none with another train.output_dir to start "
                                 "over") from None
-    pos = Position(**json.loads((resume_from / TRAINER_STATE).read_text())["position"])
+    trainer = json.loads((resume_from / TRAINER_STATE).read_text())
+    pos = Position(**trainer["position"])
+    if "window" in trainer:  # a checkpoint between two log lines (a stop signal's)
+        window.load(trainer["window"])
     accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     return pos
 
@@ -399,13 +405,14 @@ def save_training_checkpoint(run: Run) -> Path:
     root = run.out / CHECKPOINTS
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
+    state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
+    on_main(accelerator, lambda: refuse_nonfinite(state, run.out, final.name))
     if accelerator.is_main_process:
         check_inside(root, run.out)
         fresh_tmp_dir(final)
     accelerator.wait_for_everyone()
     with _writing(tmp):
         accelerator.save_state(str(tmp / "state"), safe_serialization=True)
-        state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
         save_loader_state(run, tmp)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
@@ -421,13 +428,24 @@ def save_training_checkpoint(run: Run) -> Path:
         with _writing(tmp):
             save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
                                                                           {**info.provenance, **provenance}))
-        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage})
+        write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage,
+                                         **({"window": run.window.state()} if run.window.steps else {})})
         write_manifest(tmp)
         replace_dir(tmp, final)
         for old in step_folders(root)[: -cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def refuse_nonfinite(state: dict, out: Path, name: str) -> None:
+    """No checkpoint from a non-finite state: a TrainingError naming the first non-finite tensor and the newest
+    checkpoint, which is finite (every one was checked so before it was written). Reads every weight once."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            last = latest_checkpoint(out)
+            raise TrainingError(f"weights are not finite ({key.removeprefix('_orig_mod.')}); not writing {name}. "
+                                f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}")
 
 
 def follow_umask(folder: Path) -> None:

@@ -58,6 +58,7 @@ class DataConfig:
     batch_size: int = 256  # global: across processes and accumulation steps
     workers: int = 2
     shuffle_buffer: int = 2000
+    stall_timeout: float = 600  # seconds a shard may yield no sample before the run stops naming it; 0: no limit
     resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
     record_keys: bool = False  # one line per optimizer step in OUTPUT_DIR/samples/rank{R}.jsonl: its samples' keys
     augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
@@ -409,6 +410,7 @@ def validate(cfg: Config, need_data: bool = True) -> None:
                 "train.checkpoint_every": (t.checkpoint_every, 1), "train.log_every": (t.log_every, 1),
                 "train.keep_last": (t.keep_last, 1), "data.shuffle_buffer": (d.shuffle_buffer, 1),
                 "data.num_samples": (d.num_samples, 1), "data.workers": (d.workers, 0),
+                "data.stall_timeout": (d.stall_timeout, 0),
                 "train.max_steps": (t.max_steps, 0), "schedule.warmup_steps": (s.warmup_steps, 0),
                 "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
                 "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),

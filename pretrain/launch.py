@@ -4,13 +4,16 @@ the main process for every rank, and the output folder's lock."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import USER_ERRORS
+from common.errors import USER_ERRORS, Stopped
 from common.lock import FolderLock
 from pretrain.config import Config, ConfigError
 
@@ -127,3 +130,55 @@ def launch_lock(accelerator, out: Path, stage: str):
         yield
     finally:
         lock.release()
+
+
+class StopSignals:
+    """``with StopSignals() as stop:`` SIGTERM or SIGINT (a preemption notice, Ctrl-C) sets ``stop.received``
+    for the loop to stop at the end of the step in progress; a second one ends the process at once, by the
+    signal's default action. Only the process that entered the block acts: a forked DataLoader worker inherits
+    the handler and ignores the signal, so a signal sent to a whole process group (Ctrl-C, SLURM) does not
+    kill the workers the step in progress reads from."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.pid = os.getpid()
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.received is None:
+            self.received = signum
+            return
+        print(f"second {signal.Signals(signum).name}: stopping at once, without a checkpoint", file=sys.stderr)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def agreed_stop(accelerator, stop: StopSignals) -> int | None:
+    """The signal any rank received, on every rank (one 1-element all-reduce per step), so that all ranks
+    stop after the same step and write one checkpoint together; None to go on."""
+    received = stop.received or 0
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([received], device=accelerator.device)
+        received = int(accelerator.reduce(flag, "max").item())
+    return received or None
+
+
+def stopped(accelerator, signum: int, step: int) -> Stopped:
+    """What a run stopped by ``signum`` after ``step`` raises: the one line (main process only) and the exit
+    status 128 + signal number."""
+    name = signal.Signals(signum).name
+    line = f"stopped at step {step} on {name}; rerun the same command to continue"
+    return Stopped(line if accelerator.is_main_process else "", 128 + signum)

@@ -46,7 +46,16 @@ from pretrain.checkpoints import (
 )
 from pretrain.config import Config, ConfigError, best_metric, best_mode
 from pretrain.evaluation import Evals, evaluate, evaluated_metrics, evaluation_sets
-from pretrain.launch import launch_lock, make_accelerator, on_main, per_rank_batch, set_threads
+from pretrain.launch import (
+    StopSignals,
+    agreed_stop,
+    launch_lock,
+    make_accelerator,
+    on_main,
+    per_rank_batch,
+    set_threads,
+    stopped,
+)
 from pretrain.metrics import (
     VAL_METRICS,
     Window,
@@ -78,6 +87,7 @@ class Run:
     transform: TrainTransform | EvalTransform  # its ``to_device`` makes the model's input of a loader batch
     evals: Evals
     pos: Position
+    window: Window  # the steps since the last metrics line
     resumed_from: Path | None
     trail: DataTrail  # the data stream's state past the position, and the sample records
     stream_resume: StreamResume  # how the first epoch's loader goes on from the checkpoint
@@ -106,22 +116,24 @@ def train(cfg: Config, model: VisionTransformer, objective: torch.nn.Module, inf
     threads = set_threads(cfg.train.threads)
     accelerator = make_accelerator(cfg, model.cfg.embed_dim)
     try:
-        with launch_lock(accelerator, Path(cfg.train.output_dir), stage):
+        with StopSignals() as stop, launch_lock(accelerator, Path(cfg.train.output_dir), stage):
             counted = parameter_count(model), parameter_count(objective)  # before ZeRO-3 partitions them
             run = set_up(accelerator, cfg, model, objective, info, stage, shards)
             if accelerator.is_main_process:
                 print(banner(run_facts(run, shards, model, counted, threads, list(changes),
                                        run.resumed_from and str(run.resumed_from))), flush=True)
-            return run_steps(run)
+            return run_steps(run, stop)
     finally:
         accelerator.end_training()  # also ends the process group
 
 
-def run_steps(run: Run) -> Path:
-    """Optimizer steps up to ``train.max_steps``, logging and checkpointing on schedule; then ``final/``."""
+def run_steps(run: Run, stop: StopSignals) -> Path:
+    """Optimizer steps up to ``train.max_steps``, logging and checkpointing on schedule; then ``final/``.
+    On a stop signal (any rank's), every rank ends the step in progress, the run checkpoints there and raises
+    ``Stopped``."""
     cfg = run.cfg.train
     stream = micro_batches(run, run.stream_resume.resume)
-    window = Window(run.metrics)
+    window = run.window
     saved_at = run.pos.step if run.resumed_from else None
     run.task.train()
     with tqdm(total=cfg.max_steps, initial=run.pos.step, desc=run.stage,
@@ -138,6 +150,10 @@ def run_steps(run: Run) -> Path:
                 saved_at = run.pos.step
                 if run.best is not None and run.best[0] == run.pos.step:
                     keep_best(run)
+            if not last and (signum := agreed_stop(run.accelerator, stop)):
+                if saved_at != run.pos.step:
+                    save_training_checkpoint(run)
+                raise stopped(run.accelerator, signum, run.pos.step)
         if saved_at != run.pos.step:  # max_steps already reached when resumed
             save_training_checkpoint(run)
         return finish(run)
@@ -155,7 +171,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     transform = train_transform(cfg, model.cfg.image_size, accelerator.device)
     batches = partial(train_loader, shards, transform, per_rank_batch(cfg, accelerator.num_processes),
                       rank=accelerator.process_index, world_size=accelerator.num_processes, workers=d.workers,
-                      seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
+                      seed=cfg.train.seed, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+                      stall_timeout=d.stall_timeout)
     per_epoch = len(batches(epoch=0, skip_batches=0))  # checks shards vs ranks x workers before any work
     stream_resume = plan_stream_resume(resume_from, cfg, shards, accelerator.num_processes,
                                        accelerator.process_index, accelerator.state.deepspeed_plugin is not None,
@@ -171,7 +188,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     task = Task(model, objective)
     optimizer = build_optimizer(cfg, task, fused=accelerator.device.type == "cuda")
     task_p, optimizer = accelerator.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
-    pos = restore(accelerator, resume_from)
+    window = Window(("loss", *objective.metrics))
+    pos = restore(accelerator, resume_from, window)
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
     best = on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
                                                     best_metric(cfg), best_mode(cfg))) if cfg.train.keep_best else None
@@ -179,9 +197,9 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device,
                                                                                             matmul_dtype)
-    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, transform, evals, pos, resume_from,
+    return Run(cfg, accelerator, stage, info, task_p, optimizer, batches, transform, evals, pos, window, resume_from,
                DataTrail(shards.describe(), record), stream_resume, train_flops_per_image(model), peak,
-               ("loss", *objective.metrics), best)
+               window.names, best)
 
 
 def train_transform(cfg: Config, image_size, device: torch.device) -> TrainTransform | EvalTransform:

@@ -32,12 +32,22 @@ class Window:
     steps: int = 0
     skipped: int = 0
     started: float = 0.0
+    untimed: int = 0  # steps restored from a checkpoint: taken before ``started``
 
     def __post_init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.sums, self.steps, self.skipped, self.started = dict.fromkeys(self.names, 0.0), 0, 0, time.perf_counter()
+        self.untimed = 0
+
+    def state(self) -> dict:
+        """What a checkpoint taken mid-window keeps, so that the resumed run logs the same line."""
+        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        self.sums, self.steps, self.skipped = dict(state["sums"]), state["steps"], state["skipped"]
+        self.untimed = self.steps
 
     def add(self, values: list[float]) -> None:
         for name, value in zip(self.names, values):
@@ -47,7 +57,7 @@ class Window:
 
 def log_window(run: Run, window: Window, grad_norm, bar) -> None:
     """One metrics line (jsonl + TensorBoard) averaging the steps since the last, then a fresh window."""
-    images_per_s = window.steps * run.cfg.data.batch_size / (time.perf_counter() - window.started)
+    images_per_s = (window.steps - window.untimed) * run.cfg.data.batch_size / (time.perf_counter() - window.started)
     record = {
         "step": run.pos.step, "epoch": run.pos.epoch, **{m: window.sums[m] / window.steps for m in run.metrics},
         "lr": run.optimizer.param_groups[0]["lr"],

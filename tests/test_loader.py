@@ -349,3 +349,22 @@ def test_shards_that_cannot_be_read_from_an_offset_resume_by_replay(shards):
     resumed = list(train_loader(s, EvalTransform(16), 4, seed=1, shuffle_buffer=5, skip_batches=5, resume=saved))
     for x, y in zip(whole[5:], resumed, strict=True):
         assert torch.equal(x["images"], y["images"]) and x["keys"] == y["keys"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_that_never_produces_stops_the_stream_naming_it(shards, workers):
+    """A ``pipe:`` command that never writes a byte (a hung mount, a stuck read): one line naming the shard,
+    rank and worker once data.stall_timeout passes, in the loader's process and in a worker."""
+    from common.errors import user_message
+    from data_tools.stall import StalledRead
+
+    good = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    hung = "pipe:exec sleep 3600"  # exec: the killed process is the command itself
+    s = resolve_shards([f"pipe:cat {good}", hung], num_samples=20)
+    loader = train_loader(s, EvalTransform(16), 2, workers=workers, seed=0, stall_timeout=1)
+    with pytest.raises(StalledRead) as e:
+        list(loader)
+    message = user_message(e.value)
+    worker = next(w for w in range(max(1, workers)) if f"worker {w}" in message)
+    assert message == (f"{hung} (rank 0, worker {worker}): no sample for 1 s (data.stall_timeout); stopping. "
+                       "Check the storage or the command, then rerun to resume")

@@ -398,3 +398,140 @@ def test_manifest_lists_every_file(tmp_path):
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json: missing, so the checkpoint cannot be verified"):
         verify_manifest(tmp_path)
+
+
+# ---- preemption: a stop signal ends the run at a checkpoint ----------------------------------------------------
+
+def logged_step(out, step):
+    path = out / "metrics.jsonl"
+    return path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                  if line.endswith("}"))
+
+
+def stop_on_signal(cmd, out, env, sig=signal.SIGTERM, after_step=2):
+    """Launch ``cmd``, send ``sig`` once ``after_step`` is in metrics.jsonl; its exit status and stderr."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_step(out, after_step), proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def stopped_step(err, prog, sig="SIGTERM"):
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: stopped at step ")]
+    assert len(lines) == 1, err[-3000:]  # one line per launch, not one per rank
+    step = int(lines[0].split()[4])
+    assert lines[0] == f"{prog}: stopped at step {step} on {sig}; rerun the same command to continue"
+    return step
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def same_run(a, b):
+    keep = ("step", "epoch", "loss", "lr", "grad_norm", "skipped_samples")
+    rows = [[{k: r[k] for k in keep} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+            for out in (a, b)]
+    wa, wb = final_weights(a), final_weights(b)
+    return rows[0] == rows[1] and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_checkpoint_and_the_rerun_is_the_uninterrupted_run(shards, tmp_path, env, run_here):
+    args = [f"data.train={shards}", "train.max_steps=12", "train.checkpoint_every=100", "train.log_every=3",
+            "data.workers=2", "model.drop_path_rate=0.1"]
+    whole = run_here(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "stopped"
+    status, err = stop_on_signal(pretrain_cmd(*args, f"train.output_dir={out}"), out, env, after_step=3)
+    assert status == 128 + signal.SIGTERM, err[-3000:]
+    step = stopped_step(err, "pretrain")
+    assert 3 <= step < 12 and latest_checkpoint(out).name == f"step_{step:08d}"
+    assert not (out / LOCK).exists() and not (out / "final").exists()
+    resumed = run_here(pretrain_cmd(*args, f"train.output_dir={out}"))
+    assert resumed.returncode == 0 and f"resumed from {latest_checkpoint(out).parent}" in resumed.stdout, \
+        resumed.stderr[-2000:]
+    assert same_run(out, tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_stops_every_rank_at_one_step(shards, tmp_path, env):
+    """accelerate launch forwards the signal to each rank; they agree on the step and write one checkpoint."""
+    args = [f"data.train={shards}", "train.max_steps=10", "train.checkpoint_every=100", "train.log_every=2",
+            "data.workers=1"]
+    out = tmp_path / "stopped"
+    status, err = stop_on_signal(pretrain_cmd(*args, f"train.output_dir={out}", launcher="cpu_2proc.yaml"), out, env)
+    assert status != 0, err[-3000:]
+    step = stopped_step(err, "pretrain")
+    assert 2 <= step < 10 and latest_checkpoint(out).name == f"step_{step:08d}", err[-3000:]
+    assert not (out / LOCK).exists()
+    resumed = launch(pretrain_cmd(*args, f"train.output_dir={out}", launcher="cpu_2proc.yaml"), env)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    whole = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}", launcher="cpu_2proc.yaml"), env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert same_run(out, tmp_path / "whole")
+
+
+def test_a_second_stop_signal_ends_the_process_at_once():
+    """The first signal only asks (the process goes on), the second ends it by the signal's default action."""
+    code = ("import os, signal, time\n"
+            "from pretrain.launch import StopSignals\n"
+            "with StopSignals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.2)\n"
+            "    assert stop.received == signal.SIGINT, stop.received\n"
+            "    print('asked', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "print('not stopped')\n")
+    res = launch([sys.executable, "-c", code], timeout=120)
+    assert res.stdout == "asked\n" and res.returncode == -signal.SIGTERM, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "second SIGTERM: stopping at once, without a checkpoint"
+
+
+# ---- non-finite states: never checkpointed, never called good -------------------------------------------------
+
+def poison_weights_at(monkeypatch, step):
+    """The optimizer's ``step``-th update leaves a NaN in the first weight (what an overflowing update does):
+    the loss of that step was finite, the next one's is not."""
+    import pretrain.loop
+
+    real = pretrain.loop.build_optimizer
+
+    def build(cfg, task, **kwargs):
+        optimizer = real(cfg, task, **kwargs)
+        update, calls = optimizer.step, []
+
+        def step(*args, **kwargs):
+            result = update(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == step_at:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            return result
+
+        optimizer.step = step
+        return optimizer
+
+    step_at = step
+    monkeypatch.setattr(pretrain.loop, "build_optimizer", build)
+
+
+def test_no_checkpoint_from_nonfinite_weights_and_the_named_one_is_finite(shards, tmp_path, run_here, monkeypatch):
+    from safetensors.torch import load_file
+
+    poison_weights_at(monkeypatch, 2)
+    out = tmp_path / "run"
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=1",
+                                "train.max_steps=6", "data.workers=0"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    written = sorted((out / "checkpoints").glob("step_*"))
+    assert [p.name for p in written] == ["step_00000001"]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "pretrain: error: weights are not finite (model.patch_embed.proj.weight); not writing step_00000002. "
+        f"Last good checkpoint: {written[0]}")
+    weights = load_file(written[0] / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
