@@ -65,3 +65,20 @@ def test_exit_status_is_one_line_for_user_errors_and_a_traceback_for_bugs(tmp_pa
 
     with pytest.raises(ValueError, match="a bug"):
         exit_status("pretrain", bug)
+
+
+def test_registry_orders_by_priority_then_registration_and_names_the_known_on_a_miss():
+    from common.registry import Registry
+
+    reg = Registry("format", KeyError)
+    reg.add("first", 1)
+    reg.register("urgent", priority=5)(2)
+    reg.add("second", 3)
+    assert reg.names() == ["urgent", "first", "second"]
+    assert reg.first(lambda v: v % 2 == 1) == ("first", 1)
+    assert reg.first(lambda v: v > 9) is None
+    assert "second" in reg and len(reg) == 3 and list(reg) == reg.names()
+    with pytest.raises(KeyError, match="unknown format 'nope' \\(known: urgent, first, second\\)"):
+        reg.get("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("first", 9)
