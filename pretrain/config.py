@@ -1,177 +1,136 @@
 """Typed run configs: YAML files plus ``key=value`` overrides; unknown keys and wrong types are errors.
 
-One ``Config`` serves both stages: fine-tuning only adds ``init`` and a few model keys.
-
-The type check is our own, not OmegaConf's or pydantic's: both convert silently where we refuse
-(``data.augment=1`` becomes true, ``train.seed="7"`` 7), OmegaConf resolves ``${...}`` inside any
-string (a ``pipe:`` shard command's shell variables), and their multi-line messages would have to be
-translated back into ``key: expected TYPE, got VALUE``, which needs the same walk over the types.
+One ``Config`` serves both stages: fine-tuning only adds ``init`` and a few model keys. Each field carries
+its help and range (``pretrain.fields``); the ``objective`` section is the chosen objective's options
+(``pretrain.objective_options``). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-from common.errors import VitpipeError
-from pretrain.objectives import ObjectiveOptions, options_for
+from pretrain.config_merge import overrides_tree, with_overrides
+from pretrain.fields import ConfigError, checked, field, out_of_range
+from pretrain.objective_options import ObjectiveOptions, options_for
 
 CHANNELS = 3  # RGB: the loader decodes every image to three channels
 
 
-class ConfigError(VitpipeError, ValueError):
-    """A config problem; the message names the key."""
-
-
 @dataclass
 class ModelConfig:
-    name: str = "vit_ti16"  # vit_<ti|s|b|l|h><patch>
-    image_size: int | list[int] | None = 224  # fine-tuning: null keeps the checkpoint's
-    num_classes: int | None = None  # default: the classes in the training shards' index
+    name: str = field("vit_ti16", help="vit_<ti|s|b|l|h><patch>")
+    image_size: int | list[int] | None = field(224, help="fine-tuning: null keeps the checkpoint's")
+    num_classes: int | None = field(None, help="default: the classes in the training shards' index", range=">= 0")
     head: Literal["pretrain", "linear", "none"] = "pretrain"
-    global_pool: Literal["token", "avg"] | None = "token"  # fine-tuning: null keeps the checkpoint's
-    embed_dim: int | None = None  # the four below override the named size (small test models)
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_dim: int | None = None
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    global_pool: Literal["token", "avg"] | None = field("token", help="fine-tuning: null keeps the checkpoint's")
+    embed_dim: int | None = field(None, help="the four below override the named size (small test models)",
+                                  range=">= 1")
+    depth: int | None = field(None, range=">= 1")
+    num_heads: int | None = field(None, range=">= 1")
+    mlp_dim: int | None = field(None, range=">= 1")
+    drop_rate: float = field(0.0, range="[0, 1)")
+    drop_path_rate: float = field(0.0, range="[0, 1)")
     grad_checkpointing: bool = False
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    pos_embed: Literal["learned", "sincos"] | None = "learned"  # sincos: MAE's fixed 2D table, not trained
+    pos_embed: Literal["learned", "sincos"] | None = field("learned", help="sincos: MAE's fixed 2D table, not trained")
 
 
 @dataclass
 class DataConfig:
-    train: str | list[str] | None = None  # folder or s3://... with index.json, shard list, brace pattern, pipe:, URL
+    train: str | list[str] | None = field(None, help="folder or s3://... with index.json, shard list, brace pattern, "
+                                                     "pipe:, URL")
     val: str | list[str] | None = None
-    num_samples: int | None = None  # only for shards without an index.json
-    batch_size: int = 256  # global: across processes and accumulation steps
-    workers: int = 2
-    shuffle_buffer: int = 2000
-    stall_timeout: float = 600  # seconds a shard may yield no sample before the run stops naming it; 0: no limit
-    resampled: bool = False  # draw shards with replacement forever (the usual choice for pretraining)
-    record_keys: bool = False  # one line per optimizer step in OUTPUT_DIR/samples/rank{R}.jsonl: its samples' keys
-    augment: bool = True  # random-resized crop + flip; false: resize and centre crop only
-    crop_scale_min: float = 0.08
-    resize_filter: Literal["bicubic", "bilinear"] = "bicubic"  # the crop's resampling (antialiased), train and eval
-    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: workers hand over JPEG bytes, decoded in batches on the CUDA device
-    monitor: str | list[str] | None = None  # labelled shards: kNN top-1 of frozen features at every checkpoint
-    monitor_bank: str | list[str] | None = None  # the kNN's labelled bank; null: leave-one-out on data.monitor
-    mean: list[float] | None = None  # null: the checkpoint's when fine-tuning, else 0.5 (the paper's [-1, 1])
+    num_samples: int | None = field(None, help="only for shards without an index.json", range=">= 1")
+    batch_size: int = field(256, help="global: across processes and accumulation steps", range=">= 1")
+    workers: int = field(2, range=">= 0")
+    shuffle_buffer: int = field(2000, range=">= 1")
+    stall_timeout: float = field(600, help="seconds a shard may yield no sample before the run stops naming it; "
+                                           "0: no limit", range=">= 0")
+    resampled: bool = field(False, help="draw shards with replacement forever (the usual choice for pretraining)")
+    record_keys: bool = field(False, help="one line per optimizer step in OUTPUT_DIR/samples/rank{R}.jsonl: its "
+                                          "samples' keys")
+    augment: bool = field(True, help="random-resized crop + flip; false: resize and centre crop only")
+    crop_scale_min: float = field(0.08, range="(0, 1]")
+    resize_filter: Literal["bicubic", "bilinear"] = field("bicubic", help="the crop's resampling (antialiased), "
+                                                                         "train and eval")
+    decode: Literal["cpu", "gpu"] = field("cpu", help="gpu: workers hand over JPEG bytes, decoded in batches on the "
+                                                      "CUDA device")
+    monitor: str | list[str] | None = field(None, help="labelled shards: kNN top-1 of frozen features at every "
+                                                       "checkpoint")
+    monitor_bank: str | list[str] | None = field(None, help="the kNN's labelled bank; null: leave-one-out on "
+                                                            "data.monitor")
+    mean: list[float] | None = field(None, help="null: the checkpoint's when fine-tuning, else 0.5 (the paper's "
+                                                "[-1, 1])")
     std: list[float] | None = None
 
 
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
+    lr: float = field(1e-3, range=">= 0")
+    weight_decay: float = field(0.1, range=">= 0")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9
-    clip_grad_norm: float | None = 1.0
-    layer_decay: float | None = None  # layer-wise lr decay (MAE fine-tuning): layer l gets lr * decay^(L+1-l)
+    momentum: float = field(0.9, range="[0, 1)")
+    clip_grad_norm: float | None = field(1.0, range="(0, inf)")
+    layer_decay: float | None = field(None, help="layer-wise lr decay (MAE fine-tuning): layer l gets lr * "
+                                                 "decay^(L+1-l)", range="(0, 1]")
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_steps: int = 0
-    warmup_epochs: float | None = None  # instead of warmup_steps: passes over the training shards
+    warmup_steps: int = field(0, range=">= 0")
+    warmup_epochs: float | None = field(None, help="instead of warmup_steps: passes over the training shards",
+                                        range="[0, inf)")
     decay: Literal["linear", "cosine", "constant"] = "linear"
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = field(0.0, range="[0, 1]")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int | None = 1000  # optimizer steps; or give train.epochs instead (exactly one of the two)
-    epochs: float | None = None  # instead of max_steps: passes over the training shards (their index's sample count)
-    threads: int | None = None  # torch threads per process; null: OMP_NUM_THREADS, else the cores / local processes
-    grad_accum: int = 1
-    checkpoint_every: int = 500
-    keep_last: int = 2
+    max_steps: int | None = field(1000, help="optimizer steps; or give train.epochs instead (exactly one of the "
+                                             "two)", range=">= 0")
+    epochs: float | None = field(None, help="instead of max_steps: passes over the training shards (their index's "
+                                            "sample count)", range="(0, inf)")
+    threads: int | None = field(None, help="torch threads per process; null: OMP_NUM_THREADS, else the cores / local "
+                                           "processes", range=">= 1")
+    grad_accum: int = field(1, range=">= 1")
+    checkpoint_every: int = field(500, range=">= 1")
+    keep_last: int = field(2, range=">= 1")
     output_dir: str = "runs/pretrain"
-    resume: str = "auto"  # auto | none | a checkpoint path
-    seed: int = 0
+    resume: str = field("auto", help="auto | none | a checkpoint path")
+    seed: int = field(0, range=">= 0")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 10
+    log_every: int = field(10, range=">= 1")
     compile: bool = False
-    peak_tflops: float | None = None  # for MFU; measured with a matmul when not given
-    resume_mismatch: Literal["refuse", "allow"] = "refuse"  # a checkpoint made with other result-changing keys
-    keep_best: bool = False  # keep best/: the model of the checkpoint with the best train.best_metric
-    best_metric: str | None = None  # knn_top1, val_loss, val_<objective metric>; null: knn_top1 with data.monitor, else val_loss
-    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a *loss metric, else max
+    peak_tflops: float | None = field(None, help="for MFU; measured with a matmul when not given", range="(0, inf)")
+    resume_mismatch: Literal["refuse", "allow"] = field("refuse", help="a checkpoint made with other result-changing "
+                                                                      "keys")
+    keep_best: bool = field(False, help="keep best/: the model of the checkpoint with the best train.best_metric")
+    best_metric: str | None = field(None, help="knn_top1, val_loss, val_<objective metric>; null: knn_top1 with "
+                                               "data.monitor, else val_loss")
+    best_mode: Literal["auto", "max", "min"] = field("auto", help="auto: min for a *loss metric, else max")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveOptions = field(default_factory=lambda: options_for("supervised"))  # its own keys
+    objective: ObjectiveOptions = field(default_factory=lambda: options_for("supervised"), help="its own keys")
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    init: str | None = None  # fine-tuning: the checkpoint folder to start from
+    init: str | None = field(None, help="fine-tuning: the checkpoint folder to start from")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check(value, hint, key: str):
-    """Return ``value`` converted to ``hint`` (int -> float only) or raise naming ``key``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        names = " or ".join(_name(a) for a in typing.get_args(hint))
-        raise ConfigError(f"{key}: expected {names}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off (yes/on) as a bool: mixed_precision=no
-            value = next((w for w in (("no", "off", "false") if not value else ("yes", "on", "true"))
-                          if w in typing.get_args(hint)), value)
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, typing.get_args(hint)))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value}")  # nan passes every < and > check
-    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or \
-            hint is int and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {_name(hint)}, got {value!r}")
-    return value
-
-
-def _name(hint) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
@@ -189,7 +148,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{full}: expected a mapping of {full}.* keys, got {value!r}")
             _apply(current, value, full + ".")
         else:
-            setattr(obj, key, _check(value, hints[key], full))
+            setattr(obj, key, checked(value, hints[key], full))
 
 
 def _did_you_mean(obj, key: str, prefix: str) -> str:
@@ -302,18 +261,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
         made_by = values.pop("stage", stage)
         if stage is not None and made_by != stage:
             raise ConfigError(f"stage: {path} is the config of a {made_by} run; run it with vitpipe {made_by}")
-    given: dict = {}
-    seen: dict[str, str] = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _refuse_repeats(seen, keys, text)
-        _merge(given, keys, value)
-    switched = _section(given, "objective").get("name")
-    if switched is not None and switched != _section(values, "objective").get("name", cfg.objective.name):
-        values.pop("objective", None)
-    _later_length_wins(values, given)
-    _merge_all(values, given)
-    _length_in_epochs_only(values)
+    given = overrides_tree([(text, *parse_override(text)) for text in overrides])
+    values = with_overrides(values, given, cfg.objective.name)
     objective = values.get("objective")
     if isinstance(objective, dict) and "name" in objective and objective["name"] != cfg.objective.name:
         try:
@@ -323,27 +272,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     _apply(cfg, values)
     validate(cfg, need_data)
     return cfg
-
-
-# a length given in steps or in epochs: (section, key in steps, key in epochs)
-LENGTHS = (("train", "max_steps", "epochs"), ("schedule", "warmup_steps", "warmup_epochs"))
-
-
-def _later_length_wins(values: dict, given: dict) -> None:
-    """An override's length in steps (epochs) replaces the file's in epochs (steps)."""
-    for section, *keys in LENGTHS:
-        asked = _section(given, section)
-        for key, other in (keys, keys[::-1]):
-            if asked.get(key) is not None and other not in asked:
-                _section(values, section).pop(other, None)
-
-
-def _length_in_epochs_only(values: dict) -> None:
-    """A length given in epochs alone turns the default length in steps off."""
-    for section, steps, epochs in LENGTHS:
-        given = _section(values, section)
-        if given.get(epochs) is not None and steps not in given:
-            given[steps] = None if steps == "max_steps" else 0
 
 
 def steps_per_epoch(samples: int, global_batch: int) -> int:
@@ -372,69 +300,15 @@ def resolve_epochs(cfg: Config, samples: int | None) -> None:
         s.warmup_steps, s.warmup_epochs = steps_for_epochs(s.warmup_epochs, samples, cfg.data.batch_size), None
 
 
-def _refuse_repeats(seen: dict[str, str], keys: list[str], text: str) -> None:
-    """A key given twice on one command line (or a key and its section) is a mistake, not a last-wins."""
-    key = ".".join(keys)
-    for other, earlier in seen.items():
-        if other == key or other.startswith(key + ".") or key.startswith(other + "."):
-            raise ConfigError(f"{key}: given twice on the command line ({earlier} and {text}); give it once")
-    seen[key] = text
-
-
-def _section(values: dict, key: str) -> dict:
-    return values[key] if isinstance(values.get(key), dict) else {}
-
-
-def _merge_all(values: dict, given: dict) -> None:
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            _merge_all(values[key], value)
-        else:
-            values[key] = value
-
-
-def _merge(values: dict, keys: list[str], value) -> None:
-    """Set ``values[k1][k2]... = value``, keeping sibling keys a YAML file set."""
-    for k in keys[:-1]:
-        if not isinstance(values.get(k), dict):
-            values[k] = {}
-        values = values[k]
-    values[keys[-1]] = value
-
-
 def validate(cfg: Config, need_data: bool = True) -> None:
     """Checks that need no data and no model: every impossible value is refused naming its key (and a missing
     ``data.train`` unless not ``need_data``)."""
-    m, d, t, o, op, s = cfg.model, cfg.data, cfg.train, cfg.objective, cfg.optim, cfg.schedule
-    at_least = {"data.batch_size": (d.batch_size, 1), "train.grad_accum": (t.grad_accum, 1),
-                "train.checkpoint_every": (t.checkpoint_every, 1), "train.log_every": (t.log_every, 1),
-                "train.keep_last": (t.keep_last, 1), "data.shuffle_buffer": (d.shuffle_buffer, 1),
-                "data.num_samples": (d.num_samples, 1), "data.workers": (d.workers, 0),
-                "data.stall_timeout": (d.stall_timeout, 0),
-                "train.max_steps": (t.max_steps, 0), "schedule.warmup_steps": (s.warmup_steps, 0),
-                "model.num_classes": (m.num_classes, 0), "model.embed_dim": (m.embed_dim, 1),
-                "model.depth": (m.depth, 1), "model.num_heads": (m.num_heads, 1), "model.mlp_dim": (m.mlp_dim, 1),
-                "optim.lr": (op.lr, 0), "optim.weight_decay": (op.weight_decay, 0), "train.seed": (t.seed, 0)}
-    at_least.update({"train.threads": (t.threads, 1)})
-    for key, (value, low) in at_least.items():
-        if value is not None and value < low:
-            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    m, d, t, op, s = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.schedule
+    if problem := next(out_of_range(cfg, ""), None):
+        raise ConfigError(problem)
     sizes = m.image_size if isinstance(m.image_size, list) else [m.image_size, m.image_size]
     if m.image_size is not None and (len(sizes) != 2 or min(sizes) < 1):
         raise ConfigError(f"model.image_size: must be N or [H, W] with sizes >= 1, got {m.image_size}")
-    within = {"data.crop_scale_min": (d.crop_scale_min, "(0, 1]", lambda v: 0 < v <= 1),
-              "schedule.min_lr_ratio": (s.min_lr_ratio, "[0, 1]", lambda v: 0 <= v <= 1),
-              "model.drop_rate": (m.drop_rate, "[0, 1)", lambda v: 0 <= v < 1),
-              "model.drop_path_rate": (m.drop_path_rate, "[0, 1)", lambda v: 0 <= v < 1),
-              "optim.momentum": (op.momentum, "[0, 1)", lambda v: 0 <= v < 1),
-              "optim.layer_decay": (op.layer_decay, "(0, 1]", lambda v: 0 < v <= 1),
-              "optim.clip_grad_norm": (op.clip_grad_norm, "(0, inf)", lambda v: v > 0),
-              "train.peak_tflops": (t.peak_tflops, "(0, inf)", lambda v: v > 0),
-              "train.epochs": (t.epochs, "(0, inf)", lambda v: v > 0),
-              "schedule.warmup_epochs": (s.warmup_epochs, "[0, inf)", lambda v: v >= 0)}
-    for key, (value, text, ok) in within.items():
-        if value is not None and not ok(value):
-            raise ConfigError(f"{key}: must be in {text}, got {value}")
     if t.seed >= 2**63:
         raise ConfigError(f"train.seed: must be < 2**63, got {t.seed}")
     if (t.max_steps is None) == (t.epochs is None):
@@ -460,7 +334,7 @@ def validate(cfg: Config, need_data: bool = True) -> None:
     if d.std is not None and min(d.std) <= 0:
         raise ConfigError(f"data.std: must be > 0, got {d.std}")
     try:
-        o.validate()
+        cfg.objective.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.train is None and need_data:

@@ -2,41 +2,22 @@
 
 ``--help`` of ``vitpipe pretrain`` / ``finetune`` (and ``python -m pretrain`` / ``-m finetune``) ends
 with this list, so it never goes stale: a new key, objective or default shows up by itself. The
-words after a key's type are the comment beside its field in the dataclass source.
+words after a key's type are the field's ``help`` (``pretrain.fields.field``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import io
 import json
-import tokenize
 import types
 import typing
 from typing import Literal
 
 from common.args import Once
 from pretrain.config import Config
-from pretrain.objectives import OBJECTIVES
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source (a frozen build): keys, types and defaults still print
-        return {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    comments, line_name = {}, {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        row = tok.start[0]
-        if tok.type == tokenize.NAME and tok.string in names and row not in line_name and tok.start[1] == 4:
-            line_name[row] = tok.string
-        elif tok.type == tokenize.COMMENT and row in line_name:
-            comments[line_name[row]] = tok.string.lstrip("#").strip()
-    return comments
+from pretrain.fields import help_text
+from pretrain.objective_options import OBJECTIVE_OPTIONS
 
 
 def type_name(hint) -> str:
@@ -57,12 +38,11 @@ def _value(v) -> str:
 
 def _lines(obj, prefix: str, indent: str, skip: tuple[str, ...] = ()) -> list[str]:
     hints = typing.get_type_hints(type(obj))
-    comments = field_comments(type(obj))
     rows = []
     for f in dataclasses.fields(obj):
         if f.name in skip or dataclasses.is_dataclass(getattr(obj, f.name)):
             continue
-        what = type_name(hints[f.name]) + (f": {comments[f.name]}" if f.name in comments else "")
+        what = type_name(hints[f.name]) + (f": {help_text(f)}" if help_text(f) else "")
         rows.append((f"{indent}{prefix}{f.name} = {_value(getattr(obj, f.name))}", what))
     width = max((len(key) for key, _ in rows), default=0) + 2
     return [f"{key.ljust(width)}{what}" for key, what in rows]
@@ -78,10 +58,10 @@ def config_help(defaults: Config, skip: tuple[str, ...] = ()) -> str:
         if not dataclasses.is_dataclass(section) or f.name == "objective":
             continue
         out += ["", f"{f.name}:", *_lines(section, f"{f.name}.", "  ")]
-    out += ["", f"objective: objective.name = {defaults.objective.name} picks one of {', '.join(OBJECTIVES)}; "
+    out += ["", f"objective: objective.name = {defaults.objective.name} picks one of {', '.join(OBJECTIVE_OPTIONS)}; "
                 "each has its own keys"]
-    for name, objective in OBJECTIVES.items():
-        options = defaults.objective if defaults.objective.name == name else objective.Options()
+    for name, options_class in OBJECTIVE_OPTIONS.items():
+        options = defaults.objective if defaults.objective.name == name else options_class()
         out += [f"  {name}:", *(_lines(options, "objective.", "    ", skip=("name",)) or ["    (no other keys)"])]
     return "\n".join(out)
 

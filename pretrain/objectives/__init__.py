@@ -1,15 +1,19 @@
 """Training objectives, found by name in ``OBJECTIVES``.
 
-An objective is one module: an ``Options`` dataclass (the config's ``objective`` section, whose
-``name`` selects the objective) and an ``nn.Module`` that maps (model, batch, generator) to a
-loss and a dict of scalar metrics named in ``metrics``. Adding one = one module + one line below.
+An objective is one module here, named as the objective: an ``nn.Module`` (an ``Objective``) that maps
+(model, batch, generator) to a loss and a dict of scalar metrics named in ``metrics``. Its options, the
+config's ``objective`` section, are registered under its name in ``pretrain.objective_options``, which
+loads without torch; the module is found from that name. Adding one = its module + its options there.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions, patchify
+from pretrain.objective_options import OBJECTIVE_OPTIONS, ObjectiveOptions, options_for
+from pretrain.objectives.base import Normalization, Objective, patchify
 from pretrain.objectives.mae import MaskedAutoencoder, mae_loss, random_masking
 from pretrain.objectives.mpp import (
     MaskedPatchPrediction,
@@ -23,21 +27,27 @@ from pretrain.objectives.mpp import (
 from pretrain.objectives.supervised import Supervised
 from vit import VisionTransformer
 
-OBJECTIVES: dict[str, type[Objective]] = {o.Options.name: o for o in (Supervised, MaskedPatchPrediction,
-                                                                      MaskedAutoencoder)}
+
+def objective_class(name: str) -> type[Objective]:
+    """The ``Objective`` in ``pretrain/objectives/<name>.py`` that takes the options registered as ``name``."""
+    options = OBJECTIVE_OPTIONS.get(name)
+    module = importlib.import_module(f"{__name__}.{name}")
+    found = [c for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, Objective) and c.Options is options]
+    if len(found) != 1:
+        raise LookupError(f"{module.__file__}: expected one Objective whose Options is {options.__name__}, "
+                          f"found {len(found)}")
+    return found[0]
+
+
+OBJECTIVES: dict[str, type[Objective]] = {name: objective_class(name) for name in OBJECTIVE_OPTIONS}
 
 __all__ = [
     "OBJECTIVES", "MaskedAutoencoder", "MaskedPatchPrediction", "Normalization", "Objective", "ObjectiveOptions",
     "Supervised", "Task", "build_objective", "corrupt", "corruption_plan", "downsampled_target", "mae_loss",
-    "masked_patch_loss", "mean_color_target", "options_for", "patchify", "quantize_colors", "random_masking",
+    "masked_patch_loss", "mean_color_target", "objective_class", "options_for", "patchify", "quantize_colors",
+    "random_masking",
 ]
-
-
-def options_for(name: str) -> ObjectiveOptions:
-    """Default options of the objective called ``name``; an unknown name is a ValueError listing the known."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective.name: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
-    return OBJECTIVES[name].Options()
 
 
 def build_objective(cfg, model: VisionTransformer) -> Objective:

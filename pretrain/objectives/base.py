@@ -1,4 +1,5 @@
-"""What every objective shares: its options' base, the module's contract, and two small helpers."""
+"""What every objective shares: the module's contract, and two small helpers (its options' base is in
+``pretrain.objective_options``)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,11 @@ from torch import nn
 
 from common.errors import VitpipeError
 from common.images import unnormalize
+from pretrain.objective_options import ObjectiveOptions
 
 
 class ObjectiveError(VitpipeError, ValueError):
     """An objective setting impossible for this model (e.g. at its patch grid); the message names the key."""
-
-
-@dataclass
-class ObjectiveOptions:
-    name: str = ""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the ``objective.*`` key of an impossible value."""
 
 
 class Objective(nn.Module):

@@ -9,12 +9,11 @@ masked patches only. The decoder belongs to the objective: checkpoints hold the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveError, ObjectiveOptions, patchify
+from pretrain.objective_options import MaskedAutoencoderOptions
+from pretrain.objectives.base import Normalization, Objective, ObjectiveError, patchify
 from vit import VisionTransformer, ViTConfig
 from vit.model import Block
 from vit.pos_embed import sincos_position_table
@@ -51,26 +50,6 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
         target = (target - mean) / (var + 1e-6) ** 0.5
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
-
-
-@dataclass
-class MaskedAutoencoderOptions(ObjectiveOptions):
-    name: str = "mae"
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-
-    def validate(self) -> None:
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"objective.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
-        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"objective.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            raise ValueError(f"objective.decoder_dim: {self.decoder_dim} must be divisible by 4 and by "
-                             f"objective.decoder_heads ({self.decoder_heads})")
 
 
 class MaskedAutoencoder(Objective):

@@ -9,14 +9,12 @@ The math is kept in small pure functions below, each unit-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveError, ObjectiveOptions, patchify
+from pretrain.objective_options import MaskedPatchPredictionOptions
+from pretrain.objectives.base import Normalization, Objective, ObjectiveError, patchify
 from vit import VisionTransformer
 
 
@@ -84,24 +82,6 @@ def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor, corrupte
         tgt = tgt.reshape(-1)
     loss = F.cross_entropy(pred.float(), tgt)
     return loss, (pred.argmax(-1) == tgt).float().mean().detach()
-
-
-@dataclass
-class MaskedPatchPredictionOptions(ObjectiveOptions):
-    name: str = "mpp"
-    mpp_target: Literal["mean_color", "downsampled", "pixels"] = "mean_color"
-    corrupt_ratio: float = 0.5
-    mask_prob: float = 0.8  # of the corrupted: replaced by the [mask] embedding
-    random_prob: float = 0.1  # ... by another patch's embedding; the rest are left unchanged
-    color_bits: int = 3
-
-    def validate(self) -> None:
-        if not 0 < self.corrupt_ratio <= 1:
-            raise ValueError(f"objective.corrupt_ratio: must be in (0, 1], got {self.corrupt_ratio}")
-        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
-            raise ValueError("objective.mask_prob + objective.random_prob: must be within [0, 1]")
-        if not 1 <= self.color_bits <= 8:
-            raise ValueError(f"objective.color_bits: must be in [1, 8], got {self.color_bits}")
 
 
 class MaskedPatchPrediction(Objective):

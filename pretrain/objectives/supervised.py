@@ -6,24 +6,12 @@ The sigmoid BCE is big_vision's ``sigmoid_xent``: summed over the classes, avera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from pretrain.objectives.base import Normalization, Objective, ObjectiveOptions
+from pretrain.objective_options import SupervisedOptions
+from pretrain.objectives.base import Normalization, Objective
 from vit import VisionTransformer
-
-
-@dataclass
-class SupervisedOptions(ObjectiveOptions):
-    name: str = "supervised"
-    label_smoothing: float = 0.0
-    multilabel: bool = False  # sigmoid BCE instead of softmax: summed over classes, mean over batch (big_vision)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"objective.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
 def sigmoid_xent(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
