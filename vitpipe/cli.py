@@ -156,7 +156,7 @@ def _plot(args) -> None:
 def _demo(args) -> None:
     from vitpipe.demo import run_demo
 
-    run_demo(args.out, args.dataset, reduced=args.reduced, seed=args.seed)
+    run_demo(args.out, main, args.dataset, reduced=args.reduced, seed=args.seed)
 
 
 def _stage(module: str):

@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +136,13 @@ def shown(argv) -> str:
 
 
 class Steps:
-    """Times each step and prints it, and each command in it, as a user would type it."""
+    """Times each step and prints it, and each command in it, as a user would type it.
 
-    def __init__(self):
+    ``vitpipe``: the command line's entry point (``vitpipe.cli.main``, handed over by the ``demo`` verb, so the
+    demo does not import the CLI that imports it), for the quick verbs run in this process."""
+
+    def __init__(self, vitpipe: Callable[[list[str]], int]):
+        self.vitpipe = vitpipe
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -156,17 +161,15 @@ class Steps:
 
     def run_here(self, *argv) -> None:
         """``vitpipe ARGV`` in this process: for quick verbs, which then skip a second import of torch."""
-        from vitpipe.cli import main
-
         print(f"$ {shown(argv)}", flush=True)
-        if code := main([str(a) for a in argv]):
+        if code := self.vitpipe([str(a) for a in argv]):
             raise DemoError(f"vitpipe {argv[0]} exited with status {code}")
 
 
 class Demo:
     """One run of the demo: its data, budget and folders, and each step as a method, in the order they run."""
 
-    def __init__(self, out: Path, dataset: str, reduced: bool, seed: int):
+    def __init__(self, out: Path, dataset: str, reduced: bool, seed: int, vitpipe: Callable[[list[str]], int]):
         self.out, self.seed = out, seed
         self.name, self.classes, (self.xtr, self.ytr), (self.xte, self.yte) = load_dataset(dataset)
         budget = BUDGETS[self.name]
@@ -174,7 +177,7 @@ class Demo:
         self.labelled = stratified(self.ytr, self.budget.labelled_fraction, seed)
         self.objective = objective_name(self.budget)
         self.data, self.shards, self.runs = out / "data", out / "shards", out / "runs"
-        self.steps = Steps()
+        self.steps = Steps(vitpipe)
         self.common = [f"train.seed={seed}", "data.workers=1"]  # every training run's
 
     def write_corpus(self) -> None:
@@ -304,11 +307,13 @@ class Demo:
         }
 
 
-def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed: int = 0) -> dict:
+def run_demo(out: str | Path, vitpipe: Callable[[list[str]], int], dataset: str = "auto", reduced: bool = False,
+             seed: int = 0) -> dict:
+    """The whole demo; ``vitpipe``: the command line's entry point, for the verbs it runs in this process."""
     t0 = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, dataset, reduced, seed)
+    demo = Demo(out, dataset, reduced, seed, vitpipe)
     print(f"dataset: {demo.name} ({len(demo.xtr)} train / {len(demo.xte)} test real images, {len(demo.classes)} "
           "classes)" + ("" if demo.name == "fashion-mnist" else "; install Debian's dataset-fashion-mnist for the "
                         "full demo"))
@@ -328,12 +333,12 @@ def run_demo(out: str | Path, dataset: str = "auto", reduced: bool = False, seed
 
 
 def objective_name(budget: Budget) -> str:
-    """The pretraining objective the demo runs: its config's, unless an override changes it."""
-    from pretrain.config import read_yaml
+    """The pretraining objective the demo runs: its config's with the demo's overrides, as the run will load it."""
+    from pretrain.config import load_config
 
-    name = read_yaml(CONFIGS / "pretrain" / budget.pretrain_config)["objective"]["name"]
-    overrides = [a.split("=", 1)[1] for a in budget.pretrain_args if a.startswith("objective.name=")]
-    return overrides[-1] if overrides else name
+    config = load_config(CONFIGS / "pretrain" / budget.pretrain_config, budget.pretrain_args, stage="pretrain",
+                         need_data=False)
+    return config.objective.name
 
 
 def pixel_baseline(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
