@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pretrain.config import Config
-from pretrain.objectives import OBJECTIVES
+from pretrain.objective_options import OBJECTIVE_OPTIONS
 from vitpipe.cli import build_parser, main
 
 from .helpers import ROOT
@@ -68,8 +68,8 @@ def _config_keys(defaults: Config) -> list[str]:
         section = getattr(defaults, f.name)
         if f.name != "objective" and dataclasses.is_dataclass(section):
             keys += [f"{f.name}.{g.name} = " for g in dataclasses.fields(section)]
-    for objective in OBJECTIVES.values():
-        keys += [f"objective.{g.name} = " for g in dataclasses.fields(objective.Options) if g.name != "name"]
+    for _, options in OBJECTIVE_OPTIONS.items():
+        keys += [f"objective.{g.name} = " for g in dataclasses.fields(options) if g.name != "name"]
     return keys
 
 
