@@ -16,25 +16,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.devices import rank_and_world
 from common.errors import VitpipeError
 from common.io import atomic_path, write_json
 from common.redact import redact
 from data_tools.index import class_list_difference
-from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
+from data_tools.loader import LoaderError, ShardSet, resolve_shards
 from data_tools.transforms import EvalTransform
+from pretrain.features import extract, features
 from vit import ModelInfo, VisionTransformer, nonfinite_parameters
-
-
-def _dist():
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 
 def representation(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """The frozen features few-shot and the linear probe read: the pooled features the fine-tune
     starts from (class token or average, as the checkpoint pools, after its final norm), then for
     a pretraining head the pre-logits after its tanh layer (the paper's representation)."""
-    return model.pre_logits(model.pool(tokens))
+    return features(model, tokens, "pre_logits")
 
 
 @torch.no_grad()
@@ -46,29 +43,18 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
 
     ``stats``, if given, gets ``skipped``: the samples this rank lost (damaged shards, images that
     do not decode)."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     model.eval().to(device)
-    feats, labels, skipped = [], [], 0
-    loader = eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers)
     # on a terminal only (disable=None): a log or a captured stderr keeps its lines, errors included
     with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=True if rank else None,
               leave=False) as bar:
-        for batch in loader:
-            skipped += int(batch["skipped"])
-            bar.update((len(batch["labels"]) + int(batch["skipped"])) * world)
-            if len(batch["labels"]) == 0:
-                continue
-            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
-            out = model.forward_head(tokens) if logits else representation(model, tokens)
-            feats.append(out.float().cpu())
-            labels.append(batch["labels"])
+        feats, labels, skipped = extract(model, shards, transform, batch_size, rank, world, workers, device,
+                                         "logits" if logits else "pre_logits",
+                                         lambda b: bar.update((len(b["labels"]) + int(b["skipped"])) * world))
     if stats is not None:
         stats["skipped"] = skipped
-    if not feats:
-        width = model.cfg.num_classes if logits else model.cfg.embed_dim  # a rank that saw nothing: the same shape
-        return torch.empty(0, width), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
+    return feats, labels
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -94,7 +80,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, names: lis
     k = logits.shape[1]
     cm = confusion_matrix(logits.argmax(1), labels, k)
     top5 = (logits.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).float().sum().item()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     counts = torch.tensor([top5], dtype=torch.float64)
     if world > 1:  # one reduction per evaluation: every rank reaches it exactly once
         torch.distributed.all_reduce(cm)
@@ -277,7 +263,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
             report["linear_probe_top1"] = linear_probe(xtr, xte, k)
     if lost:
         totals = torch.tensor([lost["skipped"], 0 if has_head else len(xte[1])])
-        if _dist()[1] > 1:  # every rank reaches this once
+        if rank_and_world()[1] > 1:  # every rank reaches this once
             torch.distributed.all_reduce(totals)
         report.setdefault("samples", int(totals[1]))
         report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
@@ -285,7 +271,7 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
             report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
                                  f"({report['skipped_samples']} lost to damaged shards or images that do not "
                                  "decode; vitpipe verify names them)")
-    if out_dir is not None and _dist()[0] == 0:
+    if out_dir is not None and rank_and_world()[0] == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "eval.json", report)
