@@ -18,8 +18,8 @@ from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from pretrain.checkpoints import mark_best
 from pretrain.config import Config, ConfigError
-from pretrain.metrics import VAL_METRICS, append_line
 from pretrain.features import extract
+from pretrain.metrics import VAL_METRICS, append_line
 from pretrain.monitor import knn_top1
 from pretrain.objectives import Task
 from vit import VisionTransformer
@@ -32,6 +32,7 @@ class Evaluator(Protocol):
     """One thing evaluated at every checkpoint, on the frozen model; switched on by config keys it reads."""
 
     title: str  # how the run banner lists it
+    keys: tuple[str, ...]  # the config keys that switch it on (the first is enough)
 
     def prepare(self, cfg: Config) -> Any:
         """What it evaluates on (resolved shards), or None: not configured. A bad key is one ConfigError line."""
@@ -152,6 +153,7 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
 
 class HeldOutLoss:
     title = "held-out loss (data.val)"
+    keys = ("data.val",)
 
     def prepare(self, cfg: Config) -> ShardSet | None:
         return resolve_shards(cfg.data.val) if cfg.data.val else None
@@ -166,6 +168,7 @@ class HeldOutLoss:
 
 class KnnMonitor:
     title = "kNN monitor (data.monitor)"
+    keys = ("data.monitor", "data.monitor_bank")
 
     def prepare(self, cfg: Config) -> tuple[ShardSet, ShardSet | None] | None:
         d = cfg.data
