@@ -238,39 +238,15 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report["note"] = "no top-1: the model's head is untrained (" + \
             ("vitpipe init" if info.provenance.get("stage") == "init" else "prepared, train.max_steps=0") + ")"
     lost: dict = {}
+    read = dict(batch_size=batch_size, workers=workers, device=device)
     if has_head:
-        if model.cfg.num_classes != len(test.classes):
-            raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
-        t = time.perf_counter()
-        logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device,
-                                             stats=lost, desc="eval")
-        ordered = in_shard_order(logits, info.labels, test.classes)
-        names = test.classes if ordered is not logits else info.labels or test.classes
-        report.update(classification_report(ordered, labels, names))
-        _check_decoded(report["samples"], lost["skipped"], data)
-        report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
+        report.update(top1_report(model, info, test, data, lost, **read))
+    fewshot_samples = 0
     if fewshot_train is not None:
-        train = resolve_shards(fewshot_train)
-        _check_same_classes(train.classes, test.classes, fewshot_train, data)
-        xtr = features_and_labels(model, train, info, batch_size, workers, device=device, desc="few-shot train")
-        _check_shots(xtr[1], shots, test.classes, fewshot_train)
-        xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost,
-                                  desc="few-shot test")
-        _check_decoded(len(xte[1]), lost["skipped"], data)
-        k = len(test.classes)
-        report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
-        if probe:
-            report["linear_probe_top1"] = linear_probe(xtr, xte, k)
+        fewshot_samples = fewshot_report(model, info, test, data, fewshot_train, shots, seeds, probe, lost, report,
+                                         **read)
     if lost:
-        totals = torch.tensor([lost["skipped"], 0 if has_head else len(xte[1])])
-        if rank_and_world()[1] > 1:  # every rank reaches this once
-            torch.distributed.all_reduce(totals)
-        report.setdefault("samples", int(totals[1]))
-        report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
-        if report["samples"] < test.num_samples:
-            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
-                                 f"({report['skipped_samples']} lost to damaged shards or images that do not "
-                                 "decode; vitpipe verify names them)")
+        _count_losses(report, lost["skipped"], 0 if has_head else fewshot_samples, test.num_samples)
     if out_dir is not None and rank_and_world()[0] == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,6 +254,50 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         if has_head:
             plot_confusion(report, out_dir / "confusion.png")
     return report
+
+
+def top1_report(model: VisionTransformer, info: ModelInfo, test: ShardSet, data, lost: dict, **read) -> dict:
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix of the model's own head on ``test``."""
+    if model.cfg.num_classes != len(test.classes):
+        raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
+    t = time.perf_counter()
+    logits, labels = features_and_labels(model, test, info, logits=True, stats=lost, desc="eval", **read)
+    ordered = in_shard_order(logits, info.labels, test.classes)
+    names = test.classes if ordered is not logits else info.labels or test.classes
+    report = classification_report(ordered, labels, names)
+    _check_decoded(report["samples"], lost["skipped"], data)
+    report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
+    return report
+
+
+def fewshot_report(model: VisionTransformer, info: ModelInfo, test: ShardSet, data, fewshot_train, shots, seeds: int,
+                   probe: bool, lost: dict, report: dict, **read) -> int:
+    """Few-shot linear accuracy (and the linear probe's) on frozen pre-logits, into ``report``; the test samples
+    this rank read."""
+    train = resolve_shards(fewshot_train)
+    _check_same_classes(train.classes, test.classes, fewshot_train, data)
+    xtr = features_and_labels(model, train, info, desc="few-shot train", **read)
+    _check_shots(xtr[1], shots, test.classes, fewshot_train)
+    xte = features_and_labels(model, test, info, stats=lost, desc="few-shot test", **read)
+    _check_decoded(len(xte[1]), lost["skipped"], data)
+    k = len(test.classes)
+    report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
+    if probe:
+        report["linear_probe_top1"] = linear_probe(xtr, xte, k)
+    return len(xte[1])
+
+
+def _count_losses(report: dict, skipped: int, samples: int, expected: int) -> None:
+    """The samples lost across ranks, and a warning when fewer were read than the index lists."""
+    totals = torch.tensor([skipped, samples])
+    if rank_and_world()[1] > 1:  # every rank reaches this once
+        torch.distributed.all_reduce(totals)
+    report.setdefault("samples", int(totals[1]))
+    report.update(skipped_samples=int(totals[0]), expected_samples=expected)
+    if report["samples"] < expected:
+        report["warning"] = (f"{report['data']}: saw {report['samples']} of the {expected} samples the index lists "
+                             f"({report['skipped_samples']} lost to damaged shards or images that do not "
+                             "decode; vitpipe verify names them)")
 
 
 def _check_decoded(samples: int, skipped: int, data) -> None:
