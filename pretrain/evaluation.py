@@ -32,7 +32,7 @@ class Evaluator(Protocol):
     """One thing evaluated at every checkpoint, on the frozen model; switched on by config keys it reads."""
 
     title: str  # how the run banner lists it
-    keys: tuple[str, ...]  # the config keys that switch it on (the first is enough)
+    keys: tuple[str, ...]  # the config keys it reads; setting the first switches it on
 
     def prepare(self, cfg: Config) -> Any:
         """What it evaluates on (resolved shards), or None: not configured. A bad key is one ConfigError line."""
@@ -57,7 +57,7 @@ class Evals:
 
 def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals:
     """The configured evaluators and their shards (none under ZeRO-3)."""
-    active = [(e, sets) for e in (e for _, e in EVALUATORS.items()) if (sets := e.prepare(cfg)) is not None]
+    active = [(e, sets) for _, e in EVALUATORS.items() if (sets := e.prepare(cfg)) is not None]
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3 and active:
         accelerator.print("note: data.val and data.monitor are not evaluated under ZeRO-3 (its parameters are "
