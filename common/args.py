@@ -54,3 +54,9 @@ class Once(argparse.Action):
             parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); "
                          "give it once")
         setattr(namespace, self.dest, values)
+
+
+def differing_keys(recorded: dict, now: dict) -> list[str]:
+    """The keys whose values differ between a run's recorded arguments and the ones given now (missing counts as
+    different), sorted: what a resumed shard run or a resumed training run compares before it continues."""
+    return sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))

@@ -16,7 +16,15 @@ def cpu_for_deepspeed_without_a_gpu() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes in its torch.distributed group; (0, 1) outside one."""
+    import torch
+
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
 def is_main_process() -> bool:
-    """Rank 0 of a launch (``accelerate launch`` / torchrun set ``RANK``), or a plain process: once-per-launch
-    messages are printed there only."""
+    """Rank 0 of a launch (``accelerate launch`` / torchrun set ``RANK``, read before the group is set up), or a
+    plain process: once-per-launch messages are printed there only."""
     return os.environ.get("RANK", "0") == "0"

@@ -37,6 +37,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
+from common.args import differing_keys
 from common.errors import VitpipeError, user_message
 from common.lock import LOCK
 from common.redact import redact
@@ -212,11 +213,6 @@ def _fingerprint(inputs: list[Input]) -> str:
     for inp in inputs:
         h.update(f"{inp.source}\t{inp.label}\n".encode())
     return h.hexdigest()
-
-
-def differing_keys(a: dict, b: dict) -> list[str]:
-    """The keys whose values differ between two runs' recorded arguments (missing counts as different)."""
-    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
 
 
 def check_prefix(prefix: str) -> None:

@@ -16,25 +16,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.devices import rank_and_world
 from common.errors import VitpipeError
 from common.io import atomic_path, write_json
 from common.redact import redact
 from data_tools.index import class_list_difference
-from data_tools.loader import LoaderError, ShardSet, eval_loader, resolve_shards
+from data_tools.loader import LoaderError, ShardSet, resolve_shards
 from data_tools.transforms import EvalTransform
+from pretrain.features import extract, features
 from vit import ModelInfo, VisionTransformer, nonfinite_parameters
-
-
-def _dist():
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 
 def representation(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """The frozen features few-shot and the linear probe read: the pooled features the fine-tune
     starts from (class token or average, as the checkpoint pools, after its final norm), then for
     a pretraining head the pre-logits after its tanh layer (the paper's representation)."""
-    return model.pre_logits(model.pool(tokens))
+    return features(model, tokens, "pre_logits")
 
 
 @torch.no_grad()
@@ -46,29 +43,18 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
 
     ``stats``, if given, gets ``skipped``: the samples this rank lost (damaged shards, images that
     do not decode)."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
     model.eval().to(device)
-    feats, labels, skipped = [], [], 0
-    loader = eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers)
     # on a terminal only (disable=None): a log or a captured stderr keeps its lines, errors included
     with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=True if rank else None,
               leave=False) as bar:
-        for batch in loader:
-            skipped += int(batch["skipped"])
-            bar.update((len(batch["labels"]) + int(batch["skipped"])) * world)
-            if len(batch["labels"]) == 0:
-                continue
-            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
-            out = model.forward_head(tokens) if logits else representation(model, tokens)
-            feats.append(out.float().cpu())
-            labels.append(batch["labels"])
+        feats, labels, skipped = extract(model, shards, transform, batch_size, rank, world, workers, device,
+                                         "logits" if logits else "pre_logits",
+                                         lambda b: bar.update((len(b["labels"]) + int(b["skipped"])) * world))
     if stats is not None:
         stats["skipped"] = skipped
-    if not feats:
-        width = model.cfg.num_classes if logits else model.cfg.embed_dim  # a rank that saw nothing: the same shape
-        return torch.empty(0, width), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
+    return feats, labels
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -94,7 +80,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, names: lis
     k = logits.shape[1]
     cm = confusion_matrix(logits.argmax(1), labels, k)
     top5 = (logits.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).float().sum().item()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     counts = torch.tensor([top5], dtype=torch.float64)
     if world > 1:  # one reduction per evaluation: every rank reaches it exactly once
         torch.distributed.all_reduce(cm)
@@ -252,46 +238,66 @@ def evaluate(model: VisionTransformer, info: ModelInfo, data, out_dir: str | Pat
         report["note"] = "no top-1: the model's head is untrained (" + \
             ("vitpipe init" if info.provenance.get("stage") == "init" else "prepared, train.max_steps=0") + ")"
     lost: dict = {}
+    read = dict(batch_size=batch_size, workers=workers, device=device)
     if has_head:
-        if model.cfg.num_classes != len(test.classes):
-            raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
-        t = time.perf_counter()
-        logits, labels = features_and_labels(model, test, info, batch_size, workers, logits=True, device=device,
-                                             stats=lost, desc="eval")
-        ordered = in_shard_order(logits, info.labels, test.classes)
-        names = test.classes if ordered is not logits else info.labels or test.classes
-        report.update(classification_report(ordered, labels, names))
-        _check_decoded(report["samples"], lost["skipped"], data)
-        report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
+        report.update(top1_report(model, info, test, data, lost, **read))
+    fewshot_samples = 0
     if fewshot_train is not None:
-        train = resolve_shards(fewshot_train)
-        _check_same_classes(train.classes, test.classes, fewshot_train, data)
-        xtr = features_and_labels(model, train, info, batch_size, workers, device=device, desc="few-shot train")
-        _check_shots(xtr[1], shots, test.classes, fewshot_train)
-        xte = features_and_labels(model, test, info, batch_size, workers, device=device, stats=lost,
-                                  desc="few-shot test")
-        _check_decoded(len(xte[1]), lost["skipped"], data)
-        k = len(test.classes)
-        report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
-        if probe:
-            report["linear_probe_top1"] = linear_probe(xtr, xte, k)
+        fewshot_samples = fewshot_report(model, info, test, data, fewshot_train, shots, seeds, probe, lost, report,
+                                         **read)
     if lost:
-        totals = torch.tensor([lost["skipped"], 0 if has_head else len(xte[1])])
-        if _dist()[1] > 1:  # every rank reaches this once
-            torch.distributed.all_reduce(totals)
-        report.setdefault("samples", int(totals[1]))
-        report.update(skipped_samples=int(totals[0]), expected_samples=test.num_samples)
-        if report["samples"] < test.num_samples:
-            report["warning"] = (f"{report['data']}: saw {report['samples']} of the {test.num_samples} samples the index lists "
-                                 f"({report['skipped_samples']} lost to damaged shards or images that do not "
-                                 "decode; vitpipe verify names them)")
-    if out_dir is not None and _dist()[0] == 0:
+        _count_losses(report, lost["skipped"], 0 if has_head else fewshot_samples, test.num_samples)
+    if out_dir is not None and rank_and_world()[0] == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "eval.json", report)
         if has_head:
             plot_confusion(report, out_dir / "confusion.png")
     return report
+
+
+def top1_report(model: VisionTransformer, info: ModelInfo, test: ShardSet, data, lost: dict, **read) -> dict:
+    """Top-1 / top-5 / per-class accuracy and the confusion matrix of the model's own head on ``test``."""
+    if model.cfg.num_classes != len(test.classes):
+        raise LoaderError(f"{data}: {len(test.classes)} classes but the model has {model.cfg.num_classes}")
+    t = time.perf_counter()
+    logits, labels = features_and_labels(model, test, info, logits=True, stats=lost, desc="eval", **read)
+    ordered = in_shard_order(logits, info.labels, test.classes)
+    names = test.classes if ordered is not logits else info.labels or test.classes
+    report = classification_report(ordered, labels, names)
+    _check_decoded(report["samples"], lost["skipped"], data)
+    report["images_per_s"] = report["samples"] / (time.perf_counter() - t)
+    return report
+
+
+def fewshot_report(model: VisionTransformer, info: ModelInfo, test: ShardSet, data, fewshot_train, shots, seeds: int,
+                   probe: bool, lost: dict, report: dict, **read) -> int:
+    """Few-shot linear accuracy (and the linear probe's) on frozen pre-logits, into ``report``; the test samples
+    this rank read."""
+    train = resolve_shards(fewshot_train)
+    _check_same_classes(train.classes, test.classes, fewshot_train, data)
+    xtr = features_and_labels(model, train, info, desc="few-shot train", **read)
+    _check_shots(xtr[1], shots, test.classes, fewshot_train)
+    xte = features_and_labels(model, test, info, stats=lost, desc="few-shot test", **read)
+    _check_decoded(len(xte[1]), lost["skipped"], data)
+    k = len(test.classes)
+    report["fewshot"] = fewshot(xtr, xte, k, shots, seeds)
+    if probe:
+        report["linear_probe_top1"] = linear_probe(xtr, xte, k)
+    return len(xte[1])
+
+
+def _count_losses(report: dict, skipped: int, samples: int, expected: int) -> None:
+    """The samples lost across ranks, and a warning when fewer were read than the index lists."""
+    totals = torch.tensor([skipped, samples])
+    if rank_and_world()[1] > 1:  # every rank reaches this once
+        torch.distributed.all_reduce(totals)
+    report.setdefault("samples", int(totals[1]))
+    report.update(skipped_samples=int(totals[0]), expected_samples=expected)
+    if report["samples"] < expected:
+        report["warning"] = (f"{report['data']}: saw {report['samples']} of the {expected} samples the index lists "
+                             f"({report['skipped_samples']} lost to damaged shards or images that do not "
+                             "decode; vitpipe verify names them)")
 
 
 def _check_decoded(samples: int, skipped: int, data) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vit import VisionTransformer
-from vit.model import ViTConfig
+from vit.model import ViTConfig, fits_patches
 
 
 def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size: tuple[int, int] | None = None,
@@ -27,7 +27,7 @@ def prepare_for_finetune(model: VisionTransformer, num_classes: int, image_size:
             raise ValueError(f"model.pos_embed: {e}") from None
     if image_size is not None:
         (h, w), p = image_size, model.cfg.patch_size
-        if h % p or w % p:
+        if not fits_patches((h, w), p):
             raise ValueError(f"model.image_size: {h}x{w} is not divisible by the checkpoint's patch size {p}")
         model.set_image_size((h, w), interpolation)
     if global_pool is not None:

@@ -9,30 +9,16 @@ examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
 from pathlib import Path
 
-from common.devices import is_main_process
-from common.errors import exit_status
 from common.images import image_pair
-from data_tools.loader import resolve_shards
 from finetune.prepare import finetune_changes, prepare_for_finetune
-from pretrain.config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    OptimConfig,
-    ScheduleConfig,
-    TrainConfig,
-    load_config,
-    resolve_epochs,
-)
-from pretrain.config_help import config_text, stage_parser
+from pretrain.config import Config, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from pretrain.loop import train
 from pretrain.objectives import build_objective
-from vit import ModelInfo, load_model, save_checkpoint
+from pretrain.stage import Stage, run_info, training_shards
+from vit import load_model, parse_model_name, save_checkpoint
 
 
 def finetune_defaults() -> Config:
@@ -54,12 +40,11 @@ def finetune(cfg: Config) -> Path:
     cfg.data.mean = cfg.data.mean or list(info.mean)  # the normalisation the checkpoint was trained with
     cfg.data.std = cfg.data.std or list(info.std)
     if cfg.model.name:
-        asked = re.fullmatch(r"vit_(?:ti|s|b|l|h)(\d+)", cfg.model.name)
-        if asked and int(asked.group(1)) != m.patch_size:
-            raise ConfigError(f"model.name: {cfg.model.name} asks for patch size {asked.group(1)} but {cfg.init} "
+        asked = parse_model_name(cfg.model.name)
+        if asked and asked[1] != m.patch_size:
+            raise ConfigError(f"model.name: {cfg.model.name} asks for patch size {asked[1]} but {cfg.init} "
                               f"has patch size {m.patch_size}")
-    shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
-    resolve_epochs(cfg, shards.num_samples)
+    shards = training_shards(cfg)
     num_classes = cfg.model.num_classes or (len(shards.classes) if shards.classes else None)
     if not num_classes:
         raise ConfigError("model.num_classes: not set and the training shards' index lists no classes")
@@ -73,11 +58,9 @@ def finetune(cfg: Config) -> Path:
     # the run's config.json records the pooling and position embeddings it used
     cfg.model.global_pool, cfg.model.pos_embed = model.cfg.global_pool, model.cfg.pos_embed
     changes = finetune_changes(before, model.cfg, cfg.model.pos_embed_interpolation)
-    labels = shards.classes if shards.classes and len(shards.classes) == num_classes else None
-    info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
-                     provenance={"init": str(cfg.init), "init_stage": info.provenance.get("stage"),
-                                 "pretraining": info.provenance.get("objective"),
-                                 "data": str(cfg.data.train)})
+    info = run_info(cfg, shards, num_classes, {"init": str(cfg.init), "init_stage": info.provenance.get("stage"),
+                                               "pretraining": info.provenance.get("objective"),
+                                               "data": str(cfg.data.train)})
     if cfg.train.max_steps == 0:
         final = Path(cfg.train.output_dir) / "final"
         save_checkpoint(model, final, info)
@@ -85,20 +68,5 @@ def finetune(cfg: Config) -> Path:
     return train(cfg, model, build_objective(cfg, model), info, "finetune", shards, changes)
 
 
-def parser(prog: str = "finetune") -> argparse.ArgumentParser:
-    return stage_parser(prog, __doc__, finetune_defaults())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def run() -> None:
-        cfg = load_config(args.config, args.overrides, base=finetune_defaults(), stage="finetune", need_data=not args.print_config)
-        if args.print_config:
-            print(config_text(cfg, "finetune"), end="")
-            return
-        final = finetune(cfg)
-        if is_main_process():  # once per launch
-            print(f"final model: {final}")
-
-    return exit_status("finetune", run)
+STAGE = Stage("finetune", __doc__, finetune_defaults, finetune)
+parser, main = STAGE.parser, STAGE.main

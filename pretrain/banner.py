@@ -115,8 +115,7 @@ def run_facts(run: Run, shards: ShardSet, model: VisionTransformer, parameters: 
     partitions them across ranks)."""
     cfg, accelerator = run.cfg, run.accelerator
     plugin = accelerator.state.deepspeed_plugin
-    evals = [name for name, shards_ in (("held-out loss (data.val)", run.evals.val),
-                                        ("kNN monitor (data.monitor)", run.evals.monitor)) if shards_ is not None]
+    evals = [evaluator.title for evaluator, _ in run.evals.active]
     return RunFacts(
         stage=run.stage, objective=cfg.objective.name, model=model_name(cfg.model.name, model),
         parameters=parameters[0], objective_parameters=parameters[1],

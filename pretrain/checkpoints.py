@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
+from common.args import differing_keys
 from common.disk import free_space
 from common.errors import TrainingError
 from common.io import check_inside, current_umask, fresh_tmp_dir, open_append, replace_dir, tmp_beside, write_json
@@ -115,8 +116,8 @@ ADDED_KEYS = {"data.resize_filter": "bicubic", "data.decode": "cpu"}
 def config_changes(recorded: dict, current: dict) -> list[str]:
     """``key (was, now)`` for every result-changing key whose value differs."""
     old, new = {**ADDED_KEYS, **_flat(recorded)}, _flat(json.loads(json.dumps(current)))
-    return [f"{k} ({_short(old.get(k))}, now {_short(new.get(k))})" for k in sorted(old.keys() | new.keys())
-            if k not in NOT_RESULT and old.get(k) != new.get(k)]
+    return [f"{k} ({_short(old.get(k))}, now {_short(new.get(k))})" for k in differing_keys(old, new)
+            if k not in NOT_RESULT]
 
 
 def _short(value) -> str:

@@ -1,21 +1,26 @@
-"""What is evaluated at every checkpoint: the objective's loss on held-out shards, and the kNN monitor."""
+"""What is evaluated at every checkpoint: the registered evaluators the config switches on (``data.val``: the
+objective's loss on held-out shards; ``data.monitor``: the kNN monitor), each a small class over the one feature
+extractor (``pretrain.features``). A new evaluator is a class with ``title``, ``prepare``, ``metrics`` and
+``__call__`` plus one ``EVALUATORS.add`` line."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from common.errors import TrainingError
+from common.registry import Registry
 from common.seeding import torch_seed
 from data_tools.index import class_list_difference
 from data_tools.loader import ShardSet, eval_loader, resolve_shards
 from data_tools.transforms import EvalTransform
 from pretrain.checkpoints import mark_best
 from pretrain.config import Config, ConfigError
+from pretrain.features import extract
 from pretrain.metrics import VAL_METRICS, append_line
-from pretrain.monitor import knn_top1, pooled_features
+from pretrain.monitor import knn_top1
 from pretrain.objectives import Task
 from vit import VisionTransformer
 
@@ -23,54 +28,58 @@ if TYPE_CHECKING:
     from pretrain.loop import Run
 
 
+class Evaluator(Protocol):
+    """One thing evaluated at every checkpoint, on the frozen model; switched on by config keys it reads."""
+
+    title: str  # how the run banner lists it
+    keys: tuple[str, ...]  # the config keys it reads; setting the first switches it on
+
+    def prepare(self, cfg: Config) -> Any:
+        """What it evaluates on (resolved shards), or None: not configured. A bad key is one ConfigError line."""
+
+    def metrics(self, objective_metrics: tuple[str, ...]) -> list[str]:
+        """The names it records (``train.keep_best`` may name one)."""
+
+    def __call__(self, run: Run, task: Task, sets: Any) -> dict:
+        """Its record at this step; runs on every rank (each reduces across ranks itself)."""
+
+
+EVALUATORS: Registry[Evaluator] = Registry("evaluator", ConfigError)
+
+
 @dataclass
 class Evals:
-    """What is evaluated at every checkpoint: the objective on held-out shards, and the kNN monitor."""
+    """The evaluators this run's config switches on, with what each evaluates on, in registry order."""
 
-    val: ShardSet | None
-    monitor: ShardSet | None
-    bank: ShardSet | None
+    active: list[tuple[Evaluator, Any]]
     transform: EvalTransform
 
 
 def evaluation_sets(accelerator, cfg: Config, transform: EvalTransform) -> Evals:
-    """The held-out and kNN-monitor shards (None: not configured, or not evaluated under ZeRO-3)."""
-    d = cfg.data
-    val, monitor_shards, bank = (resolve_shards(s) if s else None for s in (d.val, d.monitor, d.monitor_bank))
-    for key, labelled in (("data.monitor", monitor_shards), ("data.monitor_bank", bank)):
-        if labelled is not None and not labelled.classes:
-            raise ConfigError(f"{key}: the kNN monitor needs labelled shards (their index.json lists no classes)")
-    why = class_list_difference(monitor_shards.classes, bank.classes) if monitor_shards and bank else None
-    if why is not None:  # the bank's labels vote for the queries' classes by number
-        raise ConfigError(f"data.monitor_bank {d.monitor_bank}: its classes are not those of data.monitor "
-                          f"{d.monitor} ({why}); both must list the same classes in the same order")
+    """The configured evaluators and their shards (none under ZeRO-3)."""
+    active = [(e, sets) for _, e in EVALUATORS.items() if (sets := e.prepare(cfg)) is not None]
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3 and (val or monitor_shards):
+    if plugin is not None and plugin.zero_stage == 3 and active:
         accelerator.print("note: data.val and data.monitor are not evaluated under ZeRO-3 (its parameters are "
                           "sharded across ranks)")
-        val = monitor_shards = None
-    return Evals(val, monitor_shards, bank, transform)
+        active = []
+    return Evals(active, transform)
 
 
 def evaluated_metrics(evals: Evals, objective_metrics: tuple[str, ...]) -> list[str]:
     """The names ``evaluate`` records at each checkpoint."""
-    return ([f"val_{m}" for m in ("loss", *objective_metrics)] if evals.val is not None else []) + \
-        (["knn_top1"] if evals.monitor is not None else [])
+    return [name for e, _ in evals.active for name in e.metrics(objective_metrics)]
 
 
 def evaluate(run: Run, bar) -> None:
-    """Held-out loss and kNN monitor (those configured), logged to val_metrics.jsonl and TensorBoard."""
+    """The configured evaluators' records, logged to val_metrics.jsonl and TensorBoard."""
     evals, accelerator = run.evals, run.accelerator
-    if evals.val is None and evals.monitor is None:
+    if not evals.active:
         return
     unwrapped = accelerator.unwrap_model(run.task)
     record = {"step": run.pos.step}
-    if evals.val is not None:
-        record.update(validate(accelerator, unwrapped, evals.val, evals.transform, run.micro, run.cfg.data.workers,
-                               run.cfg.train.seed))
-    if evals.monitor is not None:
-        record.update(monitor(accelerator, unwrapped.model, evals.monitor, evals.bank, evals.transform, run.micro,
-                              run.cfg.data.workers))
+    for evaluator, sets in evals.active:
+        record.update(evaluator(run, unwrapped, sets))
     if run.cfg.train.keep_best:
         mark_best(run, record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.pos.step)
@@ -127,8 +136,8 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
     sets = {}
     for name, shards in (("queries", queries), ("bank", bank)):
         if shards is not None:
-            mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
-                                   accelerator.num_processes, workers, accelerator.device)
+            mine = extract(model, shards, transform, batch_size, accelerator.process_index,
+                           accelerator.num_processes, workers, accelerator.device, "pooled")[:2]
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()
@@ -140,3 +149,45 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
     if "bank" in sets:
         return {"knn_top1": knn_top1(sets["bank"], sets["queries"], classes), "knn_queries": len(sets["queries"][1])}
     return {"knn_top1": knn_top1(sets["queries"], None, classes), "knn_queries": len(sets["queries"][1])}
+
+
+class HeldOutLoss:
+    title = "held-out loss (data.val)"
+    keys = ("data.val",)
+
+    def prepare(self, cfg: Config) -> ShardSet | None:
+        return resolve_shards(cfg.data.val) if cfg.data.val else None
+
+    def metrics(self, objective_metrics: tuple[str, ...]) -> list[str]:
+        return [f"val_{m}" for m in ("loss", *objective_metrics)]
+
+    def __call__(self, run: Run, task: Task, shards: ShardSet) -> dict:
+        return validate(run.accelerator, task, shards, run.evals.transform, run.micro, run.cfg.data.workers,
+                        run.cfg.train.seed)
+
+
+class KnnMonitor:
+    title = "kNN monitor (data.monitor)"
+    keys = ("data.monitor", "data.monitor_bank")
+
+    def prepare(self, cfg: Config) -> tuple[ShardSet, ShardSet | None] | None:
+        d = cfg.data
+        queries, bank = (resolve_shards(s) if s else None for s in (d.monitor, d.monitor_bank))
+        for key, labelled in (("data.monitor", queries), ("data.monitor_bank", bank)):
+            if labelled is not None and not labelled.classes:
+                raise ConfigError(f"{key}: the kNN monitor needs labelled shards (their index.json lists no classes)")
+        why = class_list_difference(queries.classes, bank.classes) if queries and bank else None
+        if why is not None:  # the bank's labels vote for the queries' classes by number
+            raise ConfigError(f"data.monitor_bank {d.monitor_bank}: its classes are not those of data.monitor "
+                              f"{d.monitor} ({why}); both must list the same classes in the same order")
+        return None if queries is None else (queries, bank)
+
+    def metrics(self, objective_metrics: tuple[str, ...]) -> list[str]:
+        return ["knn_top1"]
+
+    def __call__(self, run: Run, task: Task, sets: tuple[ShardSet, ShardSet | None]) -> dict:
+        return monitor(run.accelerator, task.model, *sets, run.evals.transform, run.micro, run.cfg.data.workers)
+
+
+EVALUATORS.add("val", HeldOutLoss())
+EVALUATORS.add("knn", KnnMonitor())

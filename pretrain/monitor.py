@@ -11,9 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from data_tools.loader import ShardSet, eval_loader
-from vit import VisionTransformer
-
 
 def knn_predict(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor, num_classes: int, k: int = 20,
                 temperature: float = 0.07, leave_one_out: bool = False, chunk: int = 1024) -> torch.Tensor:
@@ -32,21 +29,6 @@ def knn_predict(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tenso
         votes.scatter_add_(1, bank_y[idx], (top.double() / temperature).exp())
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-
-
-@torch.no_grad()
-def pooled_features(model: VisionTransformer, shards: ShardSet, transform, batch_size: int, rank: int, world: int,
-                    workers: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's pooled representation (what fine-tuning reads) of this rank's share of ``shards``."""
-    feats, labels = [], []
-    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
-        if len(batch["labels"]):
-            tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
-            feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
-            labels.append(batch["labels"])
-    if not feats:
-        return torch.empty(0, model.num_features), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def knn_top1(bank: tuple[torch.Tensor, torch.Tensor], queries: tuple[torch.Tensor, torch.Tensor] | None,

@@ -11,17 +11,12 @@ examples:
 
 from __future__ import annotations
 
-import argparse
-
-from common.devices import is_main_process
-from common.errors import exit_status
 from common.images import INCEPTION_MEAN, INCEPTION_STD
-from data_tools.loader import resolve_shards
-from pretrain.config import Config, ConfigError, load_config, resolve_epochs
-from pretrain.config_help import config_text, stage_parser
+from pretrain.config import Config, ConfigError
 from pretrain.loop import train
 from pretrain.objectives import OBJECTIVES, build_objective
-from vit import ModelInfo, create_model
+from pretrain.stage import Stage, run_info, training_shards
+from vit import create_model
 
 
 def build_model(cfg: Config, classes: list[str] | None):
@@ -49,33 +44,14 @@ def pretrain(cfg: Config):
                           "from a fresh model")
     cfg.data.mean = cfg.data.mean or list(INCEPTION_MEAN)
     cfg.data.std = cfg.data.std or list(INCEPTION_STD)
-    shards = resolve_shards(cfg.data.train, cfg.data.num_samples)
-    resolve_epochs(cfg, shards.num_samples)
+    shards = training_shards(cfg)
     import torch
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
     model = build_model(cfg, shards.classes)
-    labels = shards.classes if model.cfg.num_classes and shards.classes and \
-        len(shards.classes) == model.cfg.num_classes else None
-    info = ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
-                     provenance={"data": str(cfg.data.train)})
+    info = run_info(cfg, shards, model.cfg.num_classes, {"data": str(cfg.data.train)})
     return train(cfg, model, build_objective(cfg, model), info, "pretrain", shards)
 
 
-def parser(prog: str = "pretrain") -> argparse.ArgumentParser:
-    return stage_parser(prog, __doc__, Config(), skip=("init",))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def run() -> None:
-        cfg = load_config(args.config, args.overrides, stage="pretrain", need_data=not args.print_config)
-        if args.print_config:
-            print(config_text(cfg, "pretrain"), end="")
-            return
-        final = pretrain(cfg)
-        if is_main_process():  # once per launch
-            print(f"final model: {final}")
-
-    return exit_status("pretrain", run)
+STAGE = Stage("pretrain", __doc__, Config, pretrain, skip=("init",))
+parser, main = STAGE.parser, STAGE.main

@@ -61,7 +61,7 @@ class ViTConfig:
     def validate(self) -> None:
         h, w = self.image_size
         p = self.patch_size
-        if p <= 0 or h % p or w % p:
+        if not fits_patches((h, w), p):
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -99,13 +99,24 @@ class ViTConfig:
         return cls(**d)
 
 
+def fits_patches(image_size: tuple[int, int], patch_size: int) -> bool:
+    """Whether an image of ``image_size`` is a whole grid of ``patch_size`` patches."""
+    return patch_size > 0 and not (image_size[0] % patch_size or image_size[1] % patch_size)
+
+
+def parse_model_name(name: str) -> tuple[str, int] | None:
+    """``vit_b16`` -> ("b", 16): the size and the patch size; None for a name of another form."""
+    m = re.fullmatch(r"vit_(ti|s|b|l|h)(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def config_for(name: str, **overrides) -> ViTConfig:
     """``vit_b16`` -> ViT-B with 16x16 patches; keyword arguments override any field."""
-    m = re.fullmatch(r"vit_(ti|s|b|l|h)(\d+)", name)
-    if not m:
+    parsed = parse_model_name(name)
+    if not parsed:
         raise ValueError(f"unknown architecture {name!r}: expected vit_<ti|s|b|l|h><patch>, e.g. vit_b16")
-    width, depth, heads, mlp = SIZES[m.group(1)]
-    args = dict(embed_dim=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(m.group(2)), name=name)
+    width, depth, heads, mlp = SIZES[parsed[0]]
+    args = dict(embed_dim=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=parsed[1], name=name)
     args.update({k: v for k, v in overrides.items() if v is not None})
     return ViTConfig(**args)
 
@@ -299,7 +310,7 @@ class VisionTransformer(nn.Module):
         fixed sin-cos table is recomputed for the new grid (``interpolation`` does not apply to it)."""
         h, w = image_pair(image_size)
         p = self.cfg.patch_size
-        if h % p or w % p:
+        if not fits_patches((h, w), p):
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
         if (h, w) == self.cfg.image_size:
             return
