@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import VitpipeError, user_message
-from common.lock import LOCK
+from common.lock import LOCK, FolderBusy
 from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT, parse_index
@@ -253,7 +253,18 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     k, n = opts.part
     with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
+        _refuse_the_other_kind(folder, n > 1)
         return _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge)
+
+
+def _refuse_the_other_kind(folder, part: bool) -> None:
+    """A whole run and ``--part`` runs never write one folder at once. Each takes its own lock first, then looks
+    for the other kind's: of two starting together, at least one sees the other."""
+    others = folder.holders(LOCK if part else ".vitpipe-part-*.lock")
+    if others:
+        this, that = ("a --part run", "a whole run") if part else ("a whole run", "--part runs")
+        raise FolderBusy(f"{folder}: in use by {others[0]}; {this} and {that} cannot share a folder: wait for it to "
+                         "finish or use another folder")
 
 
 def _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge) -> dict:
@@ -538,6 +549,11 @@ def merge_parts(out: str | os.PathLike | LocalFolder | RemoteFolder) -> dict | N
     """When every ``--part K/N`` record in ``out`` (a folder or URL) is complete, write ``index.json`` (the same
     bytes one run of all parts writes); None while a part is missing or unfinished."""
     folder = out if isinstance(out, (LocalFolder, RemoteFolder)) else shard_folder(out)
+    with folder.merging():
+        return _merge_complete_parts(folder)
+
+
+def _merge_complete_parts(folder: LocalFolder | RemoteFolder) -> dict | None:
     found = part_records(folder)
     if len(found) != 1:
         return None

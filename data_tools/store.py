@@ -10,6 +10,7 @@ neither reads nor records them.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import posixpath
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from common.errors import VitpipeError
 from common.io import fsync_dir, json_text, open_new, write_json
-from common.lock import FolderLock
+from common.lock import FolderLock, holder_of
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
@@ -289,6 +290,21 @@ class LocalFolder:
     def flush(self) -> None:
         """Nothing to wait for: local writes are done when they return."""
 
+    def holders(self, pattern: str) -> list[str]:
+        """Who holds the lock files matching ``pattern`` now, in words."""
+        return [who for p in sorted(self.path.glob(pattern)) if (who := holder_of(p))]
+
+    @contextmanager
+    def merging(self):
+        """One merger at a time: parts completing together take turns writing ``index.json`` (the folder itself is
+        locked, so no file is left behind)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
 
 class RemoteFolder:
     """A shard folder on an fsspec filesystem: each shard is staged in a local temporary file and uploaded
@@ -437,6 +453,14 @@ class RemoteFolder:
     def open_read(self, name: str):
         self.flush()
         return open_url(self.where(name))
+
+    def holders(self, pattern: str) -> list[str]:
+        """An object store has no locks: nobody is known to hold one."""
+        return []
+
+    def merging(self):
+        """An object store has no locks: one writer per prefix (or per ``--part``) is the user's to ensure."""
+        return nullcontext()
 
 
 def shard_folder(out: str | os.PathLike) -> LocalFolder | RemoteFolder:
