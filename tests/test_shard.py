@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_tools.engines import ENGINES, EngineError, run_engine
 from data_tools.images import EncodeOptions, decode_rgb
 from data_tools.shard import ShardError, ShardOptions, parse_size, shard
 from data_tools.tars import read_tar
@@ -581,3 +582,22 @@ def test_a_whole_run_and_a_part_run_refuse_to_share_a_folder(tmp_path, env, held
     assert "vitpipe shard (the other run)" in lines[0] and "cannot share a folder" in lines[0]
     assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
     assert subprocess.run(vitpipe_cmd("shard", str(src), str(out), *run), env=env).returncode == 0
+
+
+@pytest.mark.parametrize("name", ENGINES.names())
+def test_every_engine_runs_a_function_and_adds_its_own_options_to_vitpipe_shard(name, tmp_path, capsys):
+    import importlib
+
+    engine = ENGINES.get(name)
+    module, function = engine.function.split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    shown = capsys.readouterr().out
+    assert f"{name}: {engine.summary.split()[0]}" in shown
+    for option in engine.options:
+        assert option.flag in shown
+        for other in ENGINES.names():
+            if not ENGINES.get(other).takes(option.dest):
+                with pytest.raises(EngineError, match=f"{option.flag} is an option of --engine .*{name}"):
+                    run_engine(other, str(tmp_path), tmp_path / "out", ShardOptions(), **{option.dest: 1})
