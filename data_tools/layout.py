@@ -135,6 +135,9 @@ def owned_by(opts: ShardOptions, inputs: int):
     return owned
 
 
+PART_LOCKS = ".vitpipe-part-*.lock"  # every part's lock_name
+
+
 def lock_name(opts: ShardOptions) -> str:
     """One writer per part: different parts of a ``--part K/N`` run share the folder, as documented."""
     k, n = opts.part

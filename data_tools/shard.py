@@ -40,6 +40,7 @@ from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
 from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT
 from data_tools.layout import (  # noqa: F401  (parse_*, parts_progress, read_index: callers import them from here)
+    PART_LOCKS,
     ShardError,
     ShardOptions,
     differing_keys,
@@ -138,7 +139,7 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
 def _refuse_the_other_kind(folder, part: bool) -> None:
     """A whole run and ``--part`` runs never write one folder at once. Each takes its own lock first, then looks
     for the other kind's: of two starting together, at least one sees the other."""
-    others = folder.holders(LOCK if part else ".vitpipe-part-*.lock")
+    others = folder.holders(LOCK if part else PART_LOCKS)
     if others:
         this, that = ("a --part run", "a whole run") if part else ("a whole run", "--part runs")
         raise FolderBusy(f"{folder}: in use by {others[0]}; {this} and {that} cannot share a folder: wait for it to "
