@@ -107,6 +107,22 @@ class FolderLock:
         self.release()
 
 
+def holder_of(path: str | os.PathLike) -> str | None:
+    """Who holds the lock file ``path`` now, in words; None when nobody does. Probes with a shared lock, so two
+    probers never see each other, only a holder's exclusive lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # missing (nobody holds it) or not a regular file (whose acquire refuses anyway)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _describe(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+
+
 def _describe(raw: bytes) -> str:
     try:
         r = json.loads(raw)

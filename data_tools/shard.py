@@ -29,66 +29,41 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 from collections import Counter
-from dataclasses import asdict, dataclass
 from itertools import islice
 
-import numpy as np
 from tqdm import tqdm
 
 from common.args import differing_keys
-from common.errors import VitpipeError, user_message
-from common.lock import LOCK
+from common.errors import user_message
+from common.lock import LOCK, FolderBusy
 from common.redact import redact
 from data_tools.images import BadImage, EncodeOptions, encode, short_error
-from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT, parse_index
+from data_tools.index import INDEX, INDEX_FORMAT, INDEX_VERSION, LAYOUT
+from data_tools.layout import (  # noqa: F401  (parse_*, parts_progress, read_index: callers import them from here)
+    PART_LOCKS,
+    ShardError,
+    ShardOptions,
+    input_order,
+    lock_name,
+    merge_parts,
+    owned_by,
+    parse_part,
+    parse_size,
+    part_positions,
+    part_ranges,
+    parts_progress,
+    read_index,
+    read_record,
+    record_name,
+    run_identity,
+    shard_name,
+    shard_set_index,
+)
+from data_tools.remote import RemoteFolder
 from data_tools.sources import Corpus, Input, Unreadable, read_bytes, read_source, sample_key
-from data_tools.store import LocalFolder, RemoteFolder, StoreError, shard_folder
+from data_tools.store import LocalFolder, StoreError, shard_folder
 from data_tools.tars import TarWriter, member_bytes, tar_bytes
-
-
-class ShardError(VitpipeError, ValueError):
-    """Bad arguments or an output folder in a state we must not touch; one line for the user."""
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    samples_per_shard: int = 1000
-    max_shard_size: int | None = None
-    prefix: str = "shard"
-    part: tuple[int, int] = (0, 1)  # this machine's part K of N
-    encode: EncodeOptions = EncodeOptions()
-    path_column: str | None = None
-    label_column: str | None = None
-    split: str | None = None
-    shuffle: bool = True
-    shuffle_seed: int = 0
-    allow_local_paths: bool = False  # a remote manifest may name local files (a permission: not recorded)
-
-
-def parse_size(text: str) -> int:
-    """``500M``, ``1G``, ``2.5GB``, ``1024`` -> bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale > 1 else t) * scale
-    except ValueError:
-        raise ShardError(f"--max-shard-size: cannot read {text!r} as a size (e.g. 500M, 1G)") from None
-    if value <= 0:
-        raise ShardError(f"--max-shard-size: must be positive, got {text!r}")
-    return int(value)
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ShardError(f"--part: expected K/N such as 0/4, got {text!r}") from None
-    if not 0 <= k < n:
-        raise ShardError(f"--part: need 0 <= K < N, got {text!r}")
-    return k, n
-
 
 _WORKER_CORPUS: Corpus | None = None
 _WORKER_OPTS: EncodeOptions | None = None
@@ -113,98 +88,6 @@ def _encode_one(inp: Input):
         return f"unreadable ({e.strerror or short_error(e)})"
     except Exception as e:  # what one input's bytes make a reader or PIL plugin raise skips that input, not the run
         return f"unreadable ({type(e).__name__}: {short_error(e)})"
-
-
-def shard_name(prefix: str, k: int, piece: int = 0) -> str:
-    """Shard k's file name (piece ``piece`` of it, when ``max_shard_size`` cuts it): it depends on k only."""
-    return f"{prefix}-{k:06d}.tar" if piece == 0 else f"{prefix}-{k:06d}-{piece:03d}.tar"
-
-
-def _shard_file_pattern(prefix: str) -> re.Pattern:
-    return re.compile(re.escape(prefix) + r"-(\d{6,})(?:-\d{3,})?\.tar(?:\.tmp)?")
-
-
-_OLD_PART_FILE = r"-\d{3}-\d{6,}\.tar(?:\.tmp)?"  # format_version 1's --part K/N shards: PREFIX-KKK-NNNNNN.tar
-
-
-def _range_of(name: str, prefix: str) -> int | None:
-    """The k of a shard file (or its ``.tmp``) of this layout; None for any other file."""
-    m = _shard_file_pattern(prefix).fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def is_shard_file(name: str, prefix: str) -> bool:
-    """A shard (or ``.tmp``) this prefix's runs write, in this layout or format_version 1's."""
-    return _range_of(name, prefix) is not None or re.fullmatch(re.escape(prefix) + _OLD_PART_FILE, name) is not None
-
-
-def range_count(inputs: int, opts: ShardOptions) -> int:
-    return -(-inputs // opts.samples_per_shard)
-
-
-def part_ranges(inputs: int, opts: ShardOptions) -> tuple[int, int]:
-    """The shards [first, end) that part K of N writes: whole shards, so a part changes no boundary."""
-    k, n = opts.part
-    ranges = range_count(inputs, opts)
-    return k * ranges // n, (k + 1) * ranges // n
-
-
-def part_positions(inputs: int, opts: ShardOptions) -> tuple[int, int]:
-    """The positions [lo, hi) of the (shuffled) input order that part K of N covers."""
-    first, end = part_ranges(inputs, opts)
-    return min(first * opts.samples_per_shard, inputs), min(end * opts.samples_per_shard, inputs)
-
-
-def input_order(inputs: int, opts: ShardOptions):
-    """Position -> index in the source's listing: the seeded permutation (or the listing's own order)."""
-    if not opts.shuffle:
-        return range(inputs)
-    # RandomState's stream is frozen by NumPy's compatibility policy (NEP 19), so every machine of a
-    # --part run and every rerun agree on the order; shuffling 4-byte positions in place gives
-    # permutation(inputs)'s order in half its memory
-    order = np.arange(inputs, dtype=np.uint32 if inputs < 2**32 else np.uint64)
-    np.random.RandomState(opts.shuffle_seed).shuffle(order)
-    return order
-
-
-def input_at(inputs: list[Input], opts: ShardOptions, position: int) -> Input:
-    return inputs[input_order(len(inputs), opts)[position]]
-
-
-def _owned(opts: ShardOptions, inputs: int):
-    """Which shard files a run of this part may remove or clean: its own ranges' (and for the last part,
-    or a run of all parts, any beyond the set's end, left by an earlier run with other inputs)."""
-    first, end = part_ranges(inputs, opts)
-    k, n = opts.part
-    last = k == n - 1
-
-    def owned(name: str) -> bool:
-        r = _range_of(name, opts.prefix)
-        if r is None:
-            return n == 1 and is_shard_file(name, opts.prefix)  # format_version 1 part shards: a whole run's
-        return first <= r and (r < end or last)
-    return owned
-
-
-def _lock_name(opts: ShardOptions) -> str:
-    """One writer per part: different parts of a ``--part K/N`` run share the folder, as documented."""
-    k, n = opts.part
-    return LOCK if n == 1 else f".vitpipe-part-{k:03d}.lock"
-
-
-def _index_name(opts: ShardOptions) -> str:
-    """Where a run records its progress: ``index.json`` for one run, a part's own record for a part."""
-    k, n = opts.part
-    return INDEX if n == 1 else f"index.part-{k:03d}-of-{n:03d}.json"
-
-
-def _identity(src: str, opts: ShardOptions) -> dict:
-    """The arguments that decide the shard set (the part is not one of them)."""
-    d = asdict(opts)
-    del d["part"], d["allow_local_paths"]  # a remote manifest's permission to name local files: not recorded
-    if not opts.shuffle:
-        d["shuffle_seed"] = None  # unused: does not make a rerun different
-    return {"source": redact(src), **d}
 
 
 def _fingerprint(inputs: list[Input]) -> str:
@@ -236,7 +119,7 @@ def check_options(opts: ShardOptions, workers: int = 1) -> None:
         raise ShardError(f"--shuffle-seed must be in [0, 2**32), got {opts.shuffle_seed}")
 
 
-def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,
+def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(), workers: int = 1,  # noqa: B008 (frozen)
           overwrite: bool = False, progress: bool = True, merge: bool = True) -> dict:
     """Shard ``src`` into ``out`` (a folder or an fsspec URL); returns ``index.json``, or a part's record.
 
@@ -248,22 +131,33 @@ def shard(src: str, out: str | os.PathLike, opts: ShardOptions = ShardOptions(),
     folder.prepare()
     corpus = read_source(src, opts.path_column, opts.label_column, opts.split, opts.allow_local_paths)
     k, n = opts.part
-    with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), _lock_name(opts)):
+    with folder.writing("vitpipe shard" + (f" --part {k}/{n}" if n > 1 else ""), lock_name(opts)):
+        _refuse_the_other_kind(folder, n > 1)
         return _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge)
 
 
+def _refuse_the_other_kind(folder, part: bool) -> None:
+    """A whole run and ``--part`` runs never write one folder at once. Each takes its own lock first, then looks
+    for the other kind's: of two starting together, at least one sees the other."""
+    others = folder.holders(LOCK if part else PART_LOCKS)
+    if others:
+        this, that = ("a --part run", "a whole run") if part else ("a whole run", "--part runs")
+        raise FolderBusy(f"{folder}: in use by {others[0]}; {this} and {that} cannot share a folder: wait for it to "
+                         "finish or use another folder")
+
+
 def _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge) -> dict:
-    identity, fingerprint = _identity(src, opts), _fingerprint(corpus.inputs)
-    whole = None if overwrite else _read_json(folder, INDEX)
+    identity, fingerprint = run_identity(src, opts), _fingerprint(corpus.inputs)
+    whole = None if overwrite else read_record(folder, INDEX)
     if _is_the_set(whole, identity, fingerprint):
         _check_listed_shards(folder, whole, INDEX)  # the set is there (one run's, or merged parts'): nothing to do
         return whole
-    index_name = _index_name(opts)
-    index = whole if index_name == INDEX else None if overwrite else _read_json(folder, index_name)
+    index_name = record_name(opts)
+    index = whole if index_name == INDEX else None if overwrite else read_record(folder, index_name)
     if index is not None:
         _check_progress(folder.where(index_name), index, identity, fingerprint)
         _check_listed_shards(folder, index, index_name)
-    owned = _owned(opts, len(corpus.inputs))
+    owned = owned_by(opts, len(corpus.inputs))
     if index is None:
         if overwrite:
             for name in folder.sizes(f"{opts.prefix}-*.tar"):
@@ -282,17 +176,11 @@ def _shard_locked(src, corpus, folder, opts, workers, overwrite, progress, merge
 def complete_set(folder, src: str, opts: ShardOptions, inputs: list[Input]) -> dict | None:
     """``index.json`` when the folder holds the complete shard set these arguments and inputs make (written by
     any engine, with any number of parts), its listed shards all there; else None."""
-    whole = _read_json(folder, INDEX)
-    if not _is_the_set(whole, _identity(src, opts), _fingerprint(inputs)):
+    whole = read_record(folder, INDEX)
+    if not _is_the_set(whole, run_identity(src, opts), _fingerprint(inputs)):
         return None
     _check_listed_shards(folder, whole, INDEX)
     return whole
-
-
-def _read_json(folder, name: str) -> dict | None:
-    """An index or part record, checked field by field (``data_tools.index``); None when there is none."""
-    text = folder.read_json_text(name)
-    return None if text is None else parse_index(text, folder.where(name))
 
 
 def _is_the_set(index: dict | None, identity: dict, fingerprint: str) -> bool:
@@ -324,24 +212,6 @@ def _new_progress(corpus: Corpus, identity: dict, fingerprint: str, opts: ShardO
         "part": f"{opts.part[0]}/{opts.part[1]}", "ranges": [first, end],
         "next_input": part_positions(len(corpus.inputs), opts)[0],
         "classes": corpus.classes, "total_samples": 0, "class_counts": {}, "shards": [], "skipped": [],
-    }
-
-
-def shard_set_index(records: list[dict]) -> dict:
-    """``index.json`` from the complete progress records of every part, in part order (one for a run of all
-    parts): nothing in it says how the work was split, so one run, N parts and a Ray job write the same bytes."""
-    shards = [s for r in records for s in r["shards"]]
-    totals: Counter = Counter()
-    for s in shards:
-        totals.update(s["class_counts"])
-    first = records[0]
-    return {
-        "format": INDEX_FORMAT, "format_version": INDEX_VERSION, "layout": LAYOUT, "complete": True,
-        "args": first["args"], "input_fingerprint": first["input_fingerprint"], "inputs": first["inputs"],
-        "classes": first["classes"],
-        "total_samples": sum(s["count"] for s in shards),
-        "class_counts": {k: totals[k] for k in sorted(totals, key=int)},
-        "shards": shards, "skipped": [s for r in records for s in r["skipped"]],
     }
 
 
@@ -488,78 +358,3 @@ class _ShardWriter:
         if self.tar is not None:
             self.folder.discard_shard(self.name, self.file)
             self.tar = None
-
-
-_PART_INDEX = re.compile(r"index\.part-(\d{3})-of-(\d{3})\.json")
-
-
-def part_records(folder: LocalFolder | RemoteFolder) -> dict[int, dict[int, dict]]:
-    """The part progress records in a folder: {N: {K: record}} (one N unless runs were mixed)."""
-    found: dict[int, dict[int, dict]] = {}
-    for name in sorted(folder.sizes("index.part-*-of-*.json")):
-        if m := _PART_INDEX.fullmatch(name):
-            record = _read_json(folder, name)
-            if record is not None:
-                found.setdefault(int(m.group(2)), {})[int(m.group(1))] = record
-    return found
-
-
-def parts_progress(folder: LocalFolder | RemoteFolder) -> tuple[str, bool] | None:
-    """(how far a ``--part K/N`` run in ``folder`` is, in words; whether every part is complete), or None when no
-    part run is there."""
-    found = part_records(folder)
-    if not found:
-        return None
-    lines, done = [], True
-    for n, records in sorted(found.items()):
-        missing = [f"{k}/{n}" for k in range(n) if k not in records]
-        running = [f"{k}/{n}" for k, r in sorted(records.items()) if not r.get("complete")]
-        what = [f"{n - len(missing) - len(running)} of {n} parts complete"]
-        if running:
-            what.append(f"{_list(running)} unfinished (rerun {'its' if len(running) == 1 else 'their'} command to "
-                        "continue)")
-        if missing:
-            what.append(f"{_list(missing)} not started")
-        lines.append(", ".join(what))
-        done = done and not missing and not running
-    return "; ".join(lines), done and len(found) == 1
-
-
-def _list(parts: list[str], shown: int = 8) -> str:
-    word = "part" if len(parts) == 1 else "parts"
-    return f"{word} {', '.join(parts[:shown])}" + (f" and {len(parts) - shown} more" if len(parts) > shown else "")
-
-
-def merge_parts(out: str | os.PathLike | LocalFolder | RemoteFolder) -> dict | None:
-    """When every ``--part K/N`` record in ``out`` (a folder or URL) is complete, write ``index.json`` (the same
-    bytes one run of all parts writes); None while a part is missing or unfinished."""
-    folder = out if isinstance(out, (LocalFolder, RemoteFolder)) else shard_folder(out)
-    found = part_records(folder)
-    if len(found) != 1:
-        return None
-    [(n, records)] = found.items()
-    if len(records) != n or not all(r.get("complete") for r in records.values()):
-        return None
-    first = records[0]
-    for k, r in sorted(records.items()):
-        if r.get("format_version") != INDEX_VERSION or r.get("args") != first.get("args") \
-                or r.get("input_fingerprint") != first.get("input_fingerprint"):
-            name = _index_name(ShardOptions(part=(k, n)))
-            raise ShardError(f"{folder.where(name)}: made by another run than {_index_name(ShardOptions(part=(0, n)))} "
-                             f"(different layout, arguments or inputs); rerun part {k}/{n} with --overwrite")
-    merged = shard_set_index([records[k] for k in range(n)])
-    folder.write_json(INDEX, merged)
-    return merged
-
-
-def read_index(folder: str | os.PathLike) -> dict:
-    """The index of a shard folder or URL."""
-    where = shard_folder(folder)
-    path = where.where(INDEX)
-    text = where.read_json_text(INDEX)
-    if text is None:
-        if parts := parts_progress(where):
-            raise ShardError(f"{path}: missing: this folder holds a --part K/N run ({parts[0]}); the last part to "
-                             "complete writes it" + ("" if not parts[1] else ", and a rerun of any part does"))
-        raise ShardError(f"{path}: missing (not a vitpipe shard folder, or sharding has not finished)")
-    return parse_index(text, path)

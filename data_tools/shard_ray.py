@@ -20,28 +20,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.args import differing_keys
 from common.errors import USER_ERRORS, VitpipeError, user_message
 from common.lock import LOCK, FolderBusy, FolderLock
-from data_tools.shard import (  # the private names: one package's part layout (names, locks, records)
-    INDEX,
-    INDEX_VERSION,
+from data_tools.index import INDEX, INDEX_VERSION
+from data_tools.layout import (
     ShardError,
     ShardOptions,
-    _identity,
-    _index_name,
-    _lock_name,
-    _read_json,
-    check_options,
-    complete_set,
-    differing_keys,
     input_at,
     is_shard_file,
+    lock_name,
     merge_parts,
     part_positions,
-    shard,
+    read_record,
+    record_name,
+    run_identity,
 )
+from data_tools.remote import RemoteFolder
+from data_tools.shard import check_options, complete_set, shard
 from data_tools.sources import read_source
-from data_tools.store import LocalFolder, RemoteFolder, shard_folder
+from data_tools.store import LocalFolder, shard_folder
 
 RETRIES = 3  # a failed part runs up to 1 + RETRIES times
 LOCK_WAIT_S = 30.0  # a killed run's task may still hold a part's lock until Ray has stopped it
@@ -143,7 +141,7 @@ def _clear_or_refuse_other_runs(folder: LocalFolder | RemoteFolder, src: str, op
         return
     with ExitStack() as locks:
         if isinstance(folder, LocalFolder):
-            for name in [LOCK] + [_lock_name(replace(opts, part=(k, n))) for k in range(n)]:
+            for name in [LOCK] + [lock_name(replace(opts, part=(k, n))) for k in range(n)]:
                 locks.enter_context(FolderLock(folder.path, "vitpipe shard --engine ray --overwrite", name))
         shards, ours = f"{opts.prefix}-*.tar", lambda name: is_shard_file(name, opts.prefix)
         folder.clean_partial(shards, ours)
@@ -154,11 +152,11 @@ def _clear_or_refuse_other_runs(folder: LocalFolder | RemoteFolder, src: str, op
 def _other_runs(folder: LocalFolder | RemoteFolder, src: str, opts: ShardOptions, n: int) -> list[str]:
     """Records in the folder written by a different run (another --parts, other arguments, an earlier layout);
     a complete ``index.json`` of this run is not one: every part finds the set there and is done."""
-    want = _identity(src, opts)
-    parts = {_index_name(replace(opts, part=(k, n))) for k in range(n)}
+    want = run_identity(src, opts)
+    parts = {record_name(replace(opts, part=(k, n))) for k in range(n)}
     found = []
     for name in sorted(folder.sizes("index.part-*-of-*.json")) + [INDEX]:
-        record = _read_json(folder, name)
+        record = read_record(folder, name)
         if record is None:
             continue
         got = record.get("args") if isinstance(record.get("args"), dict) else {}
@@ -223,7 +221,7 @@ def _report(failures: dict[int, str], inputs: list, folder: LocalFolder | Remote
     for k, why in sorted(failures.items()):
         part = replace(opts, part=(k, n))
         lo, hi = part_positions(len(inputs), part)
-        done, shards = _progress(folder, _index_name(part), lo)
+        done, shards = _progress(folder, record_name(part), lo)
         where = f"at input {done}: {input_at(inputs, opts, done).source}" if done < hi else "after its last input"
         lines.append(f"part {k}/{n} (inputs {lo}-{hi - 1} of {len(inputs)} in {order}; {shards} shards complete, "
                      f"stopped {where}) failed after {1 + RETRIES} attempts: {why}")
@@ -234,7 +232,7 @@ def _report(failures: dict[int, str], inputs: list, folder: LocalFolder | Remote
 def _progress(folder: LocalFolder | RemoteFolder, record: str, lo: int) -> tuple[int, int]:
     """(the position the part continues from, its shards complete) as its record says; (lo, 0) before its first."""
     try:
-        index = _read_json(folder, record) or {}
+        index = read_record(folder, record) or {}
         return index.get("next_input", lo), len(index.get("shards", []))
     except VitpipeError:  # a record that cannot be read (IndexFileError): the report says what it can
         return lo, 0

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from common.io import atomic_path
 from common.text import plural
 from data_tools.images import decode_rgb
+from data_tools.remote import RemoteFolder
 from data_tools.shard import INDEX, read_index
-from data_tools.store import LocalFolder, RemoteFolder, errors_for, listed_shard, shard_folder
+from data_tools.store import LocalFolder, errors_for, listed_shard, shard_folder
 from data_tools.tars import IMAGE_EXTS, HashingReader, image_bytes, read_tar
 
 

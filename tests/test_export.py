@@ -218,7 +218,8 @@ def _plain_format() -> types.ModuleType:
     def write(cfg, state, info):
         if cfg.head == "pretrain":
             raise ValueError("plain has no slot for the pretraining head: export to vitpipe")
-        return Export(dict(state), {"config.json": {"plain_vit": cfg.to_dict()}})
+        # "format": a layout may carry vitpipe's own keys too; priority, not import order, says it is plain's
+        return Export(dict(state), {"config.json": {"plain_vit": cfg.to_dict(), "format": "vitpipe"}})
 
     plain.write = write
     plain.recognises = lambda meta: "plain_vit" in meta
@@ -228,8 +229,10 @@ def _plain_format() -> types.ModuleType:
 
 
 def test_a_format_is_one_module_in_the_registry_and_the_cli_offers_it(tmp_path, monkeypatch, capsys):
-    assert list(FORMATS) == ["vitpipe", "timm", "transformers"]
-    monkeypatch.setitem(FORMATS, "plain", _plain_format())
+    monkeypatch.setattr(FORMATS, "_entries", dict(FORMATS._entries))  # the registration below ends with the test
+    FORMATS.add("plain", _plain_format())
+    names = FORMATS.names()
+    assert "plain" in names and names[-1] == "vitpipe"  # vitpipe's own layout is tried last
     model = randomize(create_model("vit_ti16", image_size=32, depth=1, num_classes=3))
     save_checkpoint(model, tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "plain"]) == 0
@@ -244,8 +247,7 @@ def test_a_format_is_one_module_in_the_registry_and_the_cli_offers_it(tmp_path, 
         export_checkpoint(create_model("vit_ti16", image_size=32, depth=1, num_classes=3, head="pretrain"),
                           ModelInfo(), tmp_path / "refused", "plain")
     assert not (tmp_path / "refused").exists()
-    with pytest.raises(CheckpointError, match="^unknown export format 'onnx': choose one of vitpipe, timm, "
-                                              "transformers, plain$"):
+    with pytest.raises(CheckpointError, match=f"^unknown export format 'onnx': choose one of {', '.join(names)}$"):
         export_checkpoint(model, ModelInfo(), tmp_path / "onnx", "onnx")
 
     capsys.readouterr()
@@ -253,9 +255,24 @@ def test_a_format_is_one_module_in_the_registry_and_the_cli_offers_it(tmp_path, 
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-        assert "invalid choice: 'onnx' (choose from 'vitpipe', 'timm', 'transformers', 'plain')" in \
-            capsys.readouterr().err
+        assert f"invalid choice: 'onnx' (choose from {', '.join(map(repr, names))})" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["push", "--help"])
-    assert "layout to upload: vitpipe, timm, transformers, plain (default: vitpipe)" in \
+    assert f"layout to upload: {', '.join(names)} (default: vitpipe)" in \
         " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_every_format_implements_the_interface_and_reads_back_what_it_writes(name, tmp_path):
+    from vit.formats import format_of
+    from vit.formats.base import Format
+
+    fmt = FORMATS.get(name)
+    assert isinstance(fmt, Format) and fmt.NAME == name
+    model = randomize(create_model("vit_ti16", image_size=32, depth=1, num_classes=3))
+    assert fmt.refuses(model.cfg) is None
+    export_checkpoint(model, ModelInfo(), tmp_path / "out", name)
+    assert format_of(json.loads((tmp_path / "out" / "config.json").read_text())) is fmt
+    back, _ = load_model(tmp_path / "out")
+    x = _image(model)
+    assert torch.equal(back(x), model(x))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_tools.engines import ENGINES, EngineError, run_engine
 from data_tools.images import EncodeOptions, decode_rgb
 from data_tools.shard import ShardError, ShardOptions, parse_size, shard
 from data_tools.tars import read_tar
@@ -539,3 +540,64 @@ print(sorted(m for m in ("torch", "vit", "webdataset") if m in sys.modules))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines()[-1] == "[]"
+
+
+_MERGER = """import sys
+from pathlib import Path
+from data_tools.shard import merge_parts
+go = Path(sys.argv[2])
+while not go.exists():
+    pass
+for _ in range(30):
+    assert merge_parts(sys.argv[1]) is not None
+"""
+
+
+def test_parts_merging_at_once_take_turns_on_index_json(tmp_path, env):
+    src = write_folder(tmp_path / "src", {"a": 9, "b": 8})
+    opts = ShardOptions(samples_per_shard=4)
+    shard(str(src), tmp_path / "whole", opts, progress=False)
+    for k in range(3):
+        shard(str(src), tmp_path / "parts", replace(opts, part=(k, 3)), progress=False, merge=False)
+    go = tmp_path / "go"
+    mergers = [subprocess.Popen([sys.executable, "-c", _MERGER, str(tmp_path / "parts"), str(go)], env=env,
+                                stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    go.touch()  # every merger spins until this exists, so their merges overlap
+    for m in mergers:
+        assert m.wait() == 0, m.stderr.read()[-2000:]
+    assert (tmp_path / "parts" / "index.json").read_bytes() == (tmp_path / "whole" / "index.json").read_bytes()
+    assert not list((tmp_path / "parts").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("held, run", [(".vitpipe.lock", ["--part", "1/2"]), (".vitpipe-part-001.lock", [])])
+def test_a_whole_run_and_a_part_run_refuse_to_share_a_folder(tmp_path, env, held, run):
+    from common.lock import FolderLock
+
+    src, out = write_folder(tmp_path / "src", {"a": 3, "b": 3}), tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out, "vitpipe shard (the other run)", held):
+        res = subprocess.run(vitpipe_cmd("shard", str(src), str(out), *run), env=env, capture_output=True, text=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+    assert "vitpipe shard (the other run)" in lines[0] and "cannot share a folder" in lines[0]
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
+    assert subprocess.run(vitpipe_cmd("shard", str(src), str(out), *run), env=env).returncode == 0
+
+
+@pytest.mark.parametrize("name", ENGINES.names())
+def test_every_engine_runs_a_function_and_adds_its_own_options_to_vitpipe_shard(name, tmp_path, capsys):
+    import importlib
+
+    engine = ENGINES.get(name)
+    module, function = engine.function.split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    shown = capsys.readouterr().out
+    assert f"{name}: {engine.summary.split()[0]}" in shown
+    for option in engine.options:
+        assert option.flag in shown
+        for other in ENGINES.names():
+            if not ENGINES.get(other).takes(option.dest):
+                with pytest.raises(EngineError, match=f"{option.flag} is an option of --engine .*{name}"):
+                    run_engine(other, str(tmp_path), tmp_path / "out", ShardOptions(), **{option.dest: 1})

@@ -1,5 +1,6 @@
 """The corpus-source registry: a new source is one registered function; what nothing reads is one line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from .corpus import write_folder
 
 
 def test_a_new_source_is_one_registered_function(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "SOURCES", list(sources.SOURCES))
+    monkeypatch.setattr(sources.SOURCES, "_entries", dict(sources.SOURCES._entries))  # registered for this test
     images = sorted(write_folder(tmp_path / "src", {"a": 3}).glob("a/*.jpg"))
     (tmp_path / "list.txt").write_text("\n".join(map(str, images)))
 
@@ -49,3 +50,13 @@ def test_a_manifest_row_with_an_unknown_scheme_is_a_listed_skip(tmp_path):
     assert index["total_samples"] == 1
     assert [(s["source"], s["reason"]) for s in index["skipped"]] == [
         ("foo://bucket/x.jpg", "unreadable (unknown URL scheme foo://)")]
+
+
+@pytest.mark.parametrize("name", sources.SOURCES.names())
+def test_every_source_is_named_when_nothing_reads_a_spec(name, tmp_path):
+    entry = sources.SOURCES.get(name)
+    assert entry.name and callable(entry.read)
+    for spec in (str(tmp_path / "nothing"), "foo://bucket/x"):
+        assert not entry.matches(spec)
+        with pytest.raises(SourceError, match=re.escape(entry.name)):
+            read_source(spec)

@@ -60,7 +60,7 @@ def _push(args) -> None:
 
 
 def _shard(args) -> None:
-    from data_tools.engines import run_engine
+    from data_tools.engines import engine_options, run_engine
     from data_tools.images import DEFAULT_MAX_PIXELS, EncodeOptions
     from data_tools.shard import ShardOptions, parse_part, parse_size
 
@@ -75,7 +75,7 @@ def _shard(args) -> None:
         shuffle=not args.no_shuffle, shuffle_seed=args.shuffle_seed, allow_local_paths=args.allow_local_paths,
     )
     index = run_engine(args.engine, args.src, args.out, opts, workers=args.workers, overwrite=args.overwrite,
-                       ray_address=args.ray_address, parts=args.parts)
+                       **engine_options(args))
     for line in _shard_summary(args.out, index):
         print(line)
 
@@ -227,7 +227,7 @@ EXPORT_FORMATS = _LazyChoices("vit.formats", "FORMATS")
 
 
 def _shard_verb(sub) -> None:
-    from data_tools.engines import ENGINES
+    from data_tools.engines import add_engine_arguments
 
     s = _verb(sub, "shard", "write an image corpus as webdataset tars with an index.json", """
   vitpipe shard photos/ shards/train                        # a folder of class subfolders
@@ -279,15 +279,7 @@ def _shard_verb(sub) -> None:
                    help="let a manifest on an object store name local files or file:// URLs (default: only objects "
                         "of its own store)")
     s.add_argument("--overwrite", action="store_true", help="start over, deleting shards in OUT")
-    s.add_argument("--engine", choices=list(ENGINES), default="local",
-                   help="where the work runs: " + "; ".join(f"{k}: {e.summary}" for k, e in ENGINES.items()))
-    s.add_argument("--ray-address", metavar="ADDRESS",
-                   help="ray: the cluster, HOST:PORT of its head or auto (default: RAY_ADDRESS, else a cluster "
-                        "started on this machine, else a new local one); SRC and OUT must be reachable from every "
-                        "node at the same paths")
-    s.add_argument("--parts", type=int_in(1), metavar="N",
-                   help="ray: parts the job is split into, each what --part K/N writes; the shards are the same for "
-                        "any N (default: --workers, else the cluster's CPUs)")
+    add_engine_arguments(s)
     s.set_defaults(run=_shard)
 
 

@@ -1,18 +1,20 @@
 """Checkpoint formats, found by name in ``FORMATS``: vitpipe's own folders, timm's and transformers' hub layouts.
 
-A format is one module (the interface is in ``vit.formats.base``): it recognises and reads its layout,
+A format is one module implementing ``vit.formats.base.Format``: it recognises and reads its layout,
 writes it, refuses in one line what it cannot hold, and says on the model card how to load it.
-``load_model`` and ``export_checkpoint`` pick the module. Adding a format = one module + one name below.
+``load_model`` and ``export_checkpoint`` pick the module. Adding a format = one module + one ``FORMATS.add`` line
+below. Reading, the highest-priority format that recognises a ``config.json`` wins: the libraries' layouts, named
+by their own keys, first; a new format (priority 0) next; vitpipe's own last, since a layout may carry our config.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from common.io import atomic_path
+from common.registry import Registry
 from vit.card import model_card
 from vit.checkpoint import (
     CONFIG,
@@ -25,15 +27,19 @@ from vit.checkpoint import (
     write_folder,
 )
 from vit.formats import timm, transformers, vitpipe
+from vit.formats.base import Format
 from vit.model import VisionTransformer, ViTConfig
 
-FORMATS: dict[str, ModuleType] = {f.NAME: f for f in (vitpipe, timm, transformers)}
+FORMATS: Registry[Format] = Registry("export format", CheckpointError)
+FORMATS.add(timm.NAME, timm, priority=10)
+FORMATS.add(transformers.NAME, transformers, priority=10)
+FORMATS.add(vitpipe.NAME, vitpipe, priority=-10)
 
 
-def get_format(name: str) -> ModuleType:
+def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise CheckpointError(f"unknown export format {name!r}: choose one of {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return FORMATS.get(name)
 
 
 def formats_refusing(cfg) -> dict[str, str]:
@@ -41,11 +47,11 @@ def formats_refusing(cfg) -> dict[str, str]:
     return {name: why for name, fmt in FORMATS.items() if (why := fmt.refuses(cfg))}
 
 
-def format_of(meta: dict) -> ModuleType:
-    """The format whose ``config.json`` this is; none is a ValueError."""
-    for fmt in FORMATS.values():
-        if fmt.recognises(meta):
-            return fmt
+def format_of(meta: dict) -> Format:
+    """The format whose ``config.json`` this is (the highest-priority one that recognises it); none is a
+    ValueError."""
+    if found := FORMATS.first(lambda fmt: fmt.recognises(meta)):
+        return found[1]
     raise ValueError(f"unknown checkpoint format: expected the config.json of a ViT in {', '.join(FORMATS)} format")
 
 

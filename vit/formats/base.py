@@ -1,6 +1,7 @@
-"""What every format module shares: the files an export writes, and the pretraining head no library can hold.
+"""What every format module shares: the interface (``Format``), the files an export writes, and the pretraining
+head no library can hold.
 
-A format is a module with:
+A format is a module with (``Format``, checked over every registered format by tests/test_export.py):
 
 - ``NAME``: its ``--format`` name (and the model card's ``library_name``);
 - ``HOW_TO_LOAD``: the model card's "How to load it" text, ``{repo}`` standing for the hub repository;
@@ -16,9 +17,12 @@ A format is a module with:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from vit.checkpoint import ModelInfo
 from vit.model import ViTConfig
 
 
@@ -30,6 +34,22 @@ class Export:
     weights: dict[str, torch.Tensor]
     files: dict[str, dict]
     note: str | None = None
+
+
+@runtime_checkable
+class Format(Protocol):
+    """The interface of a format module (see the module's docstring)."""
+
+    NAME: str
+    HOW_TO_LOAD: str
+
+    def recognises(self, meta: dict) -> bool: ...
+
+    def read(self, folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, ModelInfo]: ...
+
+    def refuses(self, cfg: ViTConfig) -> str | None: ...
+
+    def write(self, cfg: ViTConfig, state: dict, info: ModelInfo) -> Export: ...
 
 
 def exportable_head(cfg: ViTConfig, state: dict) -> tuple[int, dict, str | None]:
