@@ -359,8 +359,20 @@ def find_resume(cfg: Config) -> Path | None:
         path = Path(r)
         if not (path / TRAINER_STATE).is_file():
             raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        refuse_later_history(path, Path(cfg.train.output_dir) / CHECKPOINTS)
         return path
     return latest_checkpoint(cfg.train.output_dir)
+
+
+def refuse_later_history(ckpt: Path, root: Path) -> None:
+    """Resuming from an older step into a folder that holds later ones would mix two histories (``auto`` would
+    pick the other one next time) and pruning would delete the checkpoints just written: refused."""
+    held = step_folders(root)
+    step = json.loads((ckpt / TRAINER_STATE).read_text())["position"]["step"]
+    if held and int(held[-1].name[5:]) > step:
+        raise ConfigError(f"train.resume={ckpt}: it is step {step}, but {root} holds checkpoints up to step "
+                          f"{int(held[-1].name[5:])} from another history; choose another train.output_dir (or "
+                          "move the later checkpoints away)")
 
 
 def step_folders(root: Path) -> list[Path]:
