@@ -71,8 +71,12 @@ def write_manifest(folder: Path) -> None:
     write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
 
 
-def verify_manifest(folder: Path) -> None:
-    """Raise CheckpointError naming the first file that was added, removed or changed since it was written."""
+def verify_manifest(folder: Path, unverified: str = "refuse") -> str | None:
+    """Raise CheckpointError naming the first file that was added, removed or changed since it was written.
+
+    A checkpoint with no manifest (an older vitpipe wrote none) is refused unless ``unverified="allow"``
+    (``train.resume_mismatch=allow``): then its files as they are now are recorded, and the returned note says so.
+    """
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -80,8 +84,13 @@ def verify_manifest(folder: Path) -> None:
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(listed, dict):
             raise ValueError("not a checkpoint manifest")
     except FileNotFoundError:
+        if unverified == "allow":
+            write_manifest(folder)
+            return (f"{path}: missing (an older vitpipe wrote none); resuming {folder} unverified, as "
+                    f"train.resume_mismatch=allow says, and recording its files in {MANIFEST} now")
         raise CheckpointError(f"{path}: missing, so the checkpoint cannot be verified (incomplete, or written by an "
-                              "older vitpipe); refusing to resume from it") from None
+                              "older vitpipe); refusing to resume from it. If it is complete, "
+                              "train.resume_mismatch=allow resumes it and records its manifest") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ({e}); refusing to resume from {folder}") from None
     present = _files(folder)
@@ -131,7 +140,7 @@ def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | N
     A changed recipe raises ConfigError naming the keys, unless ``train.resume_mismatch=allow``; then
     the returned note names them.
     """
-    verify_manifest(ckpt)
+    unverified = verify_manifest(ckpt, cfg.train.resume_mismatch)
     if model is not None:
         check_shapes(ckpt / "model" / WEIGHTS, model)
     model_config = ckpt / "model" / "config.json"
@@ -142,10 +151,11 @@ def check_resume(ckpt: Path, cfg: Config, stage: str, model: torch.nn.Module | N
     changes = config_changes({"stage": provenance.get("stage"), **provenance["config"]},
                              redacted({"stage": stage, **cfg.to_dict()}))  # as it was recorded
     if not changes:
-        return None
+        return unverified
     listed = "; ".join(changes)
     if cfg.train.resume_mismatch == "allow":
-        return f"resuming {ckpt} although these keys changed: {listed}"
+        mismatch = f"resuming {ckpt} although these keys changed: {listed}"
+        return f"{unverified}\nnote: {mismatch}" if unverified else mismatch
     raise ConfigError(f"train.resume: {ckpt} was made with other values of {listed}; set "
                       "train.resume_mismatch=allow to continue anyway, or train.resume=none with another "
                       "train.output_dir to start over")

@@ -326,6 +326,27 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, run_here):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
 
 
+def test_a_checkpoint_without_manifest_resumes_only_on_request(shards, tmp_path, run_here):
+    from pretrain.checkpoints import verify_manifest
+
+    out = tmp_path / "run"
+    args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=2"]
+    assert run_here(pretrain_cmd(*args, "train.max_steps=2")).returncode == 0
+    ckpt = out / "checkpoints" / "step_00000002"
+    (ckpt / "manifest.json").unlink()  # as a vitpipe before manifests wrote it
+    refused = run_here(pretrain_cmd(*args, "train.max_steps=4"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"pretrain: error: {ckpt / 'manifest.json'}: missing, so the checkpoint cannot be verified (incomplete, or "
+        "written by an older vitpipe); refusing to resume from it. If it is complete, train.resume_mismatch=allow "
+        "resumes it and records its manifest"]
+    allowed = run_here(pretrain_cmd(*args, "train.max_steps=4", "train.resume_mismatch=allow"))
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert (f"note: {ckpt / 'manifest.json'}: missing (an older vitpipe wrote none); resuming {ckpt} unverified, "
+            "as train.resume_mismatch=allow says, and recording its files in manifest.json now") in allowed.stdout
+    assert "resumed from" in allowed.stdout and (out / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    verify_manifest(ckpt)  # recorded: later resumes from it are verified again
+
+
 def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_00000010").mkdir(parents=True)
