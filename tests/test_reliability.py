@@ -120,6 +120,22 @@ def test_an_error_raised_in_a_dataloader_worker_is_still_one_line():
     assert user_message(e.value) == "1000 samples in a row do not decode in a.tar: check them with vitpipe verify"
 
 
+def test_a_user_error_in_a_loader_worker_reaches_the_cli_user_as_its_one_line(shards, tmp_path):
+    """Through the real entry point in its own process: the stall a DataLoader worker raises is one line, not
+    torch's worker traceback."""
+    good = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    hung = "pipe:exec sleep 3600"
+    res = subprocess.run(pretrain_cmd(f"data.train=[pipe:cat {good}, {hung}]", "data.num_samples=64",
+                                      "data.workers=1", "data.stall_timeout=1", "train.max_steps=50",
+                                      f"train.output_dir={tmp_path / 'run'}"),
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {hung} (rank 0, worker 0): no sample for 1 s (data.stall_timeout); stopping. "
+        "Check the storage or the command, then rerun to resume")
+
+
 def test_disk_full_while_sharding_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
     import data_tools.tars
 
