@@ -67,10 +67,10 @@ def evaluate(run: Run, bar) -> None:
     record = {"step": run.pos.step}
     if evals.val is not None:
         record.update(validate(accelerator, unwrapped, evals.val, evals.transform, run.micro, run.cfg.data.workers,
-                               run.cfg.train.seed))
+                               run.cfg.train.seed, run.cfg.data.stall_timeout))
     if evals.monitor is not None:
         record.update(monitor(accelerator, unwrapped.model, evals.monitor, evals.bank, evals.transform, run.micro,
-                              run.cfg.data.workers))
+                              run.cfg.data.workers, run.cfg.data.stall_timeout))
     if run.cfg.train.keep_best:
         mark_best(run, record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.pos.step)
@@ -87,7 +87,8 @@ def _named(shards: ShardSet) -> str:
 
 
 @torch.no_grad()
-def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
+def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int,
+             stall_timeout: float = 0) -> dict:
     """The objective's loss and metrics on held-out shards, every sample once across ranks.
 
     Runs the unwrapped module, so ranks with different batch counts never meet in a collective
@@ -97,7 +98,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
     names = task.objective.metrics
     totals = torch.zeros(2 + len(names), dtype=torch.float64)
     loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, workers=workers)
+                         world_size=accelerator.num_processes, workers=workers, stall_timeout=stall_timeout)
     for i, batch in enumerate(loader):
         n = len(batch["labels"])
         if not n:
@@ -119,7 +120,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
 
 @torch.no_grad()
 def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
-            batch_size: int, workers: int) -> dict:
+            batch_size: int, workers: int, stall_timeout: float = 0) -> dict:
     """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
     from accelerate.utils import gather_object
 
@@ -128,7 +129,7 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
     for name, shards in (("queries", queries), ("bank", bank)):
         if shards is not None:
             mine = pooled_features(model, shards, transform, batch_size, accelerator.process_index,
-                                   accelerator.num_processes, workers, accelerator.device)
+                                   accelerator.num_processes, workers, accelerator.device, stall_timeout)
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()

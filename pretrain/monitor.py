@@ -36,10 +36,11 @@ def knn_predict(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tenso
 
 @torch.no_grad()
 def pooled_features(model: VisionTransformer, shards: ShardSet, transform, batch_size: int, rank: int, world: int,
-                    workers: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+                    workers: int, device, stall_timeout: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's pooled representation (what fine-tuning reads) of this rank's share of ``shards``."""
     feats, labels = [], []
-    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
+    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers,
+                             stall_timeout=stall_timeout):
         if len(batch["labels"]):
             tokens = model.forward_features(transform.to_device(batch, device)["pixel_values"])
             feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
