@@ -16,8 +16,9 @@ import torch
 from common.lock import LOCK, FolderBusy, FolderLock
 from data_tools.shard import ShardOptions, shard
 from data_tools.verify import verify
-from pretrain.checkpoints import latest_checkpoint, weights_only_loads, write_manifest
+from pretrain.checkpoints import latest_checkpoint
 from pretrain.config import ConfigError, load_config
+from pretrain.resume_checks import weights_only_loads, write_manifest
 from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
@@ -128,7 +129,7 @@ def test_a_user_error_in_a_loader_worker_reaches_the_cli_user_as_its_one_line(sh
     res = subprocess.run(pretrain_cmd(f"data.train=[pipe:cat {good}, {hung}]", "data.num_samples=64",
                                       "data.workers=1", "data.stall_timeout=1", "train.max_steps=50",
                                       f"train.output_dir={tmp_path / 'run'}"),
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
@@ -343,7 +344,7 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, run_here):
 
 
 def test_a_checkpoint_without_manifest_resumes_only_on_request(shards, tmp_path, run_here):
-    from pretrain.checkpoints import verify_manifest
+    from pretrain.resume_checks import verify_manifest
 
     out = tmp_path / "run"
     args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=2"]
@@ -418,7 +419,7 @@ def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_p
 
 
 def test_manifest_lists_every_file(tmp_path):
-    from pretrain.checkpoints import verify_manifest
+    from pretrain.resume_checks import verify_manifest
 
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "a.bin").write_bytes(b"a")

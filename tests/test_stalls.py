@@ -169,6 +169,7 @@ def test_a_stalled_validation_or_monitor_shard_stops_the_run_in_one_line(shards,
     import dataclasses
 
     import pretrain.evaluation
+
     from .helpers import pretrain_cmd
 
     monkeypatch.setattr(pretrain.evaluation, "resolve_shards", lambda source, *a, **k: (
