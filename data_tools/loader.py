@@ -196,11 +196,11 @@ def _foreign_samples(url: str, on_error):
 
 
 def read_samples(urls, handler: _SkipCounter, counts: dict[str, int] | None = None,
-                 digests: dict[str, str] | None = None):
+                 digests: dict[str, str] | None = None, stall_timeout: float = 0, where: str = "rank 0, worker 0"):
     """Samples from a stream of shard urls (see ``read_shard``)."""
     for url in urls:
         yield from read_shard(url, handler, counts.get(url) if counts else None,
-                              digests.get(url) if digests else None)
+                              digests.get(url) if digests else None, stall_timeout=stall_timeout, where=where)
 
 
 def _keep_error(errors: list, exn: Exception) -> bool:
@@ -558,7 +558,8 @@ class ShardStream(IterableDataset):
         by_shard = len(urls) >= slots
         handler = _SkipCounter(shards=by_shard or slot == 0)  # every slot reads every shard when not by_shard
         mine = urls[self.rank::self.world_size][w::workers] if by_shard else urls
-        samples = read_samples(mine, handler, self.shards.counts, self.shards.digests)
+        samples = read_samples(mine, handler, self.shards.counts, self.shards.digests, self.stall_timeout,
+                               f"rank {self.rank}, worker {w}")
         batch, reported = BatchBuilder(self.batch_size), 0
         for i, sample in enumerate(samples):
             if not by_shard and i % slots != slot:
@@ -605,7 +606,8 @@ def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0,
 
 
 def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                workers: int = 0) -> DataLoader:
-    """Every sample exactly once across ranks and workers; ranks may get different batch counts."""
+                workers: int = 0, stall_timeout: float = 0) -> DataLoader:
+    """Every sample exactly once across ranks and workers; ranks may get different batch counts. A shard that
+    yields no sample for ``stall_timeout`` seconds (0: no limit) raises ``StalledRead`` naming it."""
     return make_loader(ShardStream(shards, transform, batch_size, train=False, rank=rank,
-                                   world_size=world_size, workers=workers))
+                                   world_size=world_size, workers=workers, stall_timeout=stall_timeout))

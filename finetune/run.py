@@ -13,6 +13,8 @@ import dataclasses
 from pathlib import Path
 
 from common.images import image_pair
+from common.devices import is_main_process
+from common.lock import FolderLock
 from finetune.prepare import finetune_changes, prepare_for_finetune
 from pretrain.config import Config, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from pretrain.loop import train
@@ -62,9 +64,13 @@ def finetune(cfg: Config) -> Path:
                                                "pretraining": info.provenance.get("objective"),
                                                "data": str(cfg.data.train)})
     if cfg.train.max_steps == 0:
-        final = Path(cfg.train.output_dir) / "final"
-        save_checkpoint(model, final, info)
-        return final
+        out = Path(cfg.train.output_dir)
+        if not is_main_process():  # one writer per launch: the main process, holding the folder's lock
+            return out / "final"
+        out.mkdir(parents=True, exist_ok=True)
+        with FolderLock(out, "vitpipe finetune"):  # the same one-writer rule as a training run's
+            save_checkpoint(model, out / "final", info)
+        return out / "final"
     return train(cfg, model, build_objective(cfg, model), info, "finetune", shards, changes)
 
 

@@ -96,7 +96,8 @@ def _named(shards: ShardSet) -> str:
 
 
 @torch.no_grad()
-def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int) -> dict:
+def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: int, workers: int, seed: int,
+             stall_timeout: float = 0) -> dict:
     """The objective's loss and metrics on held-out shards, every sample once across ranks.
 
     Runs the unwrapped module, so ranks with different batch counts never meet in a collective
@@ -106,7 +107,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
     names = task.objective.metrics
     totals = torch.zeros(2 + len(names), dtype=torch.float64)
     loader = eval_loader(shards, transform, batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, workers=workers)
+                         world_size=accelerator.num_processes, workers=workers, stall_timeout=stall_timeout)
     for i, batch in enumerate(loader):
         n = len(batch["labels"])
         if not n:
@@ -128,7 +129,7 @@ def validate(accelerator, task: Task, shards: ShardSet, transform, batch_size: i
 
 @torch.no_grad()
 def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: ShardSet | None, transform,
-            batch_size: int, workers: int) -> dict:
+            batch_size: int, workers: int, stall_timeout: float = 0) -> dict:
     """kNN top-1 of the model's frozen pooled features (leave-one-out when there is no separate bank)."""
     from accelerate.utils import gather_object
 
@@ -137,7 +138,8 @@ def monitor(accelerator, model: VisionTransformer, queries: ShardSet, bank: Shar
     for name, shards in (("queries", queries), ("bank", bank)):
         if shards is not None:
             mine = extract(model, shards, transform, batch_size, accelerator.process_index,
-                           accelerator.num_processes, workers, accelerator.device, "pooled")[:2]
+                           accelerator.num_processes, workers, accelerator.device, "pooled",
+                           stall_timeout=stall_timeout)[:2]
             parts = gather_object([mine])
             sets[name] = (torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
     model.train()
@@ -163,7 +165,7 @@ class HeldOutLoss:
 
     def __call__(self, run: Run, task: Task, shards: ShardSet) -> dict:
         return validate(run.accelerator, task, shards, run.evals.transform, run.micro, run.cfg.data.workers,
-                        run.cfg.train.seed)
+                        run.cfg.train.seed, run.cfg.data.stall_timeout)
 
 
 class KnnMonitor:
@@ -186,7 +188,8 @@ class KnnMonitor:
         return ["knn_top1"]
 
     def __call__(self, run: Run, task: Task, sets: tuple[ShardSet, ShardSet | None]) -> dict:
-        return monitor(run.accelerator, task.model, *sets, run.evals.transform, run.micro, run.cfg.data.workers)
+        return monitor(run.accelerator, task.model, *sets, run.evals.transform, run.micro, run.cfg.data.workers,
+                       run.cfg.data.stall_timeout)
 
 
 EVALUATORS.add("val", HeldOutLoss())

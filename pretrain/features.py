@@ -34,13 +34,14 @@ def width(model: VisionTransformer, kind: str) -> int:
 @torch.no_grad()
 def extract(model: VisionTransformer, shards: ShardSet, transform, batch_size: int, rank: int, world: int,
             workers: int, device, kind: str = "pooled",
-            on_batch: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+            on_batch: Callable[[dict], None] | None = None, stall_timeout: float = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``kind`` features and labels of this rank's share of ``shards``, and how many samples it lost (damaged
     shards, images that do not decode). ``on_batch`` sees every batch, empty ones included (a progress bar)."""
     if kind not in KINDS:
         raise ValueError(f"feature kind {kind!r}: expected one of {', '.join(KINDS)}")
     feats, labels, skipped = [], [], 0
-    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers):
+    for batch in eval_loader(shards, transform, batch_size, rank=rank, world_size=world, workers=workers,
+                             stall_timeout=stall_timeout):
         skipped += int(batch["skipped"])
         if on_batch is not None:
             on_batch(batch)

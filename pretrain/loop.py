@@ -34,7 +34,6 @@ from pretrain.checkpoints import (
     StreamResume,
     best_so_far,
     check_best_metric,
-    check_resume,
     find_resume,
     finish,
     keep_best,
@@ -67,6 +66,7 @@ from pretrain.metrics import (
 )
 from pretrain.objectives import Task
 from pretrain.optim import build_optimizer, lr_factor
+from pretrain.resume_checks import check_resume
 from vit import ModelInfo, VisionTransformer
 
 if TYPE_CHECKING:

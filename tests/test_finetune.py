@@ -6,6 +6,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from common.lock import FolderLock
 from data_tools.loader import resolve_shards
 from data_tools.shard import ShardOptions, shard
 from finetune.evaluate import evaluate, features_and_labels, fewshot_lsr, linear_probe, representation, sample_shots
@@ -71,6 +72,14 @@ def test_zero_steps_writes_the_prepared_model(data, tmp_path, run_here):
     assert model.cfg.image_size == (48, 40) and model.cfg.num_classes == 3 and info.labels == ["cat", "dog", "eel"]
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)  # the checkpoint's
     assert torch.count_nonzero(model.head.weight) == 0
+
+
+def test_zero_steps_takes_the_folder_lock(data, tmp_path, run_here):
+    with FolderLock(tmp_path, "another run"):
+        res = run_here(finetune_cmd(f"init={data / 'pretrained'}", f"data.train={data / 'train'}",
+                                    "train.max_steps=0", f"train.output_dir={tmp_path}", "model.image_size=32"))
+    assert res.returncode != 0 and "in use by another run" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "final").exists()
 
 
 def _encode_by_hand(model, x):

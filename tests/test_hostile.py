@@ -523,6 +523,25 @@ def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_before_any_s
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
+def test_resuming_an_older_step_into_a_folder_holding_later_ones_is_refused(small_shards, tmp_path, run_here):
+    out = tmp_path / "run"
+    args = [f"data.train={small_shards}", f"train.output_dir={out}", "train.keep_last=3"]
+    first = _pretrain(run_here, *args, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    older = out / "checkpoints" / "step_00000001"
+    res = _pretrain(run_here, *args, "train.max_steps=2", f"train.resume={older}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: train.resume={older}: it is step 1, but {out / 'checkpoints'} holds checkpoints up to "
+        "step 3 from another history; choose another train.output_dir (or move the later checkpoints away)")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    elsewhere = _pretrain(run_here, f"data.train={small_shards}", f"train.output_dir={tmp_path / 'branch'}",
+                          "train.max_steps=2", f"train.resume={older}")
+    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+    assert (tmp_path / "branch" / "final" / "model.safetensors").is_file()
+
+
 def test_checkpoint_state_files_follow_the_umask(small_shards, tmp_path, run_here):
     import os
 

@@ -16,8 +16,9 @@ import torch
 from common.lock import LOCK, FolderBusy, FolderLock
 from data_tools.shard import ShardOptions, shard
 from data_tools.verify import verify
-from pretrain.checkpoints import latest_checkpoint, weights_only_loads, write_manifest
+from pretrain.checkpoints import latest_checkpoint
 from pretrain.config import ConfigError, load_config
+from pretrain.resume_checks import weights_only_loads, write_manifest
 from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
@@ -118,6 +119,22 @@ def test_an_error_raised_in_a_dataloader_worker_is_still_one_line():
         wrapped.reraise()
     assert "Traceback" in str(e.value)
     assert user_message(e.value) == "1000 samples in a row do not decode in a.tar: check them with vitpipe verify"
+
+
+def test_a_user_error_in_a_loader_worker_reaches_the_cli_user_as_its_one_line(shards, tmp_path):
+    """Through the real entry point in its own process: the stall a DataLoader worker raises is one line, not
+    torch's worker traceback."""
+    good = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    hung = "pipe:exec sleep 3600"
+    res = subprocess.run(pretrain_cmd(f"data.train=[pipe:cat {good}, {hung}]", "data.num_samples=64",
+                                      "data.workers=1", "data.stall_timeout=1", "train.max_steps=50",
+                                      f"train.output_dir={tmp_path / 'run'}"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {hung} (rank 0, worker 0): no sample for 1 s (data.stall_timeout); stopping. "
+        "Check the storage or the command, then rerun to resume")
 
 
 def test_disk_full_while_sharding_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
@@ -326,6 +343,27 @@ def test_resume_checks_the_recipe_and_the_files(shards, tmp_path, run_here):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
 
 
+def test_a_checkpoint_without_manifest_resumes_only_on_request(shards, tmp_path, run_here):
+    from pretrain.resume_checks import verify_manifest
+
+    out = tmp_path / "run"
+    args = [f"data.train={shards}", f"train.output_dir={out}", "train.checkpoint_every=2"]
+    assert run_here(pretrain_cmd(*args, "train.max_steps=2")).returncode == 0
+    ckpt = out / "checkpoints" / "step_00000002"
+    (ckpt / "manifest.json").unlink()  # as a vitpipe before manifests wrote it
+    refused = run_here(pretrain_cmd(*args, "train.max_steps=4"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"pretrain: error: {ckpt / 'manifest.json'}: missing, so the checkpoint cannot be verified (incomplete, or "
+        "written by an older vitpipe); refusing to resume from it. If it is complete, train.resume_mismatch=allow "
+        "resumes it and records its manifest"]
+    allowed = run_here(pretrain_cmd(*args, "train.max_steps=4", "train.resume_mismatch=allow"))
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert (f"note: {ckpt / 'manifest.json'}: missing (an older vitpipe wrote none); resuming {ckpt} unverified, "
+            "as train.resume_mismatch=allow says, and recording its files in manifest.json now") in allowed.stdout
+    assert "resumed from" in allowed.stdout and (out / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    verify_manifest(ckpt)  # recorded: later resumes from it are verified again
+
+
 def test_interrupted_checkpoint_is_never_taken_as_complete(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_00000010").mkdir(parents=True)
@@ -381,7 +419,7 @@ def test_deepspeed_checkpoint_carrying_a_pickle_payload_is_refused(shards, tmp_p
 
 
 def test_manifest_lists_every_file(tmp_path):
-    from pretrain.checkpoints import verify_manifest
+    from pretrain.resume_checks import verify_manifest
 
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "a.bin").write_bytes(b"a")

@@ -14,7 +14,7 @@ from data_tools.loader import resolve_shards, train_loader
 from data_tools.positions import piece_size, redeal, shard_piece, shard_set_changes, shares, split
 from data_tools.tars import read_tar
 from data_tools.transforms import EvalTransform, TrainTransform
-from pretrain.checkpoints import write_manifest
+from pretrain.resume_checks import write_manifest
 from vit.checkpoint import read_weights
 
 from .helpers import ROOT, TINY, accelerate_launch, launch, pretrain_cmd

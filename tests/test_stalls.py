@@ -140,3 +140,43 @@ def test_a_stall_mid_read_ends_the_stream_with_one_error(here, tmp_path, monkeyp
     here.send_signal(signal.SIGSTOP)  # before the open: the open's request is the one that waits
     with pytest.raises(StoreError, match=rf"s3://stall/read/shard-000000.tar: .*no answer in {ATTEMPTS} tries"):
         list(eval_loader(shards, EvalTransform(16), 4, workers=0))
+
+
+HUNG = "pipe:exec sleep 3600"  # a shard that never produces; exec: the killed process is the command itself
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_eval_stream_that_never_produces_stops_naming_the_shard(shards, workers):
+    """Validation and the kNN monitor read through eval_loader: data.stall_timeout holds there too, in the
+    loading process and in a worker."""
+    from common.errors import user_message
+    from data_tools.stall import StalledRead
+
+    good = sorted(str(p) for p in shards.glob("*.tar"))[0]
+    s = resolve_shards([f"pipe:cat {good}", HUNG], num_samples=20)
+    with pytest.raises(StalledRead) as e:
+        list(eval_loader(s, EvalTransform(16), 4, workers=workers, stall_timeout=1))
+    message = user_message(e.value)
+    assert message == (f"{HUNG} (rank 0, worker {1 if workers else 0}): no sample for 1 s (data.stall_timeout); "
+                       "stopping. Check the storage or the command, then rerun to resume")
+
+
+@pytest.mark.parametrize("key", ["data.val", "data.monitor"])
+def test_a_stalled_validation_or_monitor_shard_stops_the_run_in_one_line(shards, tmp_path, run_here, monkeypatch,
+                                                                         key):
+    """A labelled shard set whose one shard is a ``pipe:`` command that never produces (in-process: the set is
+    the real folder's with its shard swapped, as an index.json cannot name a command)."""
+    import dataclasses
+
+    import pretrain.evaluation
+
+    from .helpers import pretrain_cmd
+
+    monkeypatch.setattr(pretrain.evaluation, "resolve_shards", lambda source, *a, **k: (
+        dataclasses.replace(resolve_shards(str(shards)), urls=[HUNG], counts=None, digests=None)))
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"{key}={shards}", "data.stall_timeout=1",
+                                "train.max_steps=2", "train.checkpoint_every=2", f"train.output_dir={tmp_path}"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {HUNG} (rank 0, worker 0): no sample for 1 s (data.stall_timeout); stopping. "
+        "Check the storage or the command, then rerun to resume")

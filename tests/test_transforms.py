@@ -20,9 +20,9 @@ from data_tools.transforms import (
     draw_train_crop,
     normalize,
 )
-from pretrain.checkpoints import config_changes
 from pretrain.config import ConfigError, load_config
 from pretrain.loop import train_transform
+from pretrain.resume_checks import config_changes
 
 from .corpus import photo_crops
 from .helpers import pretrain_cmd
