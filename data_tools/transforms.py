@@ -81,12 +81,35 @@ def decode_region(img: Image.Image, box: tuple[float, float, float, float], out_
 def resized_region(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], interpolation: str,
                    flip: bool) -> np.ndarray:
     """The box (left, top, w, h) of ``img`` resized to ``size`` (height, width), as (H, W, 3) uint8; mirrored
-    when ``flip`` (by PIL: a mirrored numpy view of 3-byte pixels copies ~20x slower into the batch buffer)."""
+    when ``flip``. A JPEG decoded at full size (the box is under twice the output) goes through libjpeg-turbo
+    and torch's uint8 antialiased resize (``full_size_jpeg_region``: 1.3-1.7x PIL's speed for the same pixels
+    up to rounding); others through PIL, at a reduced DCT scale when the box allows (``decode_region``)."""
     h, w = size
     left, top, cw, ch = box
+    if min(cw / w, ch / h) < 2 and _undecoded_jpeg(img):
+        return full_size_jpeg_region(img.fp.getvalue(), box, size, interpolation, flip)
     img, region = decode_region(img, (left, top, left + cw, top + ch), (w, h))
     img = img.resize((w, h), RESAMPLE[interpolation], box=region)
+    # mirrored by PIL: a mirrored numpy view of 3-byte pixels copies ~20x slower into the batch buffer
     return np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
+
+
+def _undecoded_jpeg(img: Image.Image) -> bool:
+    """A JPEG (RGB or grayscale) opened from bytes in memory and not decoded yet."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and isinstance(getattr(img, "fp", None), io.BytesIO)
+
+
+def full_size_jpeg_region(data: bytes, box: tuple[int, int, int, int], size: tuple[int, int], interpolation: str,
+                          flip: bool) -> np.ndarray:
+    """``data`` decoded whole (torchvision's libjpeg-turbo), its box cropped, resized with torch's uint8
+    antialiased filter and mirrored when ``flip``: (H, W, 3) uint8. Deterministic for a given box."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    left, top, cw, ch = box
+    pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    crop = pixels[None, :, top:top + ch, left:left + cw].contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(crop, size=size, mode=interpolation, antialias=True)[0].permute(1, 2, 0)
+    return (out.flip(1) if flip else out).numpy()
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
