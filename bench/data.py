@@ -243,10 +243,13 @@ def bare_decode(files: list[Path]) -> None:
 
 def bench_per_core(tmp: Path, n: int, batch: int, rounds: int = 3) -> dict:
     """Section 7; returns our loader's rate over a bare full-size decode loop's, per filter, in one process."""
+    import torch
+
     from data_tools.loader import resolve_shards, train_loader
     from data_tools.shard import ShardOptions, shard
     from data_tools.transforms import TrainTransform
 
+    torch.set_num_threads(1)  # per core: torch's resize runs in the loading process (a loader worker has 1 thread)
     files = make_corpus(tmp / "imagenet_like", n, seed=2, sides=(250, 640), quality=(75, 95))
     shard(str(tmp / "imagenet_like"), tmp / "s_imagenet_like", ShardOptions(samples_per_shard=50), progress=False)
     shards = resolve_shards(tmp / "s_imagenet_like")

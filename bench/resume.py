@@ -32,7 +32,7 @@ class Counted:
     def __init__(self):
         import s3fs
 
-        import data_tools.loader as loader
+        import data_tools.reading as loader  # where shards are opened and ranged reads made
         from data_tools import store
 
         self.bytes = 0

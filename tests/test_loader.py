@@ -268,7 +268,7 @@ def test_a_stream_resumed_from_its_saved_state_goes_on_bit_identically(shards, r
 @pytest.fixture
 def counted_reads(monkeypatch):
     """Bytes the loader reads from shards (a stream from an offset, ranged reads of buffered samples)."""
-    import data_tools.loader as loader
+    import data_tools.reading as loader  # where shards are opened and ranged reads made
 
     read = {"bytes": 0}
     real_open, real_spans = loader._open_stream, loader.read_spans

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import decode_jpeg
 
 from data_tools.loader import resolve_shards, train_loader
 from data_tools.shard import ShardOptions, shard
@@ -138,3 +139,41 @@ def test_a_checkpoint_from_before_the_filter_and_decode_keys_resumes_with_their_
     assert config_changes(recorded, cfg.to_dict()) == []
     cfg.data.resize_filter = "bilinear"
     assert config_changes(recorded, cfg.to_dict()) == ['data.resize_filter ("bicubic", now "bilinear")']
+
+
+def broken_jpeg(img: Image.Image) -> bytes:
+    """A JPEG whose header reads (a worker draws its crop) but whose first component names a quantization table
+    the file does not define: every decoder refuses it."""
+    b = io.BytesIO()
+    img.save(b, "JPEG", quality=90)
+    data = b.getvalue()
+    at = data.index(b"\xff\xc0") + 11  # SOF0: marker, length, precision, height, width, count, id, sampling
+    return data[:at] + b"\x03" + data[at + 1:]
+
+
+def test_gpu_decode_skips_and_lists_a_broken_jpeg_and_keeps_the_rest_of_its_batch(caplog):
+    """One JPEG of the batch does not decode: the batched decode fails, each is decoded alone, the broken one
+    leaves the batch (logged and listed, as the CPU path skips one), the others are those of a batch without it.
+    torchvision's CPU decode_jpeg stands in for nvJPEG: the same call, on a list, on another device."""
+    photos = photo_crops(3, seed=5, min_side=60, max_side=120)
+    gpu = GpuTrainTransform(24)
+    crops = [gpu(jpeg(img), random.Random(i)) for i, img in enumerate(photos)]
+    bad = JpegCrop(broken_jpeg(photos[1]), crops[1].box, crops[1].flip)
+    assert Image.open(io.BytesIO(bad.data)).size == photos[1].size
+    with pytest.raises(RuntimeError):
+        decode_jpeg([torch.frombuffer(bytearray(c.data), dtype=torch.uint8) for c in (crops[0], bad)])
+
+    def batch_of(items):
+        builder = BatchBuilder(len(items))
+        for label, crop in items:
+            builder.add(crop, label)
+        batch = builder.take(0)
+        batch["keys"] = [f"shard-000000/{label}" for label, _ in items]
+        return batch
+
+    out = gpu.to_device(batch_of([(0, crops[0]), (1, bad), (2, crops[2])]), "cpu")
+    clean = gpu.to_device(batch_of([(0, crops[0]), (2, crops[2])]), "cpu")
+    assert out["undecodable"] == ["shard-000000/1"] and clean["undecodable"] == []
+    assert out["labels"].tolist() == [0, 2] and out["keys"] == ["shard-000000/0", "shard-000000/2"]
+    assert torch.equal(out["pixel_values"], clean["pixel_values"]) and out["pixel_values"].shape == (2, 3, 24, 24)
+    assert "skipping a sample that does not decode: shard-000000/1" in caplog.text
