@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections import Counter
 
 import torch
@@ -163,17 +164,39 @@ class ShardStream(IterableDataset):
             yield batch.take(handler.count - reported)
 
 
-def make_loader(stream: ShardStream, worker_init_fn=None) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, worker_init_fn=worker_init_fn,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+def make_loader(stream: ShardStream) -> DataLoader:
+    return WorkersOwnGroup(stream, batch_size=None, num_workers=stream.num_workers, persistent_workers=False,
+                           worker_init_fn=leave_stop_signals_to_the_trainer, pin_memory=torch.cuda.is_available())
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class WorkersOwnGroup(DataLoader):
+    """Starts its workers with the stop signals blocked, so that none reaches a worker before it has left the
+    rank's process group (``leave_stop_signals_to_the_trainer``); the rank gets a signal sent meanwhile when
+    they are started."""
+
+    def __iter__(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A training worker leaves its rank's process group: the training process stops at the end of its step on
+    """A loader worker leaves its rank's process group: the training process stops at the end of its step on
     SIGTERM or SIGINT (a preemption notice) and needs its workers until then, but ``accelerate launch``
     (torchrun) and a terminal's Ctrl-C signal the whole group, and torch's worker dies on it. The rank can
-    still end its workers (torch's shutdown), and they end with it."""
+    still end its workers (torch's shutdown), and they end with it. The worker starts with the signals blocked
+    (``WorkersOwnGroup``); one the group got before it left is dropped (ignoring a pending signal discards it)."""
     os.setpgrp()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
 
 
 def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -188,7 +211,7 @@ def train_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0,
                          workers=workers, seed=seed, epoch=epoch, resampled=resampled,
                          shuffle_buffer=shuffle_buffer, skip_batches=skip_batches, resume=resume,
                          stall_timeout=stall_timeout)
-    return make_loader(stream, leave_stop_signals_to_the_trainer)
+    return make_loader(stream)
 
 
 def eval_loader(shards: ShardSet, transform, batch_size: int, *, rank: int = 0, world_size: int = 1,
