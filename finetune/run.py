@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common.images import image_pair
 from common.devices import is_main_process
+from common.images import image_pair
 from common.lock import FolderLock
 from finetune.prepare import finetune_changes, prepare_for_finetune
 from pretrain.config import Config, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
