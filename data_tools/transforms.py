@@ -261,7 +261,7 @@ class GpuTrainTransform(TrainTransform):
         for what in out["undecodable"]:
             log.warning("skipping a sample that does not decode: %s (decoded on %s)", redact(what), device)
         if broken:
-            keep = [r for r in range(len(images)) if r not in set(broken)]
+            keep = sorted(set(range(len(images))) - set(broken))
             images, out["labels"] = images[keep], out["labels"][torch.tensor(keep, device=out["labels"].device)]
             if "keys" in out:
                 out["keys"] = [out["keys"][r] for r in keep]
