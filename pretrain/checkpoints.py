@@ -23,6 +23,7 @@ from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError, best_metric, best_mode
 from pretrain.launch import on_main
+from pretrain.metrics import rewind_metrics
 from pretrain.resume_checks import deepspeed_safe_globals, weights_only_loads, write_manifest
 from vit import ModelInfo
 from vit.checkpoint import CheckpointError, save_state_dict
@@ -38,11 +39,14 @@ LOADER_STATE = "loader.json"  # every (rank, logical worker)'s data stream state
 LOADER_FORMAT = "vitpipe-loader-state-1"
 @dataclass
 class Position:
-    """Where the run is: optimizer steps done, and the next micro-batch of which epoch."""
+    """Where the run is: optimizer steps done, and the next micro-batch of which epoch; the non-finite steps it
+    skipped within ``train.nonfinite_window`` and the rollbacks it made (``nonfinite``)."""
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    nonfinite_steps: list[int] = field(default_factory=list)
+    rollbacks: int = 0
 
 
 @dataclass
@@ -74,6 +78,13 @@ class DataTrail:
         with open_append(self.record) as f:
             f.write(json.dumps({"step": step, "epoch": self.step_epoch, "keys": self.keys}) + "\n")
         self.keys = []
+
+    def step_dropped(self, step: int) -> None:
+        """The step in progress trained on nothing (a non-finite step): its keys are not recorded. A rollback to
+        ``step`` also cuts the record back there."""
+        self.keys = []
+        if self.record is not None:
+            rewind_metrics(self.record, step)
 
 
 def sample_record(out: Path, rank: int) -> Path:
@@ -229,7 +240,6 @@ def restore(accelerator, resume_from: Path | None, window: Window) -> Position:
     pos = Position(**trainer["position"])
     if "window" in trainer:  # a checkpoint between two log lines (a stop signal's)
         window.load(trainer["window"])
-    accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     return pos
 
 

@@ -117,6 +117,12 @@ class TrainConfig:
     best_metric: str | None = field(None, help="knn_top1, val_loss, val_<objective metric>; null: knn_top1 with "
                                                "data.monitor, else val_loss")
     best_mode: Literal["auto", "max", "min"] = field("auto", help="auto: min for a *loss metric, else max")
+    on_nonfinite: Literal["stop", "skip", "rollback"] = field(
+        "stop", help="a step whose loss or clipped gradient norm is not finite: stop the run; skip its update; or "
+                     "reload the newest checkpoint and go on with the data after that step")
+    max_nonfinite: int = field(5, help="skip: the most steps skipped within train.nonfinite_window steps; rollback: "
+                                       "the most rollbacks in the run; one more stops it", range=">= 0")
+    nonfinite_window: int = field(1000, help="steps (train.on_nonfinite=skip)", range=">= 1")
 
 
 @dataclass

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from common.errors import TrainingError
 from common.seeding import torch_seed
 from data_tools.loader import ShardSet, train_loader
 from data_tools.transforms import EvalTransform, GpuTrainTransform, TrainTransform
@@ -37,7 +36,6 @@ from pretrain.checkpoints import (
     find_resume,
     finish,
     keep_best,
-    latest_checkpoint,
     plan_stream_resume,
     restore,
     sample_record,
@@ -64,6 +62,7 @@ from pretrain.metrics import (
     record_run,
     train_flops_per_image,
 )
+from pretrain.nonfinite import apply_update, check_policy, nonfinite_step
 from pretrain.objectives import Task
 from pretrain.optim import build_optimizer, lr_factor
 from pretrain.resume_checks import check_resume
@@ -139,8 +138,11 @@ def run_steps(run: Run, stop: StopSignals) -> Path:
     with tqdm(total=cfg.max_steps, initial=run.pos.step, desc=run.stage,
               disable=not run.accelerator.is_main_process) as bar:
         while run.pos.step < cfg.max_steps:
+            taken = run.pos.step
             grad_norm = optimizer_step(run, stream, window)
-            bar.update(1)
+            bar.update(run.pos.step - taken)
+            if run.pos.step <= taken:  # rolled back to the last checkpoint (train.on_nonfinite=rollback)
+                continue
             last = run.pos.step == cfg.max_steps
             if run.pos.step % cfg.log_every == 0 or last:
                 log_window(run, window, grad_norm, bar)
@@ -163,6 +165,7 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
            stage: str, shards: ShardSet) -> Run:
     """Everything before the first step: resume checks, loaders, evaluation sets, optimizer, restored state,
     the run's config.json and rewound metrics."""
+    check_policy(cfg, accelerator.state.deepspeed_plugin is not None)
     resume_from = find_resume(cfg)
     if resume_from is not None and (note := on_main(accelerator, lambda: check_resume(resume_from, cfg, stage, model))):
         accelerator.print(f"note: {note}")
@@ -190,6 +193,8 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     task_p, optimizer = accelerator.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
     window = Window(("loss", *objective.metrics))
     pos = restore(accelerator, resume_from, window)
+    if resume_from is not None:
+        accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
     best = on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
                                                     best_metric(cfg), best_mode(cfg))) if cfg.train.keep_best else None
@@ -234,8 +239,8 @@ def micro_batches(run: Run, resume: dict | None) -> Iterator[tuple[dict, tuple[i
 
 
 def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor | float | None:
-    """``train.grad_accum`` micro-batches, one optimizer update; stops the run on a non-finite loss.
-    Returns the gradient norm (None when not clipping)."""
+    """``train.grad_accum`` micro-batches, one optimizer update, unless the step is non-finite (then
+    ``train.on_nonfinite``: stop, skip or roll back). Returns the gradient norm (None when not clipping)."""
     cfg, accelerator = run.cfg, run.accelerator
     factor = lr_factor(run.pos.step, cfg.schedule.warmup_steps, cfg.train.max_steps, cfg.schedule.decay,
                        cfg.schedule.min_lr_ratio)
@@ -248,36 +253,30 @@ def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor |
         run.trail.took(batch, run.pos.epoch)
         run.pos.epoch, run.pos.batch = after
         window.skipped += int(batch.pop("skipped"))
-        values, norm = micro_step(run, batch, k)
-        step_values += values / cfg.train.grad_accum
-        grad_norm = norm if norm is not None else grad_norm
-    if run.deepspeed:
-        grad_norm = run.task.get_global_grad_norm()
+        step_values += micro_step(run, batch, k) / cfg.train.grad_accum
     step_values = accelerator.reduce(step_values, "mean")
-    if not torch.isfinite(step_values).all():
-        last = latest_checkpoint(run.out)
-        raise TrainingError(f"step {run.pos.step}: loss is {step_values[0].item()}; stopping. Last good checkpoint: "
-                            f"{last or 'none (no checkpoint written yet)'}")
+    finite = bool(torch.isfinite(step_values).all())
+    if run.deepspeed:  # its engine updated inside backward
+        grad_norm = run.task.get_global_grad_norm()
+    else:
+        grad_norm, finite = apply_update(run, finite)
+    if not finite:
+        return nonfinite_step(run, step_values, grad_norm)
     run.pos.step += 1
     run.trail.step_done(run.pos.step)
     window.add(step_values.tolist())
     return grad_norm
 
 
-def micro_step(run: Run, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward and backward of the ``k``-th micro-batch of the step (the update on the last); its loss and
-    metrics, and the clipped gradient's norm when it updated."""
-    accelerator, seed, clip = run.accelerator, run.cfg.train.seed, run.cfg.optim.clip_grad_norm
+def micro_step(run: Run, batch: dict, k: int) -> torch.Tensor:
+    """Forward and backward of the ``k``-th micro-batch of the step (gradients synced on the last); its loss and
+    metrics."""
+    accelerator, seed = run.accelerator, run.cfg.train.seed
     batch = run.transform.to_device(batch, accelerator.device)
     torch.manual_seed(torch_seed(seed, "step", run.pos.step, k, accelerator.process_index))  # dropout, drop path
     gen = torch.Generator(device=accelerator.device)
     gen.manual_seed(torch_seed(seed, "objective", run.pos.step, k, accelerator.process_index))
-    grad_norm = None
     with accelerator.accumulate(run.task), accelerator.autocast():
         loss, extra = run.task(batch, gen)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and not run.deepspeed and clip:
-            grad_norm = accelerator.clip_grad_norm_(run.task.parameters(), clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return torch.stack([loss.detach().float(), *(extra[m].float() for m in run.metrics[1:])]), grad_norm
+    return torch.stack([loss.detach().float(), *(extra[m].float() for m in run.metrics[1:])])

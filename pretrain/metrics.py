@@ -31,6 +31,7 @@ class Window:
     sums: dict = field(default_factory=dict)
     steps: int = 0
     skipped: int = 0
+    nonfinite: int = 0  # steps whose update was skipped (train.on_nonfinite=skip): not in ``sums`` or ``steps``
     started: float = 0.0
     untimed: int = 0  # steps restored from a checkpoint: taken before ``started``
 
@@ -39,15 +40,16 @@ class Window:
 
     def reset(self) -> None:
         self.sums, self.steps, self.skipped, self.started = dict.fromkeys(self.names, 0.0), 0, 0, time.perf_counter()
-        self.untimed = 0
+        self.nonfinite = self.untimed = 0
 
     def state(self) -> dict:
         """What a checkpoint taken mid-window keeps, so that the resumed run logs the same line."""
-        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped}
+        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped, "nonfinite": self.nonfinite}
 
     def load(self, state: dict) -> None:
         self.sums, self.steps, self.skipped = dict(state["sums"]), state["steps"], state["skipped"]
-        self.untimed = self.steps
+        self.nonfinite = state.get("nonfinite", 0)
+        self.untimed = self.steps + self.nonfinite
 
     def add(self, values: list[float]) -> None:
         for name, value in zip(self.names, values):
@@ -57,19 +59,22 @@ class Window:
 
 def log_window(run: Run, window: Window, grad_norm, bar) -> None:
     """One metrics line (jsonl + TensorBoard) averaging the steps since the last, then a fresh window."""
-    images_per_s = (window.steps - window.untimed) * run.cfg.data.batch_size / (time.perf_counter() - window.started)
+    taken = window.steps + window.nonfinite
+    images_per_s = (taken - window.untimed) * run.cfg.data.batch_size / (time.perf_counter() - window.started)
     record = {
-        "step": run.pos.step, "epoch": run.pos.epoch, **{m: window.sums[m] / window.steps for m in run.metrics},
+        "step": run.pos.step, "epoch": run.pos.epoch,
+        **{m: window.sums[m] / window.steps if window.steps else None for m in run.metrics},
         "lr": run.optimizer.param_groups[0]["lr"],
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "images_per_s": images_per_s,
         "mfu": images_per_s * run.flops_per_image / (run.peak_flops * run.accelerator.num_processes),
         "skipped_samples": window.skipped,
+        "nonfinite_steps": window.nonfinite,
     }
     run.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=run.pos.step)
     if run.accelerator.is_main_process:
         append_line(run.out / METRICS, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}" if window.steps else "-", lr=f"{record['lr']:.2e}")
     window.reset()
 
 

@@ -29,7 +29,8 @@ NOT_RESULT = {
     "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.log_every", "train.output_dir",
     "train.resume", "train.resume_mismatch", "train.compile", "train.peak_tflops", "model.grad_checkpointing",
     "data.workers", "data.val", "data.monitor", "data.monitor_bank", "data.record_keys", "train.threads", "train.keep_best",
-    "train.best_metric", "train.best_mode",
+    "train.best_metric", "train.best_mode", "train.on_nonfinite", "train.max_nonfinite", "train.nonfinite_window",
+    "data.stall_timeout",
 }
 
 

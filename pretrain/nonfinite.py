@@ -1,0 +1,98 @@
+"""``train.on_nonfinite``: what a step whose loss (or clipped gradient norm) is not finite does.
+
+``stop`` (the default) ends the run naming the last good checkpoint; ``skip`` drops the step's update and goes on,
+stopping after more than ``train.max_nonfinite`` skips within ``train.nonfinite_window`` steps; ``rollback`` reloads
+the newest checkpoint (weights, optimizer, metrics window) and goes on from there with the data after the
+offending step, stopping after more than ``train.max_nonfinite`` rollbacks. Every event is a log line and a
+``metrics.jsonl`` line (``"event": "nonfinite"``); log lines count the window's skipped steps (``nonfinite_steps``).
+
+The decision is taken on values all-reduced over the ranks, so every rank takes the same branch; the counts live
+in the Position, so a resumed run counts on where the checkpoint left off. No weights are written here: the
+checkpoint a rollback reads was checked finite before it was written (``checkpoints.refuse_nonfinite``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.errors import TrainingError
+from pretrain.checkpoints import latest_checkpoint, restore
+from pretrain.config import Config, ConfigError
+from pretrain.launch import on_main
+from pretrain.metrics import METRICS, VAL_METRICS, append_line, rewind_metrics
+
+if TYPE_CHECKING:
+    from pretrain.loop import Run
+
+
+def check_policy(cfg: Config, deepspeed: bool) -> None:
+    """``skip`` needs the update to come after the check; DeepSpeed's engine updates inside ``backward``."""
+    if cfg.train.on_nonfinite == "skip" and deepspeed:
+        raise ConfigError("train.on_nonfinite=skip: DeepSpeed updates the weights inside backward, before the "
+                          "loss can be checked; use train.on_nonfinite=rollback (or stop)")
+
+
+def apply_update(run: Run, finite: bool) -> tuple[torch.Tensor | None, bool]:
+    """Clip and apply the step's accumulated gradients unless the step is non-finite, then zero them; the clipped
+    norm, and whether the step is finite (its loss, and its gradient norm when clipping). Under fp16 the loss
+    scaler owns both: it skips an overflowing update itself and lowers the scale, which is routine."""
+    clip, fp16 = run.cfg.optim.clip_grad_norm, run.cfg.train.mixed_precision == "fp16"
+    norm = run.accelerator.clip_grad_norm_(run.task.parameters(), clip) if clip and finite else None
+    finite = finite and (norm is None or fp16 or bool(torch.isfinite(norm)))
+    if finite or fp16:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return norm, finite
+
+
+def nonfinite_step(run: Run, values: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """The step in progress (its data taken, its update not applied) was non-finite: stop, skip or roll back."""
+    cfg, pos = run.cfg.train, run.pos
+    step = pos.step + 1
+    what = (f"loss is {values[0].item()}" if not torch.isfinite(values).all()
+            else f"gradient norm is {float(grad_norm)}")
+    last = latest_checkpoint(run.out)
+    if cfg.on_nonfinite == "stop":
+        raise TrainingError(f"step {step}: {what}; stopping (train.on_nonfinite=skip or rollback would go on). "
+                            f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}")
+    if cfg.on_nonfinite == "skip":
+        pos.nonfinite_steps = [s for s in pos.nonfinite_steps if s > step - cfg.nonfinite_window] + [step]
+        count = len(pos.nonfinite_steps)
+        check_limit(run, step, what, f"{count} skipped steps within the last {cfg.nonfinite_window}", count, last)
+        pos.step = step
+        run.trail.step_dropped(step)
+        run.window.nonfinite += 1
+        report(run, step, what, f"update skipped ({count} within {cfg.nonfinite_window} steps)", action="skip")
+        return
+    if last is None:
+        raise TrainingError(f"step {step}: {what}; no checkpoint to roll back to yet; stopping")
+    pos.rollbacks += 1
+    check_limit(run, step, what, f"rollback number {pos.rollbacks}", pos.rollbacks, last)
+    roll_back(run, last)
+    since = f"steps {pos.step + 1}-{step}" if step > pos.step + 1 else f"step {step}"
+    report(run, step, what, f"rolled back to {last} (rollback {pos.rollbacks}); the data of {since} is not trained "
+                            "on", action="rollback", to_step=pos.step)
+
+
+def check_limit(run: Run, step: int, what: str, counted: str, count: int, last) -> None:
+    if count > run.cfg.train.max_nonfinite:
+        raise TrainingError(f"step {step}: {what}; {counted} is more than train.max_nonfinite="
+                            f"{run.cfg.train.max_nonfinite} allows; stopping. Last good checkpoint: "
+                            f"{last or 'none (no checkpoint written yet)'}")
+
+
+def roll_back(run: Run, ckpt) -> None:
+    """The weights, optimizer state and metrics window of ``ckpt``; the data stream, its trail and the event
+    counts stay where they are. The metric files are cut back to its step, so they hold one history."""
+    run.window.reset()
+    run.pos.step = restore(run.accelerator, ckpt, run.window).step
+    run.trail.step_dropped(run.pos.step)
+    on_main(run.accelerator, lambda: [rewind_metrics(run.out / name, run.pos.step) for name in (METRICS, VAL_METRICS)])
+
+
+def report(run: Run, step: int, what: str, action_line: str, **event) -> None:
+    if run.accelerator.is_main_process:
+        append_line(run.out / METRICS, {"step": step, "event": "nonfinite", "value": what, **event})
+    run.accelerator.print(f"warning: step {step}: {what}; {action_line}", flush=True)
