@@ -446,10 +446,11 @@ def logged_step(out, step):
                                   if line.endswith("}"))
 
 
-def stop_on_signal(cmd, out, env, sig=signal.SIGTERM, after_step=2):
-    """Launch ``cmd``, send ``sig`` once ``after_step`` is in metrics.jsonl; its exit status and stderr."""
+def stop_on_signal(cmd, out, env, sig=signal.SIGTERM, after_step=2, ready=None):
+    """Launch ``cmd``, send ``sig`` once ``after_step`` is in metrics.jsonl (or ``ready()`` holds); its exit status
+    and stderr."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: logged_step(out, after_step), proc)
+    wait_for(ready or (lambda: logged_step(out, after_step)), proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=600)
     return proc.returncode, err
@@ -511,6 +512,37 @@ def test_sigterm_to_accelerate_launch_stops_every_rank_at_one_step(shards, tmp_p
     whole = launch(pretrain_cmd(*args, f"train.output_dir={tmp_path / 'whole'}", launcher="cpu_2proc.yaml"), env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert same_run(out, tmp_path / "whole")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")
+def test_sigterm_to_a_deepspeed_launch_checkpoints_every_rank_and_the_rerun_is_the_uninterrupted_run(
+        shards, tmp_path, env, deepspeed_run):
+    """ZeRO-2 on 2 processes: each rank writes its optimizer shard at the step they stopped at, and the rerun ends as
+    the deepspeed_run fixture's uninterrupted run of the same command ended (metrics and weights)."""
+    pytest.importorskip("deepspeed")
+    from pretrain.resume_checks import verify_manifest
+
+    whole = deepspeed_run(2, tmp_path / "whole")  # 3 steps
+    out = tmp_path / "stopped"
+    args = [*deepspeed_args(shards, out), "train.max_steps=3"]  # the fixture's run
+    # no metrics line before the last step (log_every 5): the signal goes once the run is set up (config.json is
+    # written after DeepSpeed made its engine, every rank past its stop handlers), a matmul timing and two steps
+    # before the end
+    status, err = stop_on_signal(pretrain_cmd(*args, launcher="deepspeed_zero2.yaml"), out, env,
+                                 ready=lambda: (out / "config.json").is_file())
+    assert status == 128 + signal.SIGTERM, err[-3000:]
+    step = stopped_step(err, "pretrain")
+    ckpt = latest_checkpoint(out)
+    assert 1 <= step < 3 and ckpt == out / "checkpoints" / f"step_{step:08d}", err[-3000:]
+    verify_manifest(ckpt)
+    assert sorted(p.name for p in (ckpt / "state" / "pytorch_model").glob("*.pt")) == [
+        "mp_rank_00_model_states.pt", *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))]
+    assert not (out / LOCK).exists() and not (out / "final").exists()
+    resumed = launch(pretrain_cmd(*args, launcher="deepspeed_zero2.yaml"), env, timeout=900)
+    assert resumed.returncode == 0 and f"resumed from {ckpt} at step {step}" in resumed.stdout, \
+        resumed.stderr[-3000:]
+    assert same_run(out, whole)
 
 
 def test_a_second_stop_signal_ends_the_process_at_once():
