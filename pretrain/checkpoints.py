@@ -39,8 +39,8 @@ LOADER_STATE = "loader.json"  # every (rank, logical worker)'s data stream state
 LOADER_FORMAT = "vitpipe-loader-state-1"
 @dataclass
 class Position:
-    """Where the run is: optimizer steps done, and the next micro-batch of which epoch; the non-finite steps it
-    skipped within ``train.nonfinite_window`` and the rollbacks it made (``nonfinite``)."""
+    """Where the run is: optimizer steps done, and the next micro-batch of which epoch; and what
+    ``train.on_nonfinite`` counts: the steps skipped within its window, the rollbacks made."""
 
     step: int = 0
     epoch: int = 0

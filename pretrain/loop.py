@@ -255,11 +255,10 @@ def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor |
         window.skipped += int(batch.pop("skipped"))
         step_values += micro_step(run, batch, k) / cfg.train.grad_accum
     step_values = accelerator.reduce(step_values, "mean")
-    finite = bool(torch.isfinite(step_values).all())
     if run.deepspeed:  # its engine updated inside backward
-        grad_norm = run.task.get_global_grad_norm()
+        grad_norm, finite = run.task.get_global_grad_norm(), bool(torch.isfinite(step_values).all())
     else:
-        grad_norm, finite = apply_update(run, finite)
+        grad_norm, finite = apply_update(run, step_values)
     if not finite:
         return nonfinite_step(run, step_values, grad_norm)
     run.pos.step += 1

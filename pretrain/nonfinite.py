@@ -34,13 +34,15 @@ def check_policy(cfg: Config, deepspeed: bool) -> None:
                           "loss can be checked; use train.on_nonfinite=rollback (or stop)")
 
 
-def apply_update(run: Run, finite: bool) -> tuple[torch.Tensor | None, bool]:
+def apply_update(run: Run, values: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     """Clip and apply the step's accumulated gradients unless the step is non-finite, then zero them; the clipped
-    norm, and whether the step is finite (its loss, and its gradient norm when clipping). Under fp16 the loss
-    scaler owns both: it skips an overflowing update itself and lowers the scale, which is routine."""
+    norm, and whether the step is finite: its (all-reduced) ``values`` and, when clipping, its gradient norm, read
+    in one device sync. Under fp16 the loss scaler owns the gradients: it skips an overflowing update itself and
+    lowers the scale, which is routine, so only the loss counts there."""
     clip, fp16 = run.cfg.optim.clip_grad_norm, run.cfg.train.mixed_precision == "fp16"
-    norm = run.accelerator.clip_grad_norm_(run.task.parameters(), clip) if clip and finite else None
-    finite = finite and (norm is None or fp16 or bool(torch.isfinite(norm)))
+    norm = run.accelerator.clip_grad_norm_(run.task.parameters(), clip) if clip else None
+    checked = values if norm is None or fp16 else torch.cat([values, norm.reshape(1).to(values)])
+    finite = bool(torch.isfinite(checked).all())
     if finite or fp16:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)

@@ -174,11 +174,11 @@ def test_a_nonfinite_gradient_norm_is_a_nonfinite_step(shards, tmp_path, run_her
     real = pretrain.nonfinite.apply_update
     calls = []
 
-    def overflowing(run, finite):
+    def overflowing(run, values):
         calls.append(1)
         if len(calls) == 2:
             next(p for p in run.task.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
-        return real(run, finite)
+        return real(run, values)
 
     monkeypatch.setattr(pretrain.loop, "apply_update", overflowing)
     out = tmp_path / "run"
