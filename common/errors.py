@@ -51,11 +51,18 @@ def exit_status(prog: str, work: Callable[[], int | None]) -> int:
         return work() or 0
     except Stopped as e:
         if str(e):  # empty on every rank but the main one: one line per launch
-            print(f"{prog}: {e}", file=sys.stderr)
+            say(f"{prog}: {e}")
         return e.status
     except USER_ERRORS as e:
-        print(f"{prog}: error: {redact(user_message(e))}", file=sys.stderr)
+        say(f"{prog}: error: {redact(user_message(e))}")
         return 2
+
+
+def say(line: str) -> None:
+    """``line`` on stderr in one write: the ranks of a launch share the stream, and print's two writes (the text,
+    then the newline; unbuffered under PYTHONUNBUFFERED) let two ranks' lines run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class TrainingError(VitpipeError, RuntimeError):

@@ -13,6 +13,7 @@ checkpoint a rollback reads was checked finite before it was written (``checkpoi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +22,7 @@ from common.errors import TrainingError
 from pretrain.checkpoints import latest_checkpoint, restore
 from pretrain.config import Config, ConfigError
 from pretrain.launch import on_main
-from pretrain.metrics import METRICS, VAL_METRICS, append_line, rewind_metrics
+from pretrain.metrics import METRICS, VAL_METRICS, append_line, read_metrics, rewind_metrics
 
 if TYPE_CHECKING:
     from pretrain.loop import Run
@@ -87,11 +88,23 @@ def check_limit(run: Run, step: int, what: str, counted: str, count: int, last) 
 
 def roll_back(run: Run, ckpt) -> None:
     """The weights, optimizer state and metrics window of ``ckpt``; the data stream, its trail and the event
-    counts stay where they are. The metric files are cut back to its step, so they hold one history."""
+    counts stay where they are. The metric files are cut back to its step (all but the event lines), so they hold
+    one history."""
     run.window.reset()
     run.pos.step = restore(run.accelerator, ckpt, run.window).step
     run.trail.step_dropped(run.pos.step)
-    on_main(run.accelerator, lambda: [rewind_metrics(run.out / name, run.pos.step) for name in (METRICS, VAL_METRICS)])
+    on_main(run.accelerator, lambda: (rewind_keeping_events(run.out / METRICS, run.pos.step),
+                                      rewind_metrics(run.out / VAL_METRICS, run.pos.step)))
+
+
+def rewind_keeping_events(path: Path, step: int) -> None:
+    """Cut the metrics back to ``step`` but for its event lines: the earlier rollbacks to this same checkpoint
+    happened and are counted, though the steps they name are trained again. Reads the whole file: rollbacks are
+    few (``train.max_nonfinite``)."""
+    events = [r for r in read_metrics(path) if "event" in r and r["step"] > step]
+    rewind_metrics(path, step)
+    for record in events:
+        append_line(path, record)
 
 
 def report(run: Run, step: int, what: str, action_line: str, **event) -> None:

@@ -1,8 +1,12 @@
 """train.on_nonfinite: a non-finite step stops the run, is skipped, or rolls back to the last checkpoint; every
-event logged and counted, the counts bounded, and no checkpoint from a non-finite state. The fault is injected
-by the test: the training forward passes it names return a NaN loss (what an fp16 overflow or a bad batch does)."""
+event logged and counted, the counts bounded, and no checkpoint from a non-finite state. In this process the fault
+is injected by the test: the training forward passes it names return a NaN loss (what an fp16 overflow or a bad
+batch does). Launched (2 ranks, DDP and DeepSpeed ZeRO-2), where nothing can be injected, the run genuinely
+diverges: see DIVERGING."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -10,11 +14,12 @@ import torch
 import pretrain.loop
 import pretrain.nonfinite
 from common.errors import TrainingError
+from pretrain.checkpoints import latest_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.nonfinite import check_policy
 from vit.checkpoint import read_weights
 
-from .helpers import TINY, pretrain_cmd
+from .helpers import TINY, launch, pretrain_cmd
 
 
 def nan_at(monkeypatch, *calls, crash_at=None):
@@ -201,3 +206,90 @@ def test_skip_is_refused_under_deepspeed_and_the_policy_keys_do_not_block_a_resu
     after = load_config(TINY, need_data=False, overrides=["train.on_nonfinite=rollback", "train.max_nonfinite=9",
                                                           "data.stall_timeout=60"])
     assert config_changes(before, after.to_dict()) == []  # rerunning a stopped run with a policy resumes it
+
+
+# SGD at lr 1e12 with no clipping or warmup on raw-pixel targets: step 1's loss is finite (the fresh weights), its
+# update is huge but finite (checkpointed, checkpoint_every=1), and every later step's loss is NaN. Measured on 2
+# CPU ranks: DDP and DeepSpeed ZeRO-2 alike (DeepSpeed also logs its own "OVERFLOW! Skipping step").
+DIVERGING = ("optim.name=sgd", "optim.lr=1e12", "optim.clip_grad_norm=null", "schedule.warmup_steps=0",
+             "objective.mpp_target=pixels", "train.max_steps=6", "train.checkpoint_every=1", "train.keep_last=6",
+             "train.log_every=1", "data.workers=0")
+
+
+def diverge(shards, out, env, launcher, *overrides):
+    return launch(pretrain_cmd(f"data.train={shards}", f"train.output_dir={out}", *DIVERGING, *overrides,
+                               launcher=launcher), env, timeout=900)
+
+
+def warnings(res):
+    return [line for line in res.stdout.splitlines() if line.startswith("warning: ")]
+
+
+def assert_stopped(res, line):
+    """Every rank stopped with exit status 2 on ``line`` (accelerate's launcher turns the ranks' 2 into its own 1;
+    a rank still running when the first one ended may be ended by the launcher's SIGTERM first): no hang, no
+    traceback, no other error."""
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", res.stderr), res.stderr[-3000:]
+    errors = {x for x in res.stderr.splitlines() if x.startswith("pretrain: error:")}
+    assert errors == {f"pretrain: error: {line}"} and "TrainingError" not in res.stderr, res.stderr[-3000:]
+
+
+def assert_every_checkpoint_finite(out, steps):
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in steps]
+    for s in steps:
+        assert all(torch.isfinite(w).all() for w in model_weights(out, s).values())
+    assert not (out / "final").exists()
+
+
+def assert_rolled_back_twice_then_stopped(res, out):
+    """DIVERGING with train.on_nonfinite=rollback train.max_nonfinite=2: step 2 is NaN three times."""
+    ckpt = out / "checkpoints" / "step_00000001"
+    assert warnings(res) == [f"warning: step 2: loss is nan; rolled back to {ckpt} (rollback {n}); the data of "
+                             "step 2 is not trained on" for n in (1, 2)]  # the main process's, once per event
+    assert_stopped(res, "step 2: loss is nan; rollback number 3 is more than train.max_nonfinite=2 allows; "
+                        f"stopping. Last good checkpoint: {ckpt}")
+    assert latest_checkpoint(out) == ckpt
+    assert_every_checkpoint_finite(out, [1])
+    lines = records(out)
+    assert [r["step"] for r in lines if "event" not in r] == [1] and math.isfinite(lines[0]["loss"])
+    assert [r for r in lines if "event" in r] == 2 * [
+        {"step": 2, "event": "nonfinite", "value": "loss is nan", "action": "rollback", "to_step": 1}]
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_that_diverge_roll_back_together_until_the_limit(shards, tmp_path, env):
+    out = tmp_path / "run"
+    res = diverge(shards, out, env, "cpu_2proc.yaml", "train.on_nonfinite=rollback", "train.max_nonfinite=2")
+    assert_rolled_back_twice_then_stopped(res, out)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_that_diverge_skip_together_until_the_limit(shards, tmp_path, env):
+    out = tmp_path / "run"
+    res = diverge(shards, out, env, "cpu_2proc.yaml", "train.on_nonfinite=skip", "train.max_nonfinite=1")
+    assert warnings(res) == ["warning: step 2: loss is nan; update skipped (1 within 1000 steps)"]
+    assert_stopped(res, "step 3: loss is nan; 2 skipped steps within the last 1000 is more than "
+                        f"train.max_nonfinite=1 allows; stopping. Last good checkpoint: {out / 'checkpoints'}"
+                        f"/step_00000002")
+    assert_every_checkpoint_finite(out, [1, 2])
+    assert same(model_weights(out, 2), model_weights(out, 1))  # neither rank applied step 2's update
+    lines = records(out)
+    assert [r for r in lines if "event" in r] == [
+        {"step": 2, "event": "nonfinite", "value": "loss is nan", "action": "skip"}]
+    assert [(r["step"], r["nonfinite_steps"]) for r in lines if "event" not in r] == [(1, 0), (2, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("deepspeed")
+def test_deepspeed_ranks_that_diverge_roll_back_together_and_skip_is_refused(shards, tmp_path, env):
+    """ZeRO-2's engine updates inside backward: a rollback reloads its state (weights and optimizer shards)."""
+    pytest.importorskip("deepspeed")
+    refused = tmp_path / "skip"
+    res = diverge(shards, refused, env, "deepspeed_zero2.yaml", "train.on_nonfinite=skip")
+    assert_stopped(res, "train.on_nonfinite=skip: DeepSpeed updates the weights inside backward, before the loss "
+                        "can be checked; use train.on_nonfinite=rollback (or stop)")
+    assert not (refused / "config.json").exists() and not (refused / "metrics.jsonl").exists()  # before any step
+    out = tmp_path / "run"
+    res = diverge(shards, out, env, "deepspeed_zero2.yaml", "train.on_nonfinite=rollback", "train.max_nonfinite=2")
+    assert_rolled_back_twice_then_stopped(res, out)
