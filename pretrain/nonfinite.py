@@ -56,7 +56,7 @@ def nonfinite_step(run: Run, values: torch.Tensor, grad_norm: torch.Tensor | Non
     step = pos.step + 1
     what = (f"loss is {values[0].item()}" if not torch.isfinite(values).all()
             else f"gradient norm is {float(grad_norm)}")
-    last = latest_checkpoint(run.out)
+    last = on_main(run.accelerator, lambda: latest_checkpoint(run.out))  # one choice for every rank
     if cfg.on_nonfinite == "stop":
         raise TrainingError(f"step {step}: {what}; stopping (train.on_nonfinite=skip or rollback would go on). "
                             f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}")
