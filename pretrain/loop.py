@@ -269,6 +269,7 @@ def micro_step(run: Run, batch: dict, k: int) -> tuple[torch.Tensor, torch.Tenso
     metrics, and the clipped gradient's norm when it updated."""
     accelerator, seed, clip = run.accelerator, run.cfg.train.seed, run.cfg.optim.clip_grad_norm
     batch = run.transform.to_device(batch, accelerator.device)
+    run.window.skipped += len(batch.pop("undecodable", ()))  # data.decode=gpu: JPEGs the device could not decode
     torch.manual_seed(torch_seed(seed, "step", run.pos.step, k, accelerator.process_index))  # dropout, drop path
     gen = torch.Generator(device=accelerator.device)
     gen.manual_seed(torch_seed(seed, "objective", run.pos.step, k, accelerator.process_index))
