@@ -59,8 +59,8 @@ class DataConfig:
                                           "samples' keys")
     augment: bool = field(True, help="random-resized crop + flip; false: resize and centre crop only")
     crop_scale_min: float = field(0.08, range="(0, 1]")
-    resize_filter: Literal["bicubic", "bilinear"] = field("bicubic", help="the crop's resampling (antialiased), "
-                                                                         "train and eval")
+    resize_filter: Literal["bicubic", "bilinear"] = field("bilinear", help="the crop's resampling (antialiased), "
+                                                                          "train and eval")
     decode: Literal["cpu", "gpu"] = field("cpu", help="gpu: workers hand over JPEG bytes, decoded in batches on the "
                                                       "CUDA device")
     monitor: str | list[str] | None = field(None, help="labelled shards: kNN top-1 of frozen features at every "

@@ -272,6 +272,7 @@ def micro_step(run: Run, batch: dict, k: int) -> torch.Tensor:
     metrics."""
     accelerator, seed = run.accelerator, run.cfg.train.seed
     batch = run.transform.to_device(batch, accelerator.device)
+    run.window.skipped += len(batch.pop("undecodable", ()))  # data.decode=gpu: JPEGs the device could not decode
     torch.manual_seed(torch_seed(seed, "step", run.pos.step, k, accelerator.process_index))  # dropout, drop path
     gen = torch.Generator(device=accelerator.device)
     gen.manual_seed(torch_seed(seed, "objective", run.pos.step, k, accelerator.process_index))

@@ -1,8 +1,11 @@
 """uint8 batches normalised on the device, the GPU-decode path (run on the CPU where no GPU is), bf16 on the CPU."""
 
+import hashlib
 import io
 import json
 import random
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +24,12 @@ from data_tools.transforms import (
     draw_train_crop,
     normalize,
 )
+from pretrain import loop
 from pretrain.config import ConfigError, load_config
 from pretrain.loop import train_transform
 from pretrain.resume_checks import config_changes
 
-from .corpus import photo_crops
+from .corpus import photo_crops, write_folder
 from .helpers import pretrain_cmd
 
 
@@ -132,13 +136,16 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(shards, run_here, tmp_pat
     np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)
 
 
-def test_a_checkpoint_from_before_the_filter_and_decode_keys_resumes_with_their_defaults(shards):
+def test_a_checkpoint_from_before_the_filter_and_decode_keys_means_bicubic_and_cpu_decode(shards):
     cfg = load_config(None, [f"data.train={shards}"])
+    assert (cfg.data.resize_filter, cfg.data.decode) == ("bilinear", "cpu")  # the defaults since 2026-12-05
     recorded = cfg.to_dict()
     del recorded["data"]["resize_filter"], recorded["data"]["decode"]
-    assert config_changes(recorded, cfg.to_dict()) == []
-    cfg.data.resize_filter = "bilinear"
     assert config_changes(recorded, cfg.to_dict()) == ['data.resize_filter ("bicubic", now "bilinear")']
+    cfg.data.resize_filter = "bicubic"  # what those runs used: they resume with it
+    assert config_changes(recorded, cfg.to_dict()) == []
+    cfg.data.decode = "gpu"
+    assert config_changes(recorded, cfg.to_dict()) == ['data.decode ("cpu", now "gpu")']
 
 
 def broken_jpeg(img: Image.Image) -> bytes:
@@ -146,7 +153,11 @@ def broken_jpeg(img: Image.Image) -> bytes:
     the file does not define: every decoder refuses it."""
     b = io.BytesIO()
     img.save(b, "JPEG", quality=90)
-    data = b.getvalue()
+    return broken(b.getvalue())
+
+
+def broken(data: bytes) -> bytes:
+    """``broken_jpeg`` of a baseline JPEG's bytes, at their length."""
     at = data.index(b"\xff\xc0") + 11  # SOF0: marker, length, precision, height, width, count, id, sampling
     return data[:at] + b"\x03" + data[at + 1:]
 
@@ -177,3 +188,39 @@ def test_gpu_decode_skips_and_lists_a_broken_jpeg_and_keeps_the_rest_of_its_batc
     assert out["labels"].tolist() == [0, 2] and out["keys"] == ["shard-000000/0", "shard-000000/2"]
     assert torch.equal(out["pixel_values"], clean["pixel_values"]) and out["pixel_values"].shape == (2, 3, 24, 24)
     assert "skipping a sample that does not decode: shard-000000/1" in caplog.text
+
+
+def shards_with_a_broken_jpeg(tmp_path) -> Path:
+    """16 JPEGs in one shard, the 6th broken in place (``broken``), its index's sha256 updated."""
+    write_folder(tmp_path / "src", {"a": 8, "b": 8}, size=(40, 56))
+    folder = tmp_path / "shards"
+    shard(str(tmp_path / "src"), folder, ShardOptions(samples_per_shard=16), progress=False)
+    index = json.loads((folder / "index.json").read_text())
+    tar_path = folder / index["shards"][0]["name"]
+    with tarfile.open(tar_path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][5]
+    data = tar_path.read_bytes()
+    start, end = member.offset_data, member.offset_data + member.size
+    tar_path.write_bytes(data[:start] + broken(data[start:end]) + data[end:])
+    index["shards"][0]["sha256"] = hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_broken_jpeg_counts_in_skipped_samples_on_either_decode_path(decode, tmp_path, run_here, monkeypatch,
+                                                                       caplog):
+    """The CPU path skips a JPEG that does not decode in the worker; the GPU path only on the device, after the
+    worker handed its bytes over. Either way the metrics line counts it. torchvision's CPU decode_jpeg stands in
+    for nvJPEG: ``train_transform`` is told the device is CUDA, the batches still go to the CPU."""
+    shards = shards_with_a_broken_jpeg(tmp_path)
+    real = train_transform
+    monkeypatch.setattr(loop, "train_transform", lambda cfg, size, device: real(cfg, size, torch.device("cuda")))
+    out = tmp_path / "run"
+    res = run_here(pretrain_cmd(f"data.train={shards}", f"data.decode={decode}", "data.batch_size=8",
+                                "train.max_steps=2", "train.log_every=2", "train.checkpoint_every=2",
+                                "data.workers=0", f"train.output_dir={out}"))  # one epoch, one metrics line
+    assert res.returncode == 0, res.stderr[-2000:]
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["skipped_samples"] == 1
+    assert caplog.text.count("skipping a sample that does not decode") == 1
