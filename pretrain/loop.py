@@ -250,9 +250,11 @@ def optimizer_step(run: Run, stream: Iterator, window: Window) -> torch.Tensor |
     grad_norm = None
     for k in range(cfg.train.grad_accum):
         batch, after = next(stream)
-        run.trail.took(batch, run.pos.epoch)
-        run.pos.epoch, run.pos.batch = after
         window.skipped += int(batch.pop("skipped"))
+        batch = run.transform.to_device(batch, accelerator.device)
+        window.skipped += len(batch.pop("undecodable", ()))  # data.decode=gpu: JPEGs the device could not decode
+        run.trail.took(batch, run.pos.epoch)  # after the device's drops: their keys were not trained on
+        run.pos.epoch, run.pos.batch = after
         step_values += micro_step(run, batch, k) / cfg.train.grad_accum
     step_values = accelerator.reduce(step_values, "mean")
     if run.deepspeed:  # its engine updated inside backward
@@ -271,8 +273,6 @@ def micro_step(run: Run, batch: dict, k: int) -> torch.Tensor:
     """Forward and backward of the ``k``-th micro-batch of the step (gradients synced on the last); its loss and
     metrics."""
     accelerator, seed = run.accelerator, run.cfg.train.seed
-    batch = run.transform.to_device(batch, accelerator.device)
-    run.window.skipped += len(batch.pop("undecodable", ()))  # data.decode=gpu: JPEGs the device could not decode
     torch.manual_seed(torch_seed(seed, "step", run.pos.step, k, accelerator.process_index))  # dropout, drop path
     gen = torch.Generator(device=accelerator.device)
     gen.manual_seed(torch_seed(seed, "objective", run.pos.step, k, accelerator.process_index))

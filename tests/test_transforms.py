@@ -190,8 +190,9 @@ def test_gpu_decode_skips_and_lists_a_broken_jpeg_and_keeps_the_rest_of_its_batc
     assert "skipping a sample that does not decode: shard-000000/1" in caplog.text
 
 
-def shards_with_a_broken_jpeg(tmp_path) -> Path:
-    """16 JPEGs in one shard, the 6th broken in place (``broken``), its index's sha256 updated."""
+def shards_with_a_broken_jpeg(tmp_path) -> tuple[Path, str]:
+    """16 JPEGs in one shard, the 6th broken in place (``broken``), its index's sha256 updated; and its sample key
+    as training names it (``shard name/key``)."""
     write_folder(tmp_path / "src", {"a": 8, "b": 8}, size=(40, 56))
     folder = tmp_path / "shards"
     shard(str(tmp_path / "src"), folder, ShardOptions(samples_per_shard=16), progress=False)
@@ -204,7 +205,7 @@ def shards_with_a_broken_jpeg(tmp_path) -> Path:
     tar_path.write_bytes(data[:start] + broken(data[start:end]) + data[end:])
     index["shards"][0]["sha256"] = hashlib.sha256(tar_path.read_bytes()).hexdigest()
     (folder / "index.json").write_text(json.dumps(index))
-    return folder
+    return folder, f"{tar_path.name}/{member.name.removesuffix('.jpg')}"
 
 
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
@@ -213,14 +214,19 @@ def test_a_broken_jpeg_counts_in_skipped_samples_on_either_decode_path(decode, t
     """The CPU path skips a JPEG that does not decode in the worker; the GPU path only on the device, after the
     worker handed its bytes over. Either way the metrics line counts it. torchvision's CPU decode_jpeg stands in
     for nvJPEG: ``train_transform`` is told the device is CUDA, the batches still go to the CPU."""
-    shards = shards_with_a_broken_jpeg(tmp_path)
+    shards, broken_key = shards_with_a_broken_jpeg(tmp_path)
     real = train_transform
     monkeypatch.setattr(loop, "train_transform", lambda cfg, size, device: real(cfg, size, torch.device("cuda")))
     out = tmp_path / "run"
     res = run_here(pretrain_cmd(f"data.train={shards}", f"data.decode={decode}", "data.batch_size=8",
                                 "train.max_steps=2", "train.log_every=2", "train.checkpoint_every=2",
-                                "data.workers=0", f"train.output_dir={out}"))  # one epoch, one metrics line
+                                "data.workers=0", "data.record_keys=true", f"train.output_dir={out}"))
     assert res.returncode == 0, res.stderr[-2000:]
-    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # one epoch, one line
     assert line["skipped_samples"] == 1
-    assert caplog.text.count("skipping a sample that does not decode") == 1
+    (warning,) = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
+    trained = [k for r in map(json.loads, (out / "samples" / "rank0.jsonl").read_text().splitlines())
+               for k in r["keys"]]
+    assert len(set(trained)) == 15 and broken_key not in trained  # the others trained on, once each
+    shard_name, key = broken_key.split("/")
+    assert key in warning and shard_name in warning  # the sample is named, not its row in the batch
