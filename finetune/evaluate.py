@@ -44,7 +44,7 @@ def features_and_labels(model: VisionTransformer, shards: ShardSet, info: ModelI
     ``stats``, if given, gets ``skipped``: the samples this rank lost (damaged shards, images that
     do not decode)."""
     rank, world = rank_and_world()
-    transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
+    transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std), interpolation=info.resize_filter)
     model.eval().to(device)
     # on a terminal only (disable=None): a log or a captured stderr keeps its lines, errors included
     with tqdm(total=shards.num_samples, desc=desc or "features", unit="img", disable=True if rank else None,

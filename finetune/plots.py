@@ -241,7 +241,7 @@ def sample_images(model: VisionTransformer, info: ModelInfo, shards, n: int = 8)
     from data_tools.transforms import EvalTransform
 
     # a shuffled stream (eval transform, no augmentation) so the samples span the classes
-    transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std))
+    transform = EvalTransform(model.cfg.image_size, tuple(info.mean), tuple(info.std), interpolation=info.resize_filter)
     batch = next(iter(train_loader(resolve_shards(shards), transform, n, shuffle_buffer=2000)))
     return transform.to_device(batch, "cpu")["pixel_values"], list(batch["images"].numpy())
 

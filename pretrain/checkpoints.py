@@ -9,7 +9,7 @@ import json
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,6 @@ from pretrain.config import Config, ConfigError, best_metric, best_mode
 from pretrain.launch import on_main
 from pretrain.metrics import rewind_metrics
 from pretrain.resume_checks import deepspeed_safe_globals, weights_only_loads, write_manifest
-from vit import ModelInfo
 from vit.checkpoint import CheckpointError, save_state_dict
 
 if TYPE_CHECKING:
@@ -268,10 +267,9 @@ def save_training_checkpoint(run: Run) -> Path:
             raise TrainingError(f"gathered weights do not match the model ({len(weights)} of "
                                 f"{len(model.state_dict())} tensors); not writing {final.name}")
         provenance = {"stage": run.stage, "objective": cfg.objective.name, "step": pos.step, "config": cfg.to_dict()}
-        info = run.info
+        info = replace(run.info, provenance={**run.info.provenance, **provenance})
         with _writing(tmp):
-            save_state_dict(model.cfg, weights, tmp / "model", ModelInfo(info.labels, info.mean, info.std,
-                                                                          {**info.provenance, **provenance}))
+            save_state_dict(model.cfg, weights, tmp / "model", info)
         write_json(tmp / TRAINER_STATE, {"position": pos.__dict__, "stage": run.stage,
                                          **({"window": run.window.state()} if run.window.steps else {})})
         write_manifest(tmp)

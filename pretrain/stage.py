@@ -53,6 +53,7 @@ def training_shards(cfg: Config) -> ShardSet:
 
 def run_info(cfg: Config, shards: ShardSet, num_classes: int | None, provenance: dict) -> ModelInfo:
     """What the run's checkpoints record: class names (the shards', when they number the head's classes), the
-    normalisation and where the weights came from."""
+    normalisation and resize filter, and where the weights came from."""
     labels = shards.classes if num_classes and shards.classes and len(shards.classes) == num_classes else None
-    return ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), provenance=provenance)
+    return ModelInfo(labels=labels, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), provenance=provenance,
+                     resize_filter=cfg.data.resize_filter)

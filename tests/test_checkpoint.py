@@ -12,20 +12,30 @@ from .helpers import randomize, vitpipe_cmd
 @pytest.fixture
 def ckpt(tmp_path):
     model = randomize(create_model("vit_ti16", image_size=(32, 48), depth=2, num_classes=3))
-    save_checkpoint(model, tmp_path / "ck", ModelInfo(labels=["cat", "dog", "eel"], mean=(0.1, 0.2, 0.3)))
+    save_checkpoint(model, tmp_path / "ck", ModelInfo(labels=["cat", "dog", "eel"], mean=(0.1, 0.2, 0.3),
+                                                      resize_filter="bilinear"))
     return model, tmp_path / "ck"
 
 
 def test_round_trip_is_exact(ckpt):
     model, folder = ckpt
     back, info = load_model(folder)
-    assert info.labels == ["cat", "dog", "eel"] and info.mean == (0.1, 0.2, 0.3)
+    assert info.labels == ["cat", "dog", "eel"] and info.mean == (0.1, 0.2, 0.3) and info.resize_filter == "bilinear"
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     meta = json.loads((folder / "config.json").read_text())
     assert meta["format"] == "vitpipe" and meta["format_version"] == 1
     assert meta["model"]["image_size"] == [32, 48] and "created" in meta["provenance"]
     assert not list(folder.glob("*.tmp"))
+
+
+def test_a_folder_from_before_the_resize_filter_was_recorded_resizes_bicubic(ckpt):
+    """Every checkpoint written before ``resize_filter`` was kept trained and evaluated bicubic."""
+    _, folder = ckpt
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["resize_filter"]
+    (folder / "config.json").write_text(json.dumps(meta))
+    assert load_model(folder)[1].resize_filter == "bicubic"
 
 
 def test_missing_folder_and_files(tmp_path, ckpt):

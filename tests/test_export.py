@@ -153,6 +153,45 @@ def test_transformers_processor_reads_grayscale_rgb_and_rgba(mode, tmp_path):
     assert logits.abs().max() > 0.1
 
 
+@pytest.mark.parametrize("resize_filter", ["bilinear", "bicubic"])
+def test_exports_resize_with_the_filter_the_model_was_trained_with(resize_filter, tmp_path):
+    """timm's data config and the transformers image processor name the model's filter, and timm's eval
+    transform then gives our evaluation's pixels; each reads back as that filter."""
+    ours = randomize(create_model("vit_ti4", **DEMO), seed=6)
+    info = ModelInfo(resize_filter=resize_filter)
+    for fmt in ("timm", "transformers"):
+        export_checkpoint(ours, info, tmp_path / fmt, fmt)
+        assert load_model(tmp_path / fmt)[1].resize_filter == resize_filter
+    data_cfg = timm.data.resolve_data_config(model=timm.create_model(f"local-dir:{tmp_path / 'timm'}"))
+    assert data_cfg["interpolation"] == resize_filter
+    img = _pil("RGB", size=(48, 48))
+    theirs_x = timm.data.create_transform(**data_cfg)(img)[None]
+    ours_x = normalize(torch.from_numpy(EvalTransform((32, 32), interpolation=resize_filter)(img).copy())[None],
+                       info.mean, info.std)
+    torch.testing.assert_close(theirs_x, ours_x, rtol=0, atol=1e-5)
+    processor = transformers.ViTImageProcessor.from_pretrained(tmp_path / "transformers")
+    assert processor.resample == {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[
+        resize_filter]
+
+
+def test_foreign_folders_that_name_no_filter_resize_as_their_library_would(tmp_path):
+    """timm's data config falls back to bicubic, ViTImageProcessor to bilinear; a filter we do not resize with
+    (here transformers' nearest) reads as bicubic."""
+    ours = randomize(create_model("vit_ti4", **DEMO), seed=6)
+    for fmt in ("timm", "transformers"):
+        export_checkpoint(ours, ModelInfo(), tmp_path / fmt, fmt)
+    meta = json.loads((tmp_path / "timm" / "config.json").read_text())
+    del meta["pretrained_cfg"]["interpolation"]
+    (tmp_path / "timm" / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "timm")[1].resize_filter == "bicubic"
+    processor_path = tmp_path / "transformers" / "preprocessor_config.json"
+    processor = json.loads(processor_path.read_text())
+    processor_path.write_text(json.dumps({**processor, "resample": 0}))
+    assert load_model(tmp_path / "transformers")[1].resize_filter == "bicubic"
+    processor_path.unlink()
+    assert load_model(tmp_path / "transformers")[1].resize_filter == "bilinear"
+
+
 def test_written_files_respect_the_umask(tmp_path):
     model = randomize(create_model("vit_ti16", image_size=32, depth=1, num_classes=3))
     old = os.umask(0o022)

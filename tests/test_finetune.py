@@ -7,8 +7,9 @@ import torch
 from huggingface_hub import ModelCard
 
 from common.lock import FolderLock
-from data_tools.loader import resolve_shards
+from data_tools.loader import eval_loader, resolve_shards
 from data_tools.shard import ShardOptions, shard
+from data_tools.transforms import EvalTransform
 from finetune.evaluate import evaluate, features_and_labels, fewshot_lsr, linear_probe, representation, sample_shots
 from finetune.prepare import prepare_for_finetune
 from finetune.run import main as finetune_main
@@ -71,6 +72,7 @@ def test_zero_steps_writes_the_prepared_model(data, tmp_path, run_here):
     model, info = load_model(tmp_path / "final")
     assert model.cfg.image_size == (48, 40) and model.cfg.num_classes == 3 and info.labels == ["cat", "dog", "eel"]
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)  # the checkpoint's
+    assert info.resize_filter == "bilinear"  # the run's data.resize_filter
     assert torch.count_nonzero(model.head.weight) == 0
 
 
@@ -265,6 +267,21 @@ def test_eval_counts_every_sample_once_and_draws_the_confusion_matrix(data, tmp_
     assert "linear_probe_top1" in report  # its arithmetic: test_linear_probe_matches_scikit_learn
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == report["top1"]
+
+
+def test_evaluation_resizes_with_the_filter_the_model_was_trained_with(data):
+    model = randomize(create_model("vit_ti8", image_size=32, depth=1, embed_dim=48, num_heads=2, mlp_dim=96,
+                                   num_classes=3)).eval()
+    shards = resolve_shards(data / "val")  # 40x56 images, resized to 32x32
+    logits = {}
+    for resize_filter in ("bilinear", "bicubic"):
+        logits[resize_filter], _ = features_and_labels(model, shards, ModelInfo(resize_filter=resize_filter),
+                                                       logits=True)
+        transform = EvalTransform(32, interpolation=resize_filter)
+        x = torch.cat([transform.to_device(b, "cpu")["pixel_values"] for b in eval_loader(shards, transform, 64)])
+        with torch.no_grad():
+            torch.testing.assert_close(logits[resize_filter], model(x))
+    assert not torch.allclose(logits["bilinear"], logits["bicubic"])
 
 
 def _ridge_accuracy(x_train, y_train, x_test, y_test, k, l2, intercept):

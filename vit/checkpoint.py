@@ -42,6 +42,7 @@ class ModelInfo:
     std: tuple[float, ...] = INCEPTION_STD
     provenance: dict = field(default_factory=dict)
     source_format: str = FORMAT
+    resize_filter: str = "bicubic"  # what evaluation resizes with: the training's (a folder that names none: bicubic)
 
 
 def save_checkpoint(model: VisionTransformer, folder: str | Path, info: ModelInfo | None = None) -> Path:
@@ -68,7 +69,8 @@ def write_folder(folder: str | Path, state: dict, files: dict[str, dict]) -> Pat
 
 
 def checkpoint_config(cfg: ViTConfig, info: ModelInfo) -> dict:
-    """Our ``config.json``: the model config, labels, normalisation and provenance (with its creation time)."""
+    """Our ``config.json``: the model config, labels, normalisation, resize filter and provenance (with its
+    creation time)."""
     if info.labels is not None and cfg.num_classes and len(info.labels) != cfg.num_classes:
         raise CheckpointError(f"{len(info.labels)} label names for a model with {cfg.num_classes} classes")
     return {
@@ -77,6 +79,7 @@ def checkpoint_config(cfg: ViTConfig, info: ModelInfo) -> dict:
         "model": cfg.to_dict(),
         "labels": info.labels,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "resize_filter": info.resize_filter,
         "provenance": redacted({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info.provenance}),
     }
 
@@ -92,6 +95,7 @@ def parse_checkpoint_config(meta: dict) -> tuple[ViTConfig, ModelInfo]:
         mean=tuple(norm.get("mean", INCEPTION_MEAN)),
         std=tuple(norm.get("std", INCEPTION_STD)),
         provenance=meta.get("provenance") or {},
+        resize_filter=meta.get("resize_filter", "bicubic"),
     )
     return ViTConfig.from_dict(meta["model"]), info
 

@@ -91,7 +91,7 @@ def write(cfg: ViTConfig, state: dict, info: ModelInfo) -> Export:
             "custom_load": False,
             "input_size": [cfg.in_chans, *cfg.image_size],
             "fixed_input_size": True,
-            "interpolation": "bicubic",
+            "interpolation": info.resize_filter,
             "crop_pct": 1.0,
             "crop_mode": "center",
             "mean": list(info.mean),
@@ -125,8 +125,11 @@ def read(folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, ModelI
         global_pool=args.get("global_pool", "token"),
     )
     state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
+    # timm's data config resizes bicubic unless told otherwise; a filter we do not resize with becomes that too
+    interpolation = pretrained.get("interpolation")
     info = ModelInfo(labels=meta.get("label_names"), mean=tuple(pretrained.get("mean", INCEPTION_MEAN)),
-                     std=tuple(pretrained.get("std", INCEPTION_STD)), source_format=NAME)
+                     std=tuple(pretrained.get("std", INCEPTION_STD)), source_format=NAME,
+                     resize_filter=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic")
     return cfg, state, info
 
 

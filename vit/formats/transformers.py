@@ -124,14 +124,19 @@ def _hf_config(cfg: ViTConfig, num_classes: int, names: list[str]) -> dict:
     }
 
 
+# PIL's numbers for the filters we resize with, as image processors record them
+_RESAMPLE = {"bilinear": 2, "bicubic": 3}
+
+
 def _processor(cfg: ViTConfig, info: ModelInfo) -> dict:
-    """What our EvalTransform does: any PIL mode to RGB (alpha on white), bicubic, normalise."""
+    """What our EvalTransform does: any PIL mode to RGB (alpha on white), resize with the model's filter,
+    normalise."""
     return {
         "image_processor_type": "ViTImageProcessor",
         "do_convert_rgb": cfg.in_chans == 3,
         "do_resize": True,
         "size": {"height": cfg.image_size[0], "width": cfg.image_size[1]},
-        "resample": 3,
+        "resample": _RESAMPLE[info.resize_filter],
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -162,8 +167,11 @@ def read(folder: Path, meta: dict, state: dict) -> tuple[ViTConfig, dict, ModelI
     labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)] if id2label and num_classes else None
     processor = folder / PROCESSOR
     processor = json.loads(processor.read_text()) if processor.is_file() else {}
+    # ViTImageProcessor's defaults where the folder has no processor: 0.5 normalisation, bilinear; a filter we do
+    # not resize with (nearest, lanczos) becomes bicubic, the closest of ours to lanczos
+    resample = {v: k for k, v in _RESAMPLE.items()}.get(processor.get("resample", _RESAMPLE["bilinear"]), "bicubic")
     info = ModelInfo(labels=labels, mean=tuple(processor.get("image_mean", INCEPTION_MEAN)),
-                     std=tuple(processor.get("image_std", INCEPTION_STD)), source_format=NAME)
+                     std=tuple(processor.get("image_std", INCEPTION_STD)), source_format=NAME, resize_filter=resample)
     return cfg, state, info
 
 
