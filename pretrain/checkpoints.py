@@ -23,7 +23,7 @@ from data_tools.loader import ShardSet
 from data_tools.positions import redeal, shard_set_changes
 from pretrain.config import Config, ConfigError, best_metric, best_mode
 from pretrain.launch import on_main
-from pretrain.metrics import rewind_metrics
+from pretrain.metrics import VAL_METRICS, read_metrics, rewind_metrics
 from pretrain.resume_checks import deepspeed_safe_globals, weights_only_loads, write_manifest
 from vit.checkpoint import CheckpointError, save_state_dict
 
@@ -249,7 +249,8 @@ def save_training_checkpoint(run: Run) -> Path:
     final = root / f"step_{pos.step:08d}"
     tmp = tmp_beside(final)
     state = accelerator.get_state_dict(run.task)  # gathers ZeRO-3 shards; every rank must call it
-    on_main(accelerator, lambda: refuse_nonfinite(state, run.out, final.name))
+    if (bad := on_main(accelerator, lambda: nonfinite_tensor(state))) is not None:  # one answer for every rank
+        raise NonfiniteWeights(bad, final.name)
     if accelerator.is_main_process:
         check_inside(root, run.out)
         fresh_tmp_dir(final)
@@ -280,14 +281,19 @@ def save_training_checkpoint(run: Run) -> Path:
     return final
 
 
-def refuse_nonfinite(state: dict, out: Path, name: str) -> None:
-    """No checkpoint from a non-finite state: a TrainingError naming the first non-finite tensor and the newest
-    checkpoint, which is finite (every one was checked so before it was written). Reads every weight once."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            last = latest_checkpoint(out)
-            raise TrainingError(f"weights are not finite ({key.removeprefix('_orig_mod.')}); not writing {name}. "
-                                f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}")
+class NonfiniteWeights(TrainingError):
+    """The weights to checkpoint are not finite: nothing was written (what follows is ``train.on_nonfinite``'s:
+    ``nonfinite.save_or_roll_back``)."""
+
+    def __init__(self, tensor: str, name: str):
+        super().__init__(f"weights are not finite ({tensor}); not writing {name}")
+        self.tensor = tensor
+
+
+def nonfinite_tensor(state: dict) -> str | None:
+    """The name of the first tensor of ``state`` that is not finite, if any. Reads every weight once."""
+    return next((key.removeprefix("_orig_mod.") for key, tensor in state.items()
+                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
 
 
 def follow_umask(folder: Path) -> None:
@@ -353,6 +359,14 @@ def best_so_far(records: list[dict], metric: str, mode: str) -> tuple[int, float
         if r.get(metric) is not None and improves(r[metric], best and best[1], mode):
             best = (r["step"], r[metric])
     return best
+
+
+def recorded_best(accelerator, cfg: Config) -> tuple[int, float] | None:
+    """With ``train.keep_best``, the best evaluation ``val_metrics.jsonl`` holds, on every rank; else None."""
+    if not cfg.train.keep_best:
+        return None
+    return on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
+                                                    best_metric(cfg), best_mode(cfg)))
 
 
 def check_best_metric(cfg: Config, evaluated: list[str]) -> None:

@@ -31,17 +31,17 @@ from pretrain.checkpoints import (
     DataTrail,
     Position,
     StreamResume,
-    best_so_far,
     check_best_metric,
     find_resume,
     finish,
     keep_best,
     plan_stream_resume,
+    recorded_best,
     restore,
     sample_record,
     save_training_checkpoint,
 )
-from pretrain.config import Config, ConfigError, best_metric, best_mode
+from pretrain.config import Config, ConfigError
 from pretrain.evaluation import Evals, evaluate, evaluated_metrics, evaluation_sets
 from pretrain.launch import (
     StopSignals,
@@ -54,15 +54,13 @@ from pretrain.launch import (
     stopped,
 )
 from pretrain.metrics import (
-    VAL_METRICS,
     Window,
     log_window,
     measure_peak_flops,
-    read_metrics,
     record_run,
     train_flops_per_image,
 )
-from pretrain.nonfinite import apply_update, check_policy, nonfinite_step
+from pretrain.nonfinite import apply_update, check_policy, nonfinite_step, save_or_roll_back
 from pretrain.objectives import Task
 from pretrain.optim import build_optimizer, lr_factor
 from pretrain.resume_checks import check_resume
@@ -148,13 +146,15 @@ def run_steps(run: Run, stop: StopSignals) -> Path:
                 log_window(run, window, grad_norm, bar)
             if run.pos.step % cfg.checkpoint_every == 0 or last:
                 evaluate(run, bar)
-                save_training_checkpoint(run)
+                if not save_or_roll_back(run):  # the update left the weights not finite: rolled back
+                    bar.update(run.pos.step - bar.n)
+                    continue
                 saved_at = run.pos.step
                 if run.best is not None and run.best[0] == run.pos.step:
                     keep_best(run)
             if not last and (signum := agreed_stop(run.accelerator, stop)):
                 if saved_at != run.pos.step:
-                    save_training_checkpoint(run)
+                    save_or_roll_back(run)  # a rollback leaves the run at its newest checkpoint
                 raise stopped(run.accelerator, signum, run.pos.step)
         if saved_at != run.pos.step:  # max_steps already reached when resumed
             save_training_checkpoint(run)
@@ -196,8 +196,7 @@ def set_up(accelerator: Accelerator, cfg: Config, model: VisionTransformer, obje
     if resume_from is not None:
         accelerator.print(f"resumed from {resume_from} at step {pos.step}")
     on_main(accelerator, lambda: record_run(Path(cfg.train.output_dir), cfg, stage, pos.step))
-    best = on_main(accelerator, lambda: best_so_far(read_metrics(Path(cfg.train.output_dir) / VAL_METRICS),
-                                                    best_metric(cfg), best_mode(cfg))) if cfg.train.keep_best else None
+    best = recorded_best(accelerator, cfg)
     accelerator.init_trackers(stage)
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
     peak = (cfg.train.peak_tflops * 1e12) if cfg.train.peak_tflops else measure_peak_flops(accelerator.device,

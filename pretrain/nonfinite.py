@@ -1,14 +1,18 @@
-"""``train.on_nonfinite``: what a step whose loss (or clipped gradient norm) is not finite does.
+"""``train.on_nonfinite``: what a step whose loss (or clipped gradient norm) is not finite does, and one whose update
+left the weights not finite, found when a checkpoint is about to be written.
 
 ``stop`` (the default) ends the run naming the last good checkpoint; ``skip`` drops the step's update and goes on,
 stopping after more than ``train.max_nonfinite`` skips within ``train.nonfinite_window`` steps; ``rollback`` reloads
 the newest checkpoint (weights, optimizer, metrics window) and goes on from there with the data after the
 offending step, stopping after more than ``train.max_nonfinite`` rollbacks. Every event is a log line and a
 ``metrics.jsonl`` line (``"event": "nonfinite"``); log lines count the window's skipped steps (``nonfinite_steps``).
+Weights that are not finite are never written (``checkpoints.nonfinite_tensor``): there ``rollback`` rolls back
+the same way (from a step already counted, evaluated and logged) and ``stop`` and ``skip`` stop, since the
+update is applied already. So the checkpoint a rollback reads is finite.
 
-The decision is taken on values all-reduced over the ranks, so every rank takes the same branch; the counts live
-in the Position, so a resumed run counts on where the checkpoint left off. No weights are written here: the
-checkpoint a rollback reads was checked finite before it was written (``checkpoints.refuse_nonfinite``).
+The decision is taken on values all-reduced over the ranks (the weights are checked on the main process, its
+answer broadcast), so every rank takes the same branch; the counts live in the Position, so a resumed run counts
+on where the checkpoint left off.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import TrainingError
-from pretrain.checkpoints import latest_checkpoint, restore
+from pretrain.checkpoints import (
+    NonfiniteWeights,
+    latest_checkpoint,
+    recorded_best,
+    restore,
+    save_training_checkpoint,
+)
 from pretrain.config import Config, ConfigError
 from pretrain.launch import on_main
 from pretrain.metrics import METRICS, VAL_METRICS, append_line, read_metrics, rewind_metrics
@@ -69,6 +79,29 @@ def nonfinite_step(run: Run, values: torch.Tensor, grad_norm: torch.Tensor | Non
         run.window.nonfinite += 1
         report(run, step, what, f"update skipped ({count} within {cfg.nonfinite_window} steps)", action="skip")
         return
+    roll_back_from(run, step, what, last)
+
+
+def save_or_roll_back(run: Run) -> bool:
+    """``save_training_checkpoint``: True; or, when the step just taken left the weights not finite (its loss and
+    gradient norm were finite), nothing is written and ``rollback`` rolls back: False. ``stop`` and ``skip``
+    stop: the update cannot be skipped, it is applied already."""
+    try:
+        save_training_checkpoint(run)
+        return True
+    except NonfiniteWeights as e:
+        step, what = run.pos.step, f"weights are not finite ({e.tensor})"
+        last = on_main(run.accelerator, lambda: latest_checkpoint(run.out))
+        if run.cfg.train.on_nonfinite != "rollback":
+            raise TrainingError(f"step {step}: {e}; stopping (train.on_nonfinite=rollback would go on). "
+                                f"Last good checkpoint: {last or 'none (no checkpoint written yet)'}") from None
+        roll_back_from(run, step, what, last)
+        return False
+
+
+def roll_back_from(run: Run, step: int, what: str, last: Path | None) -> None:
+    """``rollback`` from the non-finite ``step`` to ``last``, the newest checkpoint: counted and bounded."""
+    pos = run.pos
     if last is None:
         raise TrainingError(f"step {step}: {what}; no checkpoint to roll back to yet; stopping")
     pos.rollbacks += 1
@@ -89,12 +122,14 @@ def check_limit(run: Run, step: int, what: str, counted: str, count: int, last) 
 def roll_back(run: Run, ckpt) -> None:
     """The weights, optimizer state and metrics window of ``ckpt``; the data stream, its trail and the event
     counts stay where they are. The metric files are cut back to its step (all but the event lines), so they hold
-    one history."""
+    one history, and ``run.best`` is theirs again (an evaluation of the weights rolled back from may have looked
+    the best)."""
     run.window.reset()
     run.pos.step = restore(run.accelerator, ckpt, run.window).step
     run.trail.step_dropped(run.pos.step)
     on_main(run.accelerator, lambda: (rewind_keeping_events(run.out / METRICS, run.pos.step),
                                       rewind_metrics(run.out / VAL_METRICS, run.pos.step)))
+    run.best = recorded_best(run.accelerator, run.cfg)
 
 
 def rewind_keeping_events(path: Path, step: int) -> None:

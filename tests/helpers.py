@@ -25,6 +25,32 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
     return model.eval()
 
 
+def poison_weights_at(monkeypatch, step):
+    """The optimizer's ``step``-th update leaves a NaN in the first weight (what an overflowing update does):
+    the loss of that step was finite, the next one's is not."""
+    import pretrain.loop
+
+    real = pretrain.loop.build_optimizer
+
+    def build(cfg, task, **kwargs):
+        optimizer = real(cfg, task, **kwargs)
+        update, calls = optimizer.step, []
+
+        def step(*args, **kwargs):
+            result = update(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == step_at:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            return result
+
+        optimizer.step = step
+        return optimizer
+
+    step_at = step
+    monkeypatch.setattr(pretrain.loop, "build_optimizer", build)
+
+
 def launch_env() -> dict[str, str]:
     """The environment of a launched process: one thread, this checkout on the path, this venv's scripts
     (``vitpipe``) first on PATH."""

@@ -7,19 +7,21 @@ diverges: see DIVERGING."""
 import json
 import math
 import re
+import signal
 
 import pytest
 import torch
 
+import pretrain.evaluation
 import pretrain.loop
 import pretrain.nonfinite
 from common.errors import TrainingError
-from pretrain.checkpoints import latest_checkpoint
+from pretrain.checkpoints import best_so_far, latest_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.nonfinite import check_policy
 from vit.checkpoint import read_weights
 
-from .helpers import TINY, launch, pretrain_cmd
+from .helpers import TINY, launch, poison_weights_at, pretrain_cmd
 
 
 def nan_at(monkeypatch, *calls, crash_at=None):
@@ -192,6 +194,83 @@ def test_a_nonfinite_gradient_norm_is_a_nonfinite_step(shards, tmp_path, run_her
     assert res.returncode == 0, res.stderr[-2000:]
     assert "warning: step 2: gradient norm is inf; update skipped" in res.stdout
     assert same(model_weights(out, 2), model_weights(out, 1))
+
+
+def flattering_validation(monkeypatch):
+    """Weights that are not finite evaluate as the best so far (as a kNN vote among NaN features may)."""
+    real = pretrain.evaluation.validate
+
+    def validate(*args, **kwargs):
+        record = real(*args, **kwargs)
+        return {**record, "val_loss": record["val_loss"] if math.isfinite(record["val_loss"]) else -1.0}
+
+    monkeypatch.setattr(pretrain.evaluation, "validate", validate)
+
+
+def all_finite(weights):
+    return all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_weights_an_update_left_not_finite_at_a_checkpoint_roll_back(shards, tmp_path, run_here, monkeypatch):
+    """A finite loss and gradient norm whose update leaves a NaN weight at a checkpoint step: nothing is written,
+    the run rolls back to the newest checkpoint and goes on; its evaluation of that step counts for nothing."""
+    poison_weights_at(monkeypatch, 4)
+    flattering_validation(monkeypatch)
+    out = tmp_path / "run"
+    res = run(run_here, shards, out, "train.on_nonfinite=rollback", "train.max_steps=6", "train.checkpoint_every=2",
+              "train.keep_last=6", f"data.val={shards}", "train.keep_best=true")
+    assert res.returncode == 0, res.stderr[-2000:]
+    what = "weights are not finite (model.patch_embed.proj.weight)"
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert (f"warning: step 4: {what}; rolled back to {ckpt} (rollback 1); the data of steps 3-4 is not trained "
+            "on") in res.stdout
+    lines = records(out)
+    assert [r for r in lines if "event" in r] == [
+        {"step": 4, "event": "nonfinite", "value": what, "action": "rollback", "to_step": 2}]
+    assert [r["step"] for r in lines if "event" not in r] == list(range(1, 7))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in (2, 4, 6)]
+    assert all(all_finite(model_weights(out, s)) for s in (2, 4, 6))
+    assert all_finite(read_weights(out / "final" / "model.safetensors"))
+    assert json.loads((out / "checkpoints" / "step_00000006" / "trainer.json").read_text())[
+        "position"]["rollbacks"] == 1
+    evaluated = records(out, "val_metrics.jsonl")
+    assert [r["step"] for r in evaluated] == [2, 4, 6] and all(r["val_loss"] > 0 for r in evaluated)
+    step, value = best_so_far(evaluated, "val_loss", "min")
+    assert (evaluated[-1]["best_step"], evaluated[-1]["best_val_loss"]) == (step, value)
+    assert same(read_weights(out / "best" / "model.safetensors"), model_weights(out, step))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_weights_an_update_left_not_finite_stop_the_run_under_stop_and_skip(shards, tmp_path, run_here,
+                                                                            monkeypatch, policy):
+    """``skip`` cannot take back an update already applied."""
+    poison_weights_at(monkeypatch, 4)
+    out = tmp_path / "run"
+    res = run(run_here, shards, out, *(("train.on_nonfinite=skip",) if policy == "skip" else ()),
+              "train.max_steps=6", "train.checkpoint_every=2")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        "pretrain: error: step 4: weights are not finite (model.patch_embed.proj.weight); not writing step_00000004; "
+        "stopping (train.on_nonfinite=rollback would go on). Last good checkpoint: "
+        f"{out / 'checkpoints' / 'step_00000002'}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_weights_not_finite_at_a_stop_signal_roll_back_and_stop_at_the_checkpoint(shards, tmp_path, run_here,
+                                                                                 monkeypatch):
+    poison_weights_at(monkeypatch, 3)
+    asked = []
+    monkeypatch.setattr(pretrain.loop, "agreed_stop",
+                        lambda accelerator, stop: asked.append(1) or (signal.SIGTERM if len(asked) == 3 else None))
+    out = tmp_path / "run"
+    res = run(run_here, shards, out, "train.on_nonfinite=rollback", "train.max_steps=6", "train.checkpoint_every=2")
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-2000:]
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert (f"warning: step 3: weights are not finite (model.patch_embed.proj.weight); rolled back to {ckpt} "
+            "(rollback 1); the data of step 3 is not trained on") in res.stdout
+    assert res.stderr.strip().splitlines()[-1] == (
+        "pretrain: stopped at step 2 on SIGTERM; rerun the same command to continue")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
 
 
 def test_skip_is_refused_under_deepspeed_and_the_policy_keys_do_not_block_a_resume():

@@ -23,7 +23,7 @@ from vit.checkpoint import CheckpointError
 from vitpipe.cli import main as cli
 
 from .corpus import write_folder
-from .helpers import ROOT, TINY, deepspeed_args, free_port, launch, pretrain_cmd
+from .helpers import ROOT, TINY, deepspeed_args, free_port, launch, poison_weights_at, pretrain_cmd
 
 
 def wait_for(condition, proc=None):
@@ -564,32 +564,6 @@ def test_a_second_stop_signal_ends_the_process_at_once():
 
 # ---- non-finite states: never checkpointed, never called good -------------------------------------------------
 
-def poison_weights_at(monkeypatch, step):
-    """The optimizer's ``step``-th update leaves a NaN in the first weight (what an overflowing update does):
-    the loss of that step was finite, the next one's is not."""
-    import pretrain.loop
-
-    real = pretrain.loop.build_optimizer
-
-    def build(cfg, task, **kwargs):
-        optimizer = real(cfg, task, **kwargs)
-        update, calls = optimizer.step, []
-
-        def step(*args, **kwargs):
-            result = update(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == step_at:
-                with torch.no_grad():
-                    optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
-            return result
-
-        optimizer.step = step
-        return optimizer
-
-    step_at = step
-    monkeypatch.setattr(pretrain.loop, "build_optimizer", build)
-
-
 def test_no_checkpoint_from_nonfinite_weights_and_the_named_one_is_finite(shards, tmp_path, run_here, monkeypatch):
     from safetensors.torch import load_file
 
@@ -601,7 +575,7 @@ def test_no_checkpoint_from_nonfinite_weights_and_the_named_one_is_finite(shards
     written = sorted((out / "checkpoints").glob("step_*"))
     assert [p.name for p in written] == ["step_00000001"]
     assert res.stderr.strip().splitlines()[-1] == (
-        "pretrain: error: weights are not finite (model.patch_embed.proj.weight); not writing step_00000002. "
-        f"Last good checkpoint: {written[0]}")
+        "pretrain: error: step 2: weights are not finite (model.patch_embed.proj.weight); not writing step_00000002; "
+        f"stopping (train.on_nonfinite=rollback would go on). Last good checkpoint: {written[0]}")
     weights = load_file(written[0] / "model" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
